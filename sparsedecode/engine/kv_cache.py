@@ -1,0 +1,66 @@
+"""The preallocated KV cache: one contiguous token axis per (layer, sequence, KV head).
+
+Layout `[layers, batch, kv_heads, capacity, head_dim]`: a block of `block_size` tokens of one head is
+one contiguous `block_size * head_dim` slab, so block-sparse kernels read whole blocks with unit-stride
+loads and a selection is a list of block indices per (sequence, KV head).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if capacity % block_size:
+            raise ValueError(f"capacity {capacity} is not a multiple of block_size {block_size}")
+        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        # Tokens held per sequence; the engine updates it on the host after prefill and per step.
+        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[4]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.capacity // self.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    @staticmethod
+    def capacity_for(tokens: int, block_size: int) -> int:
+        return -(-tokens // block_size) * block_size

@@ -1,0 +1,1 @@
+"""Decode-attention methods behind one interface (base.DecodeMethod), one module each."""

@@ -1,0 +1,2 @@
+"""Imports every method module so that each registers itself under its name."""
+from . import dense, lychee, quest, streaming  # noqa: F401

@@ -1,0 +1,111 @@
+"""LycheeDecode: hybrid retrieval / sparse KV heads.
+
+Per layer, retrieval KV heads attend to the whole cache and, in the same pass, score its blocks; their
+top blocks are handed to the same KV-head index of the following layers. Sparse KV heads attend only to
+the blocks they were handed. One kernel launch per layer covers both kinds of head.
+TidalDecode is the layer-level special case (whole layers select, one set shared by all heads).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..engine.kv_cache import KVCache
+from ..kernels import sparse_decode_attention
+from ..roles.head_roles import HeadRoles, resolve_roles
+from .base import DecodeMethod, register
+from .selection import BlockSelector, block_scores
+
+#: roles used when none are given and none are shipped for the model (chosen by measurement, see docs)
+DEFAULT_ROLES = "tidal"
+
+
+@register
+class Lychee(DecodeMethod):
+    name = "lychee"
+    defaults = dict(
+        roles=None,  # preset name, roles file, HeadRoles, or None for the shipped learned roles
+        budget=4096,  # tokens ("tokens" mode), kept fraction ("ratio"), mass ("top_p"), or "threshold"
+        budget_mode="tokens",
+        block_size=64,
+        aggregate="max",  # block score over the group's query heads: "max" or "sum"
+        sink_blocks=1,
+        local_blocks=1,
+        dense_every=0,  # cache correction: a dense step every N tokens (0: never)
+        share_heads=False,  # one selection for all KV heads of a layer (TidalDecode)
+        max_tokens=None,  # cap of the top_p / threshold modes
+    )
+    default_roles = DEFAULT_ROLES
+
+    def __init__(self, config, **options) -> None:
+        super().__init__(config, **options)
+        o = self.options
+        if o["block_size"] not in (16, 32, 64, 128):
+            raise ValueError(f"block_size must be 16, 32, 64 or 128, not {o['block_size']}")
+        self.roles: HeadRoles = resolve_roles(o["roles"], config, self.default_roles)
+        self.selector = BlockSelector(
+            o["budget_mode"], o["budget"], o["block_size"], o["sink_blocks"], o["local_blocks"], o["max_tokens"]
+        )
+        if o["aggregate"] not in ("max", "sum"):
+            raise ValueError(f"aggregate must be 'max' or 'sum', not {o['aggregate']!r}")
+        retrieval = self.roles.retrieval
+        # A layer selects when it has retrieval heads whose index a later layer reads sparsely.
+        later_sparse = torch.zeros_like(retrieval)
+        for layer in range(config.num_layers - 2, -1, -1):
+            later_sparse[layer] = later_sparse[layer + 1] | ~retrieval[layer + 1]
+        self.selects = [bool((retrieval[l] & later_sparse[l]).any()) for l in range(config.num_layers)]
+        self.all_full = [bool(retrieval[l].all()) for l in range(config.num_layers)]
+        self.variant = "default"
+
+    def plan(self, cache: KVCache) -> None:
+        batch, heads = cache.batch_size, cache.num_kv_heads
+        device = cache.device
+        self.list_length = self.selector.list_length(cache.capacity)
+        self.blocks = torch.zeros(batch, heads, self.list_length, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(batch, heads, dtype=torch.int32, device=device)
+        num_blocks = cache.capacity // self.options["block_size"]
+        self.unit_lse = torch.empty(batch, self.config.num_heads, num_blocks, dtype=torch.float32, device=device)
+        self.full_rows = self.roles.retrieval.to(device)[:, None, :].expand(-1, batch, -1).contiguous()
+
+    def step_variant(self, step: int) -> str:
+        every = self.options["dense_every"]
+        return "dense" if every and (step + 1) % every == 0 else "default"
+
+    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
+        k, v = cache.k[layer], cache.v[layer]
+        if self.variant == "dense" or (self.all_full[layer] and not self.selects[layer]):
+            return sparse_decode_attention(q, k, v, seq_lens, self.scale)[0]
+        selects = self.selects[layer]
+        out, lse = sparse_decode_attention(
+            q, k, v, seq_lens, self.scale, self.options["block_size"], self.blocks, self.counts,
+            self.full_rows[layer], self.unit_lse if selects else None,
+        )
+        if selects:
+            self.hand_on(layer, block_scores(self.unit_lse, lse, cache.num_kv_heads, self.options["aggregate"]), seq_lens)
+        return out
+
+    def hand_on(self, layer: int, scores: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Select blocks from this layer's retrieval-head scores and hand them to later layers."""
+        if self.options["share_heads"]:
+            scores = scores.sum(dim=1, keepdim=True).expand_as(scores)
+        blocks, counts = self.selector.select(scores, seq_lens, self.list_length)
+        retrieval = self.full_rows[layer]
+        self.blocks.copy_(torch.where(retrieval[..., None], blocks, self.blocks))
+        self.counts.copy_(torch.where(retrieval, counts, self.counts))
+
+    def kv_tokens_read(self, seq_len: int, variant: str) -> float:
+        if variant == "dense":
+            return super().kv_tokens_read(seq_len, variant)
+        retrieval = self.num_retrieval_units()
+        sparse = self.roles.retrieval.numel() - retrieval
+        return float(retrieval * seq_len + sparse * min(seq_len, self.selector.tokens_kept(seq_len)))
+
+    def num_retrieval_units(self) -> int:
+        return self.roles.num_retrieval
+
+
+@register
+class Tidal(Lychee):
+    """TidalDecode on the same engine: layer-level selection shared by all heads of the layer."""
+
+    name = "tidal"
+    defaults = {**Lychee.defaults, "share_heads": True, "roles": "tidal"}

@@ -1,0 +1,74 @@
+"""Quest: per-page min/max keys bound each page's attention score; attend to the top pages.
+
+Page score (per query head) = sum over channels of max(q * k_min, q * k_max), computed as two matrix
+products: relu(q) @ k_max + min(q, 0) @ k_min. Pages are units of `page_size` tokens of the same cache.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..engine.kv_cache import KVCache
+from ..kernels import sparse_decode_attention
+from .base import DecodeMethod, register
+from .selection import BlockSelector
+
+
+@register
+class Quest(DecodeMethod):
+    name = "quest"
+    defaults = dict(budget=4096, page_size=16, dense_layers=2, aggregate="max")
+
+    def __init__(self, config, **options) -> None:
+        super().__init__(config, **options)
+        o = self.options
+        # Quest keeps no sink; the page being written is always attended.
+        self.selector = BlockSelector("tokens", o["budget"], o["page_size"], sink_blocks=0, local_blocks=1)
+
+    def plan(self, cache: KVCache) -> None:
+        page = self.options["page_size"]
+        shape = (cache.num_layers, cache.batch_size, cache.num_kv_heads, cache.capacity // page, cache.head_dim)
+        self.k_min = torch.empty(shape, dtype=cache.k.dtype, device=cache.device)
+        self.k_max = torch.empty(shape, dtype=cache.k.dtype, device=cache.device)
+        self.list_length = self.selector.list_length(cache.capacity)
+
+    def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
+        page = self.options["page_size"]
+        k = cache.k[layer, batch_index].unflatten(1, (-1, page))  # [Hkv, pages, page, D]
+        filled = (torch.arange(cache.capacity, device=cache.device) < length).view(1, -1, page, 1)
+        self.k_min[layer, batch_index] = k.masked_fill(~filled, float("inf")).amin(dim=2)
+        self.k_max[layer, batch_index] = k.masked_fill(~filled, float("-inf")).amax(dim=2)
+
+    def _update_pages(self, layer: int, cache: KVCache, seq_lens: torch.Tensor) -> None:
+        """Fold the new token's key into its page's min/max (a new page starts from that key)."""
+        rows = torch.arange(seq_lens.shape[0], device=seq_lens.device)
+        pos = seq_lens.long() - 1
+        page = pos // self.options["page_size"]
+        new_key = cache.k[layer, rows, :, pos]  # [B, Hkv, D]
+        starts = (pos % self.options["page_size"] == 0)[:, None, None]
+        k_min, k_max = self.k_min[layer], self.k_max[layer]
+        k_min[rows, :, page] = torch.where(starts, new_key, torch.minimum(k_min[rows, :, page], new_key))
+        k_max[rows, :, page] = torch.where(starts, new_key, torch.maximum(k_max[rows, :, page], new_key))
+
+    def page_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        batch, heads, dim = q.shape
+        kv_heads = self.config.num_kv_heads
+        qg = q.view(batch, kv_heads, heads // kv_heads, dim).float()
+        k_min, k_max = self.k_min[layer].float(), self.k_max[layer].float()
+        # Pages past the sequence hold +-inf; their products are masked by the selector.
+        scores = (qg.clamp(min=0) @ k_max.transpose(-1, -2) + qg.clamp(max=0) @ k_min.transpose(-1, -2)).nan_to_num(0.0)
+        return scores.amax(dim=2) if self.options["aggregate"] == "max" else scores.sum(dim=2)
+
+    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
+        self._update_pages(layer, cache, seq_lens)
+        k, v = cache.k[layer], cache.v[layer]
+        if layer < self.options["dense_layers"]:
+            return sparse_decode_attention(q, k, v, seq_lens, self.scale)[0]
+        pages, counts = self.selector.select(self.page_scores(layer, q), seq_lens, self.list_length)
+        return sparse_decode_attention(q, k, v, seq_lens, self.scale, self.options["page_size"], pages, counts)[0]
+
+    def kv_tokens_read(self, seq_len: int, variant: str) -> float:
+        c = self.config
+        dense = min(self.options["dense_layers"], c.num_layers)
+        pages = -(-seq_len // self.options["page_size"])  # min + max keys: one K/V row's worth per page
+        sparse = min(seq_len, self.selector.tokens_kept(seq_len)) + pages
+        return float(c.num_kv_heads * (dense * seq_len + (c.num_layers - dense) * sparse))

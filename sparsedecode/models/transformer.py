@@ -1,0 +1,190 @@
+"""One decoder for Llama, Qwen2, Qwen3 and Mistral: static KV cache, chunked prefill, and a decode step
+whose attention is delegated to a decode method.
+
+The arithmetic follows transformers' modeling code operation for operation (RMSNorm in float32, RoPE
+tables cast to the model dtype) so that greedy decoding matches `generate` token for token.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+from ..engine.kv_cache import KVCache
+from ..methods.base import DecodeMethod
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for arbitrary positions, from transformers' own rope initialisation (llama3 scaling etc.)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+        hf_rope_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+        hf_rope = hf_rope_cls(config.hf_config)
+        self.register_buffer("inv_freq", hf_rope.inv_freq.float(), persistent=False)
+        self.attention_scaling = float(hf_rope.attention_scaling)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last q.shape[1] positions over all k.shape[1] keys (bottom-right aligned).
+    q: [Hq, n, D]; k, v: [Hkv, end, D] -> [Hq, n, D]. No [n, end] mask is built on the GPU, so the
+    chunk's memory does not grow with the context."""
+    mask = causal_lower_right(q.shape[1], k.shape[1])
+    if q.is_cuda:
+        # The fused kernels behind the lower-right mask take equal head counts: expand the KV heads.
+        group = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.o_bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x: [tokens, hidden] -> rotated q [tokens, Hq, D], k and v [tokens, Hkv, D]."""
+        c = self.config
+        q, k, v = self.qkv_proj(x).split(
+            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1
+        )
+        q = q.view(-1, c.num_heads, c.head_dim)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(config)
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load transformers' parameter names, fusing q/k/v and gate/up projections."""
+        own: dict[str, torch.Tensor] = {
+            "embed_tokens.weight": state["model.embed_tokens.weight"],
+            "norm.weight": state["model.norm.weight"],
+            "lm_head.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"]),
+        }
+        for i in range(self.config.num_layers):
+            p = f"model.layers.{i}."
+            own[f"layers.{i}.qkv_proj.weight"] = torch.cat(
+                [state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], dim=0
+            )
+            if self.config.qkv_bias:
+                own[f"layers.{i}.qkv_proj.bias"] = torch.cat([state[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+            own[f"layers.{i}.o_proj.weight"] = state[p + "self_attn.o_proj.weight"]
+            if self.config.o_bias:
+                own[f"layers.{i}.o_proj.bias"] = state[p + "self_attn.o_proj.bias"]
+            own[f"layers.{i}.gate_up_proj.weight"] = torch.cat(
+                [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]], dim=0
+            )
+            own[f"layers.{i}.down_proj.weight"] = state[p + "mlp.down_proj.weight"]
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                own[f"layers.{i}.{norm}.weight"] = state[p + f"{norm}.weight"]
+            if self.config.qk_norm:
+                own[f"layers.{i}.q_norm.weight"] = state[p + "self_attn.q_norm.weight"]
+                own[f"layers.{i}.k_norm.weight"] = state[p + "self_attn.k_norm.weight"]
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        missing = [m for m in missing if not m.startswith("rope.")]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+
+    @torch.inference_mode()
+    def prefill_chunk(self, token_ids: torch.Tensor, start: int, cache: KVCache, batch_index: int) -> torch.Tensor:
+        """Run tokens at positions [start, start + n) of sequence `batch_index` through the model,
+        writing their K/V into the cache; dense causal attention over everything cached before them.
+        Returns the final hidden state of the last token, normalised: [hidden]."""
+        n = token_ids.shape[0]
+        end = start + n
+        positions = torch.arange(start, end, device=token_ids.device)
+        cos, sin = self.rope(positions, cache.k.dtype)
+        x = self.embed_tokens(token_ids)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
+            cache.k[i, batch_index, :, start:end] = k.transpose(0, 1)
+            cache.v[i, batch_index, :, start:end] = v.transpose(0, 1)
+            attn = prefill_attention(q.transpose(0, 1), cache.k[i, batch_index, :, :end], cache.v[i, batch_index, :, :end])
+            x = x + layer.o_proj(attn.transpose(0, 1).reshape(n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x[-1])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def decode_step(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, method: DecodeMethod
+    ) -> torch.Tensor:
+        """One new token per sequence at `positions` (= tokens already cached). Fixed shapes and no host
+        synchronisation: the caller may capture it in a CUDA graph. Returns float32 logits [batch, vocab]."""
+        batch = token_ids.shape[0]
+        rows = torch.arange(batch, device=token_ids.device)
+        seq_lens = (positions + 1).to(torch.int32)
+        cos, sin = self.rope(positions, cache.k.dtype)
+        x = self.embed_tokens(token_ids)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
+            cache.k[i, rows, :, positions] = k
+            cache.v[i, rows, :, positions] = v
+            attn = method.attend(i, q, cache, seq_lens)
+            x = x + layer.o_proj(attn.reshape(batch, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.logits(self.norm(x))

@@ -1,0 +1,1 @@
+"""KV cache in host memory for contexts larger than the GPU."""
