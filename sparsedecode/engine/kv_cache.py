@@ -61,6 +61,22 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    def write(self, layer: int, batch_index: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store prefill keys/values k, v: [kv_heads, n, head_dim] at positions start .. start + n."""
+        end = start + k.shape[1]
+        self.k[layer, batch_index, :, start:end] = k
+        self.v[layer, batch_index, :, start:end] = v
+
+    def prefix(self, layer: int, batch_index: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of positions 0 .. end of one sequence: [kv_heads, end, head_dim] each."""
+        return self.k[layer, batch_index, :, :end], self.v[layer, batch_index, :, :end]
+
+    def append(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one decoded token per sequence (k, v: [batch, kv_heads, head_dim]) at `positions`."""
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        self.k[layer, rows, :, positions] = k
+        self.v[layer, rows, :, positions] = v
+
     @staticmethod
     def capacity_for(tokens: int, block_size: int) -> int:
         return -(-tokens // block_size) * block_size

@@ -159,9 +159,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(token_ids)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
-            cache.k[i, batch_index, :, start:end] = k.transpose(0, 1)
-            cache.v[i, batch_index, :, start:end] = v.transpose(0, 1)
-            attn = prefill_attention(q.transpose(0, 1), cache.k[i, batch_index, :, :end], cache.v[i, batch_index, :, :end])
+            cache.write(i, batch_index, start, k.transpose(0, 1), v.transpose(0, 1))
+            attn = prefill_attention(q.transpose(0, 1), *cache.prefix(i, batch_index, end))
             x = x + layer.o_proj(attn.transpose(0, 1).reshape(n, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x[-1])
@@ -176,14 +175,12 @@ class Transformer(nn.Module):
         """One new token per sequence at `positions` (= tokens already cached). Fixed shapes and no host
         synchronisation: the caller may capture it in a CUDA graph. Returns float32 logits [batch, vocab]."""
         batch = token_ids.shape[0]
-        rows = torch.arange(batch, device=token_ids.device)
         seq_lens = (positions + 1).to(torch.int32)
         cos, sin = self.rope(positions, cache.k.dtype)
         x = self.embed_tokens(token_ids)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
-            cache.k[i, rows, :, positions] = k
-            cache.v[i, rows, :, positions] = v
+            cache.append(i, positions, k, v)
             attn = method.attend(i, q, cache, seq_lens)
             x = x + layer.o_proj(attn.reshape(batch, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
