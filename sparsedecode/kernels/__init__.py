@@ -1,0 +1,5 @@
+"""Decode-attention kernels: the fused Triton kernel and its PyTorch reference."""
+from .reference import sparse_decode_attention_ref
+from .sparse_decode import chunk_units, sparse_decode_attention
+
+__all__ = ["chunk_units", "sparse_decode_attention", "sparse_decode_attention_ref"]

@@ -1,0 +1,378 @@
+"""Fused Triton decode attention over full and unit-list rows: one hybrid, load-balanced kernel.
+
+Computes exactly `reference.sparse_decode_attention_ref` (read its docstring for the op). A *row* is
+one (sequence b, KV head h). A full row attends to every unit [0, ceil(len_b / U)); a list row to the
+units of its list (entries < 0 or >= ceil(len_b / U) skipped, duplicates counted once). All query
+heads of the GQA group are processed together, so every K/V tile is read from memory once per row.
+
+Three launches, none of which syncs with the host (so a call can be captured in a CUDA graph):
+
+1. `_plan_kernel` (only with unit lists), one program per row: sorts the row's valid units ascending
+   (invalid entries pushed past the end) and stores how many units the row visits.
+2. `_partial_kernel`, the work pool: each row's unit sequence is cut into chunks of C units; the
+   (row, chunk) work items are numbered row-major and every program finds its own item from a prefix
+   sum of the per-row chunk counts. The grid is an upper bound that depends only on shapes; surplus
+   programs exit at once. A program writes an unnormalised partial (acc, running max, running sum)
+   and, on request, the log-sum-exp of every unit it visits (same pass over K).
+3. `_merge_kernel`, one program per (sequence, query head): log-sum-exp merge of the row's partials
+   in chunk order, writing out [B, Hq, D] and lse [B, Hq].
+
+Determinism: C depends only on shapes, and full rows and list rows share one code path whose unit
+index is either the slot itself or the sorted list entry. A list row whose list is the units
+0..n-1 (in any order) therefore performs the very same operations as a full row of n units and
+gives bit-identical results.
+
+Scratch buffers are cached per (device, shapes) in `_SCRATCH` so that repeated calls (all layers,
+all steps) reuse them; run one call before capturing a CUDA graph so they are allocated outside the
+capture. Calls sharing a cache entry must be ordered on one stream (the usual decode loop).
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import sparse_decode_attention_ref
+
+LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+# Sentinel unit index larger than any real one: invalid list entries sort behind the valid ones.
+_INVALID = tl.constexpr(2**30)
+
+
+@triton.jit
+def _row_chunks(row_units, seq_lens, R, HKV, T, U: tl.constexpr, C: tl.constexpr,
+                R_PAD: tl.constexpr, HAS_LIST: tl.constexpr):
+    """Per-row unit and chunk counts and the inclusive prefix sum of the chunk counts."""
+    rows = tl.arange(0, R_PAD)
+    in_range = rows < R
+    if HAS_LIST:
+        n = tl.load(row_units + rows, mask=in_range, other=0)
+    else:
+        lens = tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32)
+        n = tl.cdiv(tl.minimum(tl.maximum(lens, 0), T), U)
+    nc = tl.cdiv(n, C)
+    return rows, n, nc, tl.cumsum(nc, 0)
+
+
+@triton.jit
+def _plan_kernel(unit_lists, unit_counts, full_rows, seq_lens, row_units, sorted_units,
+                 HKV, T, K,
+                 stride_lb, stride_lh, stride_lk, stride_cb, stride_ch, stride_fb, stride_fh,
+                 U: tl.constexpr, K_PAD: tl.constexpr, HAS_FULL: tl.constexpr):
+    r = tl.program_id(0)
+    b = r // HKV
+    h = r % HKV
+    seq_len = tl.minimum(tl.maximum(tl.load(seq_lens + b).to(tl.int32), 0), T)
+    n_avail = tl.cdiv(seq_len, U)
+    slot = tl.arange(0, K_PAD)
+    count = tl.load(unit_counts + b * stride_cb + h * stride_ch)
+    entry = tl.load(unit_lists + b * stride_lb + h * stride_lh + slot * stride_lk, mask=slot < K, other=-1)
+    valid = (slot < count) & (entry >= 0) & (entry < n_avail)
+    # Ascending order makes any permutation of 0..n-1 walk the units exactly like a full row, and
+    # puts duplicates side by side so the partial kernel can skip them.
+    keys = tl.where(valid, entry, _INVALID).to(tl.int32)
+    tl.store(sorted_units + r * K_PAD + slot, tl.sort(keys))
+    n = tl.sum(valid.to(tl.int32), 0)
+    if HAS_FULL:
+        n = tl.where(tl.load(full_rows + b * stride_fb + h * stride_fh) != 0, n_avail, n)
+    tl.store(row_units + r, n)
+
+
+@triton.jit
+def _unit_at(list_row, slot, end, use_list, HAS_LIST: tl.constexpr):
+    """Unit index held in `slot` of the row, -1 where the slot is past `end` or a duplicate."""
+    in_chunk = slot < end
+    unit = slot
+    if HAS_LIST:
+        from_list = in_chunk & use_list
+        listed = tl.load(list_row + slot, mask=from_list, other=-1)
+        prev = tl.load(list_row + slot - 1, mask=from_list & (slot > 0), other=-1)
+        listed = tl.where(listed == prev, -1, listed)
+        unit = tl.where(use_list, listed, slot)
+    return tl.where(in_chunk, unit, -1)
+
+
+@triton.jit
+def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
+                    part_acc, part_m, part_l, unit_lse,
+                    qk_scale, R, HKV, T,
+                    stride_qb, stride_qh,
+                    stride_kb, stride_kh, stride_kt,
+                    stride_vb, stride_vh, stride_vt,
+                    stride_fb, stride_fh, stride_eb, stride_eh,
+                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
+                    BLOCK_N: tl.constexpr, C: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr,
+                    HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, WRITE_LSE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    # A tile of BLOCK_N tokens covers UPT whole units, or a unit spans SUB tiles.
+    UPT: tl.constexpr = BLOCK_N // U if BLOCK_N >= U else 1
+    SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
+    TILE_UNIT: tl.constexpr = BLOCK_N // UPT  # tokens of one unit inside one tile
+
+    w = tl.program_id(0)
+    rows, n, nc, cum = _row_chunks(row_units, seq_lens, R, HKV, T, U, C, R_PAD, HAS_LIST)
+    if w >= tl.sum(nc, 0):
+        return  # surplus program of the fixed-size grid
+    r = tl.sum((cum <= w).to(tl.int32), 0)
+    this = rows == r
+    n_r = tl.sum(tl.where(this, n, 0), 0)
+    chunk = w - tl.sum(tl.where(this, cum - nc, 0), 0)
+    b = r // HKV
+    h = r % HKV
+    seq_len = tl.minimum(tl.maximum(tl.load(seq_lens + b).to(tl.int32), 0), T)
+    use_list = r < 0  # false; becomes true for list rows below
+    if HAS_LIST:
+        use_list = r >= 0
+        if HAS_FULL:
+            use_list = tl.load(full_rows + b * stride_fb + h * stride_fh) == 0
+    first = chunk * C
+    end = tl.minimum(first + C, n_r)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    offs = tl.arange(0, BLOCK_N)
+    head_ok = g < G
+    qt = tl.load(q + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                 mask=head_ok[:, None], other=0.0)
+    k_row = k + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_row = v + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    list_row = sorted_units + r.to(tl.int64) * K_PAD
+    lse_row = unit_lse + b.to(tl.int64) * stride_eb + (h * G + g)[:, None] * stride_eh
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for i in range(first, end, UPT):
+        unit_m = tl.full([G_PAD, UPT], float("-inf"), tl.float32)
+        unit_s = tl.zeros([G_PAD, UPT], tl.float32)
+        for j in tl.static_range(SUB):
+            pos = j * BLOCK_N + offs  # token position inside the UPT units starting at slot i
+            unit = _unit_at(list_row, i + pos // U, end, use_list, HAS_LIST)
+            tok = unit * U + pos % U
+            ok = (unit >= 0) & (tok < seq_len)
+            kt = tl.load(k_row + tok[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale  # log2 units
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_row + tok[:, None] * stride_vt + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+            m_i = m_new
+            if WRITE_LSE:
+                # Exact per-unit log-sum-exp from the scores in registers (its own max, so units far
+                # below the running max do not underflow).
+                s3 = tl.reshape(s, [G_PAD, UPT, TILE_UNIT])
+                um_new = tl.maximum(unit_m, tl.max(s3, 2))
+                um_use = tl.where(um_new == float("-inf"), 0.0, um_new)
+                unit_s = unit_s * tl.math.exp2(unit_m - um_use) + tl.sum(tl.math.exp2(s3 - um_use[:, :, None]), 2)
+                unit_m = um_new
+        if WRITE_LSE:
+            units = _unit_at(list_row, i + tl.arange(0, UPT), end, use_list, HAS_LIST)
+            unit_lse_val = (tl.where(unit_m == float("-inf"), 0.0, unit_m) + tl.math.log2(unit_s)) * _LN2
+            tl.store(lse_row + units[None, :], unit_lse_val, mask=head_ok[:, None] & (units >= 0)[None, :])
+
+    item = w.to(tl.int64) * G + g
+    tl.store(part_acc + item[:, None] * D + d[None, :], acc, mask=head_ok[:, None])
+    tl.store(part_m + item, m_i, mask=head_ok)
+    tl.store(part_l + item, l_i, mask=head_ok)
+
+
+@triton.jit
+def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, seq_lens,
+                  R, HKV, T, stride_ob, stride_oh,
+                  G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C: tl.constexpr,
+                  R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr):
+    pid = tl.program_id(0)  # (sequence, query head)
+    b = pid // (HKV * G)
+    hq = pid % (HKV * G)
+    r = b * HKV + hq // G
+    rows, n, nc, cum = _row_chunks(row_units, seq_lens, R, HKV, T, U, C, R_PAD, HAS_LIST)
+    this = rows == r
+    num_chunks = tl.sum(tl.where(this, nc, 0), 0)
+    first = tl.sum(tl.where(this, cum - nc, 0), 0)
+
+    offs = tl.arange(0, CB)
+    d = tl.arange(0, D)
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    # Fixed chunk order: the merge is deterministic and identical for full and list rows.
+    for c0 in range(0, num_chunks, CB):
+        ok = c0 + offs < num_chunks
+        item = (first + c0 + offs).to(tl.int64) * G + hq % G
+        m_c = tl.load(part_m + item, mask=ok, other=float("-inf"))
+        l_c = tl.load(part_l + item, mask=ok, other=0.0)
+        a_c = tl.load(part_acc + item[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m_c, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_run - m_use)
+        wgt = tl.math.exp2(m_c - m_use)
+        l_run = l_run * alpha + tl.sum(wgt * l_c, 0)
+        acc = acc * alpha + tl.sum(wgt[:, None] * a_c, 0)
+        m_run = m_new
+    has_mass = l_run > 0
+    res = tl.where(has_mass, acc / tl.where(has_mass, l_run, 1.0), 0.0)
+    tl.store(out + b.to(tl.int64) * stride_ob + hq * stride_oh + d, res.to(out.dtype.element_ty))
+    tl.store(lse + pid, tl.where(has_mass, (m_run + tl.math.log2(tl.where(has_mass, l_run, 1.0))) * _LN2,
+                                 float("-inf")))
+
+
+# ---------------------------------------------------------------------------------------- host side
+
+# Scratch per (device, work items, G, D, rows, list width): reused by every call of that shape.
+_SCRATCH: dict[tuple, dict[str, torch.Tensor]] = {}
+_NUM_SMS: dict[torch.device, int] = {}
+_WAVES = 8  # dense work items per SM the chunk heuristic aims for
+_MIN_CHUNK_TOKENS = 256  # below this the partial write and merge cost more than the split gains
+_MAX_CHUNK_TOKENS = 4096  # above this large batches leave too few items to balance hybrid rows
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # H100 SXM: keeps CPU (interpreter) chunking equal to the GPU's
+    if device not in _NUM_SMS:
+        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _NUM_SMS[device]
+
+
+def _tile_tokens(head_dim: int) -> int:
+    # 64 tokens x 128 dims (16 KiB of bf16 per K or V tile) at the model's head size.
+    return max(16, min(128, 8192 // head_dim))
+
+
+def chunk_units(batch: int, kv_heads: int, capacity: int, unit_size: int, head_dim: int,
+                device: torch.device, chunk_tokens: int | None = None) -> int:
+    """Units per work item: about _WAVES dense items per SM, as a power of two between the bounds.
+
+    Depends on shapes and device only (never on lengths or lists), which keeps chunking, and so the
+    bits of the result, identical for a full row and a list row covering the same units.
+    """
+    if chunk_tokens is None:
+        target = batch * kv_heads * capacity // (_WAVES * _num_sms(device))
+        chunk_tokens = 1 << max(target, 1).bit_length() - 1
+        chunk_tokens = max(_MIN_CHUNK_TOKENS, min(_MAX_CHUNK_TOKENS, chunk_tokens))
+    per_tile = max(1, _tile_tokens(head_dim) // unit_size)
+    return max(per_tile, chunk_tokens // unit_size // per_tile * per_tile)
+
+
+def _scratch(device: torch.device, work: int, group: int, head_dim: int, rows: int,
+             k_pad: int) -> dict[str, torch.Tensor]:
+    key = (device, work, group, head_dim, rows, k_pad)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = {
+            "acc": torch.empty(work * group * head_dim, dtype=torch.float32, device=device),
+            "m": torch.empty(work * group, dtype=torch.float32, device=device),
+            "l": torch.empty(work * group, dtype=torch.float32, device=device),
+            "row_units": torch.empty(rows, dtype=torch.int32, device=device),
+            "sorted": torch.empty(rows * k_pad, dtype=torch.int32, device=device),
+        }
+    return _SCRATCH[key]
+
+
+def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
+                          unit_lse, chunk_tokens):
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, capacity = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    if num_heads != group * num_kv_heads or k.shape != v.shape or k.shape[0] != batch:
+        raise ValueError(f"bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if capacity % unit_size or head_dim & (head_dim - 1) or unit_size & (unit_size - 1):
+        raise ValueError("capacity must be a multiple of unit_size; head_dim, unit_size powers of 2")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k, v need a contiguous last dimension")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError("q, k, v must share a dtype")
+    has_list = unit_lists is not None
+    has_full = has_list and full_rows is not None
+    if has_list and unit_counts is None:
+        raise ValueError("unit_lists needs unit_counts")
+    device = q.device
+    rows = batch * num_kv_heads
+    num_units = capacity // unit_size
+    block_n = _tile_tokens(head_dim)
+    units_per_chunk = chunk_units(batch, num_kv_heads, capacity, unit_size, head_dim, device, chunk_tokens)
+    list_width = unit_lists.shape[-1] if has_list else 0
+    k_pad = max(2, triton.next_power_of_2(list_width))
+    # Fixed grid: the most items any row can have, times the rows (shapes only, no host sync).
+    most_units = num_units if (has_full or not has_list) else min(list_width, num_units)
+    work = rows * triton.cdiv(most_units, units_per_chunk)
+    r_pad = triton.next_power_of_2(rows)
+    buf = _scratch(device, max(work, 1), group, head_dim, rows, k_pad)
+
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=device)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=device)
+    if unit_lse is not None:
+        if unit_lse.shape != (batch, num_heads, num_units) or unit_lse.stride(-1) != 1:
+            raise ValueError(f"unit_lse must be [B, Hq, {num_units}] with a contiguous last dimension")
+        unit_lse.fill_(float("-inf"))  # units nobody visits
+    if has_full:
+        fstride = full_rows.stride()
+    else:
+        full_rows, fstride = seq_lens, (0, 0)  # unused pointer
+    if has_list:
+        _plan_kernel[(rows,)](
+            unit_lists, unit_counts, full_rows, seq_lens, buf["row_units"], buf["sorted"],
+            num_kv_heads, capacity, list_width,
+            *unit_lists.stride(), *unit_counts.stride(), *fstride,
+            U=unit_size, K_PAD=k_pad, HAS_FULL=has_full, num_warps=4)
+    lse_buf = unit_lse if unit_lse is not None else lse
+    lse_stride = unit_lse.stride()[:2] if unit_lse is not None else (0, 0)
+    if work > 0:
+        two_byte = q.element_size() == 2
+        _partial_kernel[(work,)](
+            q, k, v, seq_lens, buf["row_units"], buf["sorted"], full_rows,
+            buf["acc"], buf["m"], buf["l"], lse_buf,
+            scale * LOG2E, rows, num_kv_heads, capacity,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *fstride, *lse_stride,
+            G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size,
+            BLOCK_N=block_n, C=units_per_chunk, K_PAD=k_pad, R_PAD=r_pad,
+            HAS_LIST=has_list, HAS_FULL=has_full, WRITE_LSE=unit_lse is not None,
+            DOT_PRECISION="tf32" if two_byte else "ieee",
+            num_warps=4, num_stages=3 if two_byte else 2)
+    _merge_kernel[(batch * num_heads,)](
+        buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], seq_lens,
+        rows, num_kv_heads, capacity, out.stride(0), out.stride(1),
+        G=group, D=head_dim, U=unit_size, C=units_per_chunk, R_PAD=r_pad,
+        CB=max(8, 4096 // head_dim), HAS_LIST=has_list, num_warps=4)
+    return out, lse
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    unit_size: int = 64,
+    unit_lists: torch.Tensor | None = None,
+    unit_counts: torch.Tensor | None = None,
+    full_rows: torch.Tensor | None = None,
+    unit_lse: torch.Tensor | None = None,
+    *,
+    backend: Literal["auto", "triton", "reference"] = "auto",
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse decode attention; same arguments and results as `sparse_decode_attention_ref`.
+
+    backend "auto" runs Triton on CUDA tensors and the PyTorch reference on CPU ones; "triton" on CPU
+    tensors needs TRITON_INTERPRET=1 set before triton was imported (the tests do this).
+    chunk_tokens overrides the work-item size (tests and tuning; keep it fixed across calls that must
+    agree bit for bit).
+    """
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "reference"
+    if backend == "reference":
+        return sparse_decode_attention_ref(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts,
+                                           full_rows, unit_lse)
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 before importing triton")
+    return _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
+                                 unit_lse, chunk_tokens)

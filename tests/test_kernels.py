@@ -1,0 +1,323 @@
+"""The fused Triton sparse decode kernel against the PyTorch reference.
+
+Without CUDA the Triton path runs in the interpreter on CPU tensors (TRITON_INTERPRET=1 has to be set
+before triton is imported); with CUDA the same tests run the compiled kernel on the GPU.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import triton  # noqa: E402
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from sparsedecode.kernels import chunk_units, sparse_decode_attention, sparse_decode_attention_ref  # noqa: E402
+from sparsedecode.kernels import sparse_decode as sd  # noqa: E402
+
+# Triton picks interpreter or compiler when it decorates a function: if a test module imported triton
+# before this one, the interpreter cannot run in this process and the CPU cases run in a fresh one.
+INTERPRET = isinstance(sd._partial_kernel, InterpretedFunction)
+NEEDS_FRESH_PROCESS = not INTERPRET and not torch.cuda.is_available()
+
+
+def _fix_interpreter() -> None:
+    """Two bugs of triton 3.6's interpreter, both fixed upstream, patched for these tests only:
+    loop bounds taken from 1-element arrays with int(), an error since numpy 2.4 (triton#9171), and
+    tl.dot multiplying the raw uint16 bits of bf16 operands."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "sparsedecode_fixed", False):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def widen(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter._patch_lang_tensor = patched_tensor
+    interpreter.InterpreterBuilder.create_dot = patched_dot
+    interpreter.sparsedecode_fixed = True
+
+
+if INTERPRET:
+    _fix_interpreter()
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 before triton")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+       torch.float16: dict(atol=5e-3, rtol=5e-3)}
+# log2(0) of units with no visible token is -inf by design; the interpreter's numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+
+
+def make_inputs(device, dtype, batch, kv_heads, group, head_dim, capacity, lens, seed, layers=1):
+    """q and a strided layer view of a [layers, B, Hkv, T, D] cache (the engine's layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(device, dtype)
+    cache_shape = (layers, batch, kv_heads, capacity, head_dim)
+    k = torch.randn(cache_shape, generator=gen).to(device, dtype)[layers - 1]
+    v = torch.randn(cache_shape, generator=gen).to(device, dtype)[layers - 1]
+    return q, k, v, torch.tensor(lens, dtype=torch.int32, device=device), gen
+
+
+def random_lists(gen, batch, kv_heads, width, num_units, device):
+    """Lists with out-of-range entries (< 0, past the sequence, past the capacity), duplicates and
+    counts from 0 to beyond the list width."""
+    lists = torch.randint(-2, num_units + 3, (batch, kv_heads, width), generator=gen, dtype=torch.int32)
+    lists[..., -1] = lists[..., 0]  # a duplicate in every row
+    counts = torch.randint(0, width + 3, (batch, kv_heads), generator=gen, dtype=torch.int32)
+    return lists.to(device), counts.to(device)
+
+
+@contextlib.contextmanager
+def poisoned():
+    """Cached scratch and every tensor the call allocates start as NaN (or -7): nothing stale passes."""
+    for buffers in sd._SCRATCH.values():
+        for buf in buffers.values():
+            buf.fill_(float("nan") if buf.is_floating_point() else -7)
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    with mock.patch.object(torch, "empty", poisoned_empty):
+        yield
+
+
+def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_lse=True, chunk_tokens=None):
+    """Kernel and reference on the same inputs; unit_lse poisoned with NaN before the kernel."""
+    scale = q.shape[-1] ** -0.5
+    num_units = k.shape[2] // unit_size
+    shape = (q.shape[0], q.shape[1], num_units)
+    unit_lse = torch.full(shape, float("nan"), device=q.device) if with_lse else None
+    ref_lse = torch.empty(shape, device=q.device) if with_lse else None
+    with poisoned():
+        out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, lists, counts, full, unit_lse,
+                                           backend="triton", chunk_tokens=chunk_tokens)
+    ref_out, ref = sparse_decode_attention_ref(q, k, v, lens, scale, unit_size, lists, counts, full, ref_lse)
+    return (out, lse, unit_lse), (ref_out, ref, ref_lse)
+
+
+def assert_close_inf(actual, expected, **tol):
+    """Equal -inf placement, no NaN, finite values close."""
+    assert not actual.isnan().any()
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), finite)
+    assert torch.equal(actual[~finite], expected[~finite])
+    torch.testing.assert_close(actual[finite], expected[finite], **tol)
+
+
+def check(got, want, dtype):
+    out, lse, unit_lse = got
+    ref_out, ref_lse, ref_unit_lse = want
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert not out.float().isnan().any()
+    torch.testing.assert_close(out.float(), ref_out.float(), **TOL[dtype])
+    lse_tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    assert_close_inf(lse, ref_lse, **lse_tol)
+    if unit_lse is not None:
+        assert_close_inf(unit_lse, ref_unit_lse, **lse_tol)
+
+
+# (group, head_dim, unit_size): GQA 1/2/4/8, d 64/128, units 16/64, plus sub-unit tiles (U=128 > tile).
+SHAPES = [(1, 64, 16), (2, 128, 64), (4, 64, 64), (8, 128, 16), (4, 128, 128)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group,head_dim,unit_size", SHAPES)
+def test_dense(device, dtype, group, head_dim, unit_size):
+    capacity = 4 * max(unit_size, 64)
+    lens = [capacity, capacity - unit_size // 2 - 3, 5, 0]  # ragged, partial units, an empty sequence
+    q, k, v, lens, _ = make_inputs(device, dtype, 4, 2, group, head_dim, capacity, lens, seed=group + head_dim)
+    got, want = run_both(q, k, v, lens, unit_size, chunk_tokens=2 * max(unit_size, 64))
+    check(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group,head_dim,unit_size", SHAPES)
+def test_hybrid(device, dtype, group, head_dim, unit_size):
+    """Mixed full and list rows, ragged lengths, messy lists, unit_lse emission."""
+    batch, kv_heads, num_units = 3, 2, 6
+    capacity = num_units * unit_size
+    lens = [capacity, capacity - unit_size - 5, unit_size + 1]
+    q, k, v, lens, gen = make_inputs(device, dtype, batch, kv_heads, group, head_dim, capacity, lens,
+                                     seed=7 * group + unit_size, layers=2)
+    lists, counts = random_lists(gen, batch, kv_heads, num_units + 2, num_units, device)
+    full = torch.tensor([[True, False], [False, False], [False, True]], device=device)
+    got, want = run_both(q, k, v, lens, unit_size, lists, counts, full, chunk_tokens=max(unit_size, 64))
+    check(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("unit_size", [16, 64])
+def test_lists_without_full_rows(device, unit_size):
+    """full_rows=None: every row follows its list; lists longer than the context; default chunking."""
+    batch, kv_heads, group, head_dim = 2, 2, 4, 64
+    capacity = 8 * unit_size
+    q, k, v, lens, gen = make_inputs(device, torch.float32, batch, kv_heads, group, head_dim, capacity,
+                                     [capacity - 1, 3 * unit_size], seed=unit_size)
+    lists, counts = random_lists(gen, batch, kv_heads, 12, 8, device)
+    got, want = run_both(q, k, v, lens, unit_size, lists, counts)
+    check(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_chunks_per_row(device):
+    """More chunks in a row than the merge handles in one block (32 at d=128)."""
+    unit_size, capacity = 64, 64 * 80
+    q, k, v, lens, _ = make_inputs(device, torch.float32, 2, 1, 2, 128, capacity, [capacity, capacity - 40], seed=3)
+    lists = torch.arange(80, dtype=torch.int32, device=device).flip(0).expand(2, 1, 80).contiguous()
+    counts = torch.tensor([[80], [60]], dtype=torch.int32, device=device)
+    assert chunk_units(2, 1, capacity, unit_size, 128, q.device, unit_size) == 1
+    got, want = run_both(q, k, v, lens, unit_size, lists, counts, torch.tensor([[False], [True]], device=device),
+                         chunk_tokens=unit_size)
+    check(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("unit_size", [16, 64])
+def test_list_of_all_units_is_bit_identical_to_full(device, dtype, unit_size):
+    """A list of the units 0..n-1 (any order) gives exactly the bits of a full row / of dense."""
+    batch, kv_heads, group, head_dim = 2, 2, 4, 128
+    capacity = 10 * unit_size
+    lens_list = [capacity - unit_size // 2, 4 * unit_size + 1]
+    q, k, v, lens, gen = make_inputs(device, dtype, batch, kv_heads, group, head_dim, capacity, lens_list, seed=11)
+    width = 12
+    lists = torch.full((batch, kv_heads, width), -1, dtype=torch.int32)
+    counts = torch.zeros(batch, kv_heads, dtype=torch.int32)
+    for b, n in enumerate(triton.cdiv(x, unit_size) for x in lens_list):
+        lists[b, 0, :n] = torch.arange(n)
+        lists[b, 1, :n] = torch.randperm(n, generator=gen)
+        counts[b] = n + 2  # the budget exceeds the context: trailing -1 entries are skipped
+    lists, counts = lists.to(device), counts.to(device)
+    full = torch.tensor([[False, False], [True, False]], device=device)
+    chunk = 2 * max(unit_size, 64)  # several chunks per row
+    scale = head_dim**-0.5
+    results = []
+    for args in [(None, None, None), (lists, counts, full), (lists, counts, None)]:
+        unit_lse = torch.empty(batch, group * kv_heads, capacity // unit_size, device=device)
+        out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, *args, unit_lse, backend="triton",
+                                           chunk_tokens=chunk)
+        results.append((out, lse, unit_lse))
+    for out, lse, unit_lse in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert torch.equal(lse, results[0][1])
+        assert torch.equal(unit_lse, results[0][2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_rows(device):
+    """Rows with nothing to attend: out 0, lse -inf, no NaN; their units stay -inf."""
+    batch, kv_heads, group, head_dim, unit_size = 2, 2, 2, 64, 16
+    capacity = 4 * unit_size
+    q, k, v, lens, _ = make_inputs(device, torch.bfloat16, batch, kv_heads, group, head_dim, capacity,
+                                   [capacity, 20], seed=5)
+    lists = torch.tensor([[[1, 2], [0, 0]], [[-1, 9], [3, 2]]], dtype=torch.int32, device=device)
+    counts = torch.tensor([[2, 0], [2, 2]], dtype=torch.int32, device=device)  # row (1,1): units past len 20
+    got, want = run_both(q, k, v, lens, unit_size, lists, counts)
+    check(got, want, torch.bfloat16)
+    out, lse, unit_lse = got
+    for b, h in [(0, 1), (1, 0), (1, 1)]:
+        heads = slice(h * group, (h + 1) * group)
+        assert torch.equal(out[b, heads].float(), torch.zeros_like(out[b, heads].float()))
+        assert torch.equal(lse[b, heads], torch.full_like(lse[b, heads], float("-inf")))
+        assert torch.equal(unit_lse[b, heads], torch.full_like(unit_lse[b, heads], float("-inf")))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int64_lists_and_zero_width(device):
+    q, k, v, lens, gen = make_inputs(device, torch.float32, 2, 2, 2, 64, 128, [128, 50], seed=4)
+    lists, counts = random_lists(gen, 2, 2, 3, 8, device)
+    full = torch.tensor([[False, True], [False, False]], device=device)
+    check(*run_both(q, k, v, lens, 16, lists.long(), counts.long(), full), torch.float32)
+    empty = torch.zeros(2, 2, 0, dtype=torch.int32, device=device)
+    check(*run_both(q, k, v, lens, 16, empty, counts, full), torch.float32)
+    check(*run_both(q, k, v, lens, 16, empty, counts), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_and_head_dim_256(device):
+    q, k, v, lens, gen = make_inputs(device, torch.float16, 2, 1, 2, 256, 256, [256, 77], seed=9)
+    lists, counts = random_lists(gen, 2, 1, 5, 4, device)
+    got, want = run_both(q, k, v, lens, 64, lists, counts, torch.tensor([[True], [False]], device=device))
+    check(got, want, torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_graph_replay_follows_new_lists_and_lengths():
+    """Captured once, replayed with new lists, counts, roles and lengths written in place."""
+    device, unit_size, capacity = "cuda", 64, 2048
+    q, k, v, lens, gen = make_inputs(device, torch.bfloat16, 2, 8, 4, 128, capacity, [2000, 1500], seed=21)
+    lists, counts = random_lists(gen, 2, 8, 16, capacity // unit_size, device)
+    full = torch.zeros(2, 8, dtype=torch.bool, device=device)
+    unit_lse = torch.empty(2, 32, capacity // unit_size, device=device)
+
+    def call():
+        return sparse_decode_attention(q, k, v, lens, 0.088, unit_size, lists, counts, full, unit_lse)
+
+    call()  # compiles the kernels and allocates the scratch outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = call()
+    for step in range(3):
+        new_lists, new_counts = random_lists(gen, 2, 8, 16, capacity // unit_size, device)
+        lists.copy_(new_lists)
+        counts.copy_(new_counts)
+        full.copy_(torch.rand(2, 8, generator=gen) < 0.3)
+        lens.copy_(torch.tensor([2048 - 100 * step, 700 + step], dtype=torch.int32))
+        graph.replay()
+        want_lse = torch.empty_like(unit_lse)
+        want_out, want = sparse_decode_attention_ref(q, k, v, lens, 0.088, unit_size, lists, counts, full, want_lse)
+        check((out, lse, unit_lse), (want_out, want, want_lse), torch.bfloat16)
+
+
+def test_chunking_depends_on_shapes_only():
+    """Llama-3.1-8B layer (8 KV heads, d=128, units of 64): powers of two within the bounds."""
+    dev = torch.device("cpu")  # 132 SMs assumed off-GPU, as on an H100
+    assert chunk_units(1, 8, 32768, 64, 128, dev) * 64 == 256
+    assert chunk_units(1, 8, 131072, 64, 128, dev) * 64 == 512
+    assert chunk_units(8, 8, 131072, 64, 128, dev) * 64 == 4096
+    assert chunk_units(1, 8, 1024, 16, 128, dev) == 16  # floor of 256 tokens
+    assert chunk_units(1, 8, 1024, 16, 128, dev, chunk_tokens=16) == 4  # at least one 64-token tile
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    q, k, v, lens, _ = make_inputs("cpu", torch.float32, 2, 2, 2, 64, 128, [100, 3], seed=1)
+    out, lse = sparse_decode_attention(q, k, v, lens, 0.125, 64)
+    ref_out, ref_lse = sparse_decode_attention_ref(q, k, v, lens, 0.125, 64)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="the CPU cases ran in this process")
+def test_cpu_cases_in_a_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
