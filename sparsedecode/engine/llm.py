@@ -11,6 +11,7 @@ import torch
 
 from ..methods.base import DecodeMethod, make_method
 from ..models.loader import load_model
+from ..offload import OffloadConfig, OffloadedKVCache, check_offload_method, offload_config, prefill_layer_major
 from .kv_cache import KVCache
 from .sampling import sample_next
 
@@ -43,6 +44,7 @@ class LLM:
         block_size: int = 64,
         prefill_chunk: int = 2048,
         cuda_graphs: bool = True,
+        kv_offload: str | OffloadConfig | None = None,
         **method_options: Any,
     ) -> None:
         if isinstance(dtype, str):
@@ -56,7 +58,9 @@ class LLM:
             raise ValueError(f"block_size must be 16, 32, 64 or 128, not {block_size}")
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # "cpu": the KV cache in host memory, a block pool on the GPU (sparsedecode.offload); host-side work, no graphs
+        self.kv_offload = offload_config(kv_offload, self.device)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.kv_offload is None
         self.cache: KVCache | None = None
         self._graphs: dict[str, tuple] = {}  # variant -> (graph, logits, tokens, positions) static buffers
         self.use_method(method, **method_options)
@@ -173,7 +177,7 @@ class LLM:
         positions = torch.tensor([len(t) for t in token_lists], dtype=torch.long, device=self.device)
         generated: list[list[int]] = [[] for _ in range(batch)]
         finished = [None] * batch  # finish reason once a sequence stops
-        kv_rows = [0.0] * batch
+        kv_rows: list[list[float]] = [[] for _ in range(batch)]  # per decode step, per sequence
         synced = 0
         t1 = time.perf_counter()
         steps = 0
@@ -181,7 +185,7 @@ class LLM:
             if step > 0:
                 variant = self.method.step_variant(step - 1)
                 for b in range(batch):
-                    kv_rows[b] += self.method.kv_tokens_read(len(token_lists[b]) + step, variant)
+                    kv_rows[b].append(self.method.kv_tokens_read(len(token_lists[b]) + step, variant))
                 logits = self._decode(variant, tokens, positions, cache)
                 tokens = sample_next(logits, temperature, top_p, generator)
                 out[:, step] = tokens
@@ -196,7 +200,7 @@ class LLM:
                     break
         sync()
         decode_seconds = time.perf_counter() - t1
-        self._results = self._finish(token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps)
+        self._results = self._finish(token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps, stop)
 
     def _absorb(self, new, generated, finished, stop_ids, stop) -> list[str]:
         """Append newly synced tokens, ending sequences at a stop token or stop string."""
@@ -222,17 +226,17 @@ class LLM:
                 text = text[: text.index(s)]
         return text
 
-    def _finish(self, token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps):
+    def _finish(self, token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps, stop):
         row_bytes = 2 * self.config.head_dim * self.dtype.itemsize
         results = []
         for b, ids in enumerate(token_lists):
             n = len(generated[b])
             decoded = max(n - 1, 0)  # the first token comes from the prefill
             dense_rows = sum(self.config.num_layers * self.config.num_kv_heads * (len(ids) + s) for s in range(1, decoded + 1))
-            rows = kv_rows[b] if decoded else 0.0
+            rows = sum(kv_rows[b][:decoded])  # steps after a sequence stopped do not count
             results.append(
                 Generation(
-                    text=self._text(generated[b], None),
+                    text=self._text(generated[b], stop),
                     token_ids=generated[b],
                     prompt_tokens=len(ids),
                     prefill_seconds=prefill_seconds,
@@ -246,16 +250,17 @@ class LLM:
 
     # -- the model runner ----------------------------------------------------------------------
     def _cache_for(self, batch: int, capacity: int) -> KVCache:
+        if self.kv_offload is not None:
+            check_offload_method(self.method)
         c = self.cache
         if c is None or c.batch_size != batch or c.capacity != capacity:
             self.cache = None
             self._graphs.clear()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.cache = KVCache(
-                self.config.num_layers, batch, self.config.num_kv_heads, capacity, self.config.head_dim,
-                self.block_size, self.dtype, self.device,
-            )
+            shape = (self.config.num_layers, batch, self.config.num_kv_heads, capacity, self.config.head_dim,
+                     self.block_size, self.dtype, self.device)
+            self.cache = OffloadedKVCache(*shape, self.kv_offload) if self.kv_offload else KVCache(*shape)
         if self._planned_for is not self.cache:
             self.method.plan(self.cache)
             self._planned_for = self.cache
@@ -264,6 +269,8 @@ class LLM:
 
     def _prefill(self, ids: list[int], batch_index: int, cache: KVCache) -> torch.Tensor:
         token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if isinstance(cache, OffloadedKVCache):  # the whole KV of the prompt never sits on the device
+            return prefill_layer_major(self.model, token_ids, cache, batch_index, self.prefill_chunk)
         for start in range(0, len(ids), self.prefill_chunk):
             hidden = self.model.prefill_chunk(token_ids[start : start + self.prefill_chunk], start, cache, batch_index)
         return hidden

@@ -53,7 +53,7 @@ def load_model(spec: str | Path, device: str | torch.device | None = None, dtype
         with torch.no_grad():
             for p in model.parameters():  # small, varied weights keep activations finite
                 p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-        return LoadedModel(model.eval(), config, None, spec)
+        return LoadedModel(model.eval().requires_grad_(False), config, None, spec)
 
     from .registry import resolve_model
 
@@ -69,4 +69,4 @@ def load_model(spec: str | Path, device: str | torch.device | None = None, dtype
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     del hf_model
-    return LoadedModel(model.eval(), config, tokenizer, spec)
+    return LoadedModel(model.eval().requires_grad_(False), config, tokenizer, spec)

@@ -1,0 +1,59 @@
+"""The demo: a needle hidden in real essays, answered by dense decoding and by each sparse method."""
+from __future__ import annotations
+
+import random
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from . import LLM
+from .data.haystack import haystack_text
+from .methods.base import METHODS
+
+NEEDLE = "The special magic number for the demo is {value}."
+QUESTION = "What is the special magic number for the demo mentioned in the text above? Answer with the number only."
+
+
+def needle_prompt(llm: LLM, context: int, depth: float, value: str) -> str:
+    """Essay text of about `context` tokens with the needle at `depth` (0 = start, 1 = end)."""
+    tokenizer = llm.tokenizer
+    essay_ids = tokenizer(haystack_text(), add_special_tokens=False).input_ids
+    room = context - len(tokenizer(NEEDLE.format(value=value) + QUESTION).input_ids) - 64
+    if room < 64:
+        raise ValueError(f"context {context} is too short for the needle prompt")
+    essay_ids = (essay_ids * (1 + room // len(essay_ids)))[:room]
+    cut = int(len(essay_ids) * depth)
+    text = tokenizer.decode(essay_ids[:cut]) + " " + NEEDLE.format(value=value) + " " + tokenizer.decode(essay_ids[cut:])
+    return llm.apply_chat_template(f"{text}\n\n{QUESTION}")
+
+
+def run_demo(model: str | None, context: int | None, methods: list[str], budget: int | None, device: str | None) -> None:
+    console = Console()
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    model = model or ("qwen2.5-coder-1.5b" if on_gpu else "qwen2.5-coder-0.5b")
+    context = context or (32768 if on_gpu else 3072)
+    budget = budget or max(256, context // 8 // 64 * 64)
+    console.print(f"[bold]sparsedecode demo[/]: {model}, {context}-token haystack, sparse budget {budget} tokens")
+    llm = LLM(model, device=device, max_context=context + 128)
+    value = str(random.Random(context).randrange(100000, 999999))
+    prompt = needle_prompt(llm, context, depth=0.4, value=value)
+
+    table = Table("method", "answer", "correct", "prefill s", "decode tok/s", "KV read")
+    from .methods import available  # noqa: F401  (registers every method)
+
+    for method in methods:
+        if method not in METHODS:
+            console.print(f"[yellow]skipping {method}: not available ({', '.join(sorted(METHODS))})[/]")
+            continue
+        options = {} if method == "dense" else {"budget": budget}
+        llm.use_method(method, **options)
+        result = llm.generate([prompt], max_new_tokens=32)[0]
+        answer = " ".join(result.text.split())
+        table.add_row(
+            method, answer[:40], "yes" if value in result.text else "no", f"{result.prefill_seconds:.1f}",
+            f"{result.decode_tokens_per_s:.1f}", f"{result.kv_fraction_read:.1%}",
+        )
+        console.print(f"{method}: {answer[:60]!r}")
+    console.print(f"needle value: {value}")
+    console.print(table)
