@@ -62,6 +62,7 @@ class LLM:
         self.kv_offload = offload_config(kv_offload, self.device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.kv_offload is None
         self.cache: KVCache | None = None
+        self._prefilled: tuple | None = None  # (cache and prompts, last hidden states) of the last prefill
         self._graphs: dict[str, tuple] = {}  # variant -> (graph, logits, tokens, positions) static buffers
         self.use_method(method, **method_options)
 
@@ -164,7 +165,15 @@ class LLM:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        last_hidden = torch.stack([self._prefill(ids, b, cache) for b, ids in enumerate(token_lists)])
+        # The same prompts again (e.g. another method on an eval batch): decoding never writes below
+        # the prompt lengths, so the cached prefill is still valid.
+        key = (id(cache), tuple(map(tuple, token_lists)))
+        if self._prefilled is not None and self._prefilled[0] == key:
+            last_hidden = self._prefilled[1]
+        else:
+            self._prefilled = None
+            last_hidden = torch.stack([self._prefill(ids, b, cache) for b, ids in enumerate(token_lists)])
+            self._prefilled = (key, last_hidden)
         for layer in range(self.config.num_layers):
             for b, ids in enumerate(token_lists):
                 self.method.after_prefill(layer, cache, b, len(ids))
@@ -255,6 +264,7 @@ class LLM:
         c = self.cache
         if c is None or c.batch_size != batch or c.capacity != capacity:
             self.cache = None
+            self._prefilled = None
             self._graphs.clear()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
