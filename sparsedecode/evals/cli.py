@@ -1,0 +1,183 @@
+"""`sparsedecode eval ruler|needle|reasoning`: the quality suites from the command line."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sparsedecode.cli import parse_method_options
+from sparsedecode.engine.llm import LLM
+
+from .needle import DEFAULT_DEPTHS
+from .report import safe_name
+from .ruler import RULER_TASKS
+from .runner import context_needed, run_eval
+
+_LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([kKmM]?)$")
+_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
+
+
+def parse_length(text: str) -> int:
+    """'4k' -> 4096, '32K' -> 32768, '32768' -> 32768, '1m' -> 1048576."""
+    match = _LENGTH.match(text.strip())
+    tokens = float(match[1]) * _UNITS[match[2].lower()] if match else 0
+    if tokens < 1 or tokens != int(tokens):
+        raise click.BadParameter(f"{text!r} is not a token count: use forms like 4096, 4k or 32K")
+    return int(tokens)
+
+
+def _comma_list(value: str) -> list[str]:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise click.BadParameter("give at least one comma-separated value")
+    return items
+
+
+def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    return sorted({parse_length(item) for item in _comma_list(value)})
+
+
+def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int]:
+    return [] if value is None else sorted({parse_length(item) for item in _comma_list(value)})
+
+
+def _tasks(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    tasks = _comma_list(value)
+    unknown = [t for t in tasks if t not in RULER_TASKS]
+    if unknown:
+        raise click.BadParameter(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(RULER_TASKS)}")
+    return list(dict.fromkeys(tasks))
+
+
+def _depths(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
+    try:
+        depths = sorted({float(item) for item in _comma_list(value)})
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+    if depths[0] < 0 or depths[-1] > 1:
+        raise click.BadParameter("depths are fractions of the haystack, from 0 (start) to 1 (end)")
+    return depths
+
+
+def method_runs(methods: list[str], budgets: list[int], method_options: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """The (method, options) pairs to run: every method that takes a budget once per budget; `key=value`
+    goes to every method that accepts `key`, `method:key=value` to that method only."""
+    from sparsedecode.methods import available  # noqa: F401  (registers every method)
+    from sparsedecode.methods.base import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(METHODS))}",
+                                 param_hint="--methods")
+    options: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in method_options:
+        target = item.partition("=")[0].rpartition(":")[0]  # "" when the option is for every method
+        if "=" not in item or (target and target not in methods):
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE or METHOD:KEY=VALUE with METHOD one of "
+                                     f"{', '.join(methods)}", param_hint="--method-option")
+        (key, value), = parse_method_options((item[len(target) + 1 if target else 0:],)).items()
+        targets = [target] if target else [m for m in methods if key in METHODS[m].defaults]
+        if not targets or any(key not in METHODS[m].defaults for m in targets):
+            raise click.BadParameter(f"{item!r}: no selected method takes option {key!r}",
+                                     param_hint="--method-option")
+        for m in targets:
+            options[m][key] = value
+    runs = []
+    for m in methods:
+        if budgets and "budget" in METHODS[m].defaults and "budget" not in options[m]:
+            runs.extend((m, {**options[m], "budget": b}) for b in budgets)
+        else:
+            runs.append((m, options[m]))
+    return runs
+
+
+def _common_options(default_lengths: str, lengths_help: str, default_samples: int) -> Callable:
+    options = [
+        click.option("--model", "-m", required=True, help="Registry name (e.g. smollm2-135m), GGUF file or "
+                                                          "Hugging Face model folder."),
+        click.option("--methods", default="dense", show_default=True, callback=lambda c, p, v: _comma_list(v),
+                     help="Comma-separated decode methods: dense, lychee, tidal, quest, streaming, lfps, "
+                          "lychee+lfps."),
+        click.option("--lengths", default=default_lengths, show_default=True, callback=_lengths,
+                     help=lengths_help),
+        click.option("--samples", type=click.IntRange(min=1), default=default_samples, show_default=True,
+                     help="Samples per task and length (per depth and length for the needle grid)."),
+        click.option("--budget", default=None, callback=_budgets,
+                     help="Token budget of every sparse method, e.g. 1024 or 1k; a comma list runs each budget."),
+        click.option("--method-option", "method_options", multiple=True, metavar="[METHOD:]KEY=VALUE",
+                     help="A decode-method option; repeat for more."),
+        click.option("--seed", type=int, default=42, show_default=True,
+                     help="Seed of the prompts; the same seed and tokenizer give the same prompts."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Output folder [default: out/eval/<suite>-<model>]."),
+        click.option("--device", default=None, help="torch device, e.g. cuda or cpu [default: the best one]."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+                     help="Compute dtype [default: the model loader's choice]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Prompts generated together."),
+        click.option("--haystack", type=click.Path(exists=True, path_type=Path), default=None,
+                     help="Text file or folder of *.txt to use instead of the Paul Graham essays."),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples: int, budget: list[int],
+         method_options: tuple[str, ...], seed: int, out: Path | None, device: str | None, dtype: str | None,
+         batch_size: int, haystack: Path | None, **suite_options: Any) -> None:
+    runs = method_runs(methods, budget, method_options)
+    out = out or Path("out") / "eval" / f"{suite}-{safe_name(Path(model).stem)}"
+    first_method, first_options = runs[0]
+    try:
+        llm = LLM(model, method=first_method, device=device, dtype=dtype,
+                  max_context=context_needed(suite, lengths), **first_options)
+        report = run_eval(llm, suite, runs, lengths, samples, seed, batch_size, out, haystack=haystack,
+                          model_name=model, **suite_options)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(report.markdown)
+    click.echo("wrote " + ", ".join(str(p) for p in report.files))
+
+
+@click.group("eval")
+def eval_command() -> None:
+    """Long-context quality suites: RULER, the needle grid and long reasoning, one column per method."""
+
+
+@eval_command.command("ruler")
+@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", 20)
+@click.option("--tasks", default=None, callback=_tasks,
+              help=f"Comma-separated RULER tasks [default: all: {', '.join(RULER_TASKS)}].")
+@click.option("--squad", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="SQuAD v2 dev JSON (dev-v2.0.json); without it qa_1 is skipped.")
+@click.option("--hotpotqa", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="HotpotQA dev JSON (hotpot_dev_distractor_v1.json); without it qa_2 is skipped.")
+def ruler_command(**options: Any) -> None:
+    """RULER's synthetic tasks (NIAH variants, variable tracking, common/frequent words, QA)."""
+    _run("ruler", **options)
+
+
+@eval_command.command("needle")
+@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", 5)
+@click.option("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS), show_default=True,
+              callback=_depths, help="Comma-separated needle depths, 0 (start) to 1 (end).")
+def needle_command(**options: Any) -> None:
+    """A magic number at each depth x length of a grid: a heatmap per method."""
+    _run("needle", **options)
+
+
+@eval_command.command("reasoning")
+@_common_options("2k", "Comma-separated generation budgets (max new tokens) of the chain of thought.", 30)
+def reasoning_command(**options: Any) -> None:
+    """GSM-style problems from reasoning-gym solved with a long chain of thought (needs reasoning-gym)."""
+    _run("reasoning", **options)

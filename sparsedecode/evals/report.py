@@ -1,0 +1,168 @@
+"""Results on disk: atomic JSON / markdown / PNG writes, the score table and the plots."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .needle import NEEDLE_TASK, needle_matrix
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; results are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_bytes_atomic(path, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
+
+
+def save_figure_atomic(figure: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def format_length(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return fmean(values) if values else None
+
+
+def score_table(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """Mean score in % per (task, length) row and method, rows in the order the records first name them."""
+    cells: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in records:
+        cells.setdefault((r["task"], r["length"]), {}).setdefault(r["method"], []).append(r["score"])
+    return {row: {m: 100 * fmean(scores) for m, scores in by_method.items()} for row, by_method in cells.items()}
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The score table as JSON rows: task, length, method, score (%), samples."""
+    counts: dict[tuple[str, int, str], int] = {}
+    for r in records:
+        key = (r["task"], r["length"], r["method"])
+        counts[key] = counts.get(key, 0) + 1
+    return [{"task": task, "length": length, "method": method, "score": round(score, 2),
+             "samples": counts[(task, length, method)]}
+            for (task, length), by_method in score_table(records).items() for method, score in by_method.items()]
+
+
+def _sorted_rows(table: dict[tuple[str, int], dict[str, float]], task_order: list[str]) -> list[tuple[str, int]]:
+    rank = {task: i for i, task in enumerate(task_order)}
+    return sorted(table, key=lambda row: (rank.get(row[0], len(rank)), row[1]))
+
+
+def _markdown_table(header: list[str], rows: list[list[str]], align: str = "---:") -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *[align] * (len(header) - 1)]) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def markdown_report(title: str, facts: dict[str, Any], methods: list[str], task_order: list[str],
+                    records: list[dict[str, Any]], skipped: dict[str, str]) -> str:
+    """Methods side by side: one row per task and length, an Average row, then speed and KV read per method."""
+    table = score_table(records)
+    rows = _sorted_rows(table, task_order)
+    body = [[task, format_length(length), *(_cell(table[(task, length)].get(m)) for m in methods)]
+            for task, length in rows]
+    body.append(["**Average**", "", *(_cell(_mean(table[row].get(m) for row in rows)) for m in methods)])
+    parts = [f"# {title}", "", " · ".join(f"{k}: {v}" for k, v in facts.items()), "",
+             "Scores in % (RULER string match; exact final number for reasoning).", "",
+             _markdown_table(["task", "length", *methods], body)]
+    if skipped:
+        parts += ["", "Skipped:", *(f"- {task}: {reason}" for task, reason in skipped.items())]
+    if any(r["task"] == NEEDLE_TASK for r in records):
+        for method in methods:
+            depths, lengths, grid = needle_matrix(records, method)
+            parts += ["", f"## Needle: {method} (rows: depth, columns: length)", "",
+                      _markdown_table(["depth", *map(format_length, lengths)],
+                                      [[f"{d:.2f}", *map(_cell, row)] for d, row in zip(depths, grid)])]
+    parts += ["", "## Speed and KV read (means per generation)", "",
+              _markdown_table(["method", "prompt tokens", "output tokens", "prefill s", "decode tok/s",
+                               "KV fraction read"], [_speed_row(records, m) for m in methods])]
+    return "\n".join(parts) + "\n"
+
+
+def _speed_row(records: list[dict[str, Any]], method: str) -> list[str]:
+    mine = [r for r in records if r["method"] == method]
+
+    def mean_of(field: str) -> float | None:
+        return _mean(r[field] for r in mine)
+
+    return [method, _cell(mean_of("prompt_tokens"), 0), _cell(mean_of("output_tokens"), 0),
+            _cell(mean_of("prefill_seconds"), 3), _cell(mean_of("decode_tokens_per_s"), 1),
+            _cell(mean_of("kv_fraction_read"), 3)]
+
+
+def plot_accuracy_vs_length(records: list[dict[str, Any]], methods: list[str], path: Path,
+                            x_label: str = "prompt length (tokens)") -> None:
+    """One line per method: the mean score over tasks at each length."""
+    table = score_table(records)
+    lengths = sorted({length for _, length in table})
+    figure = Figure(figsize=(6.4, 4.2))
+    ax = figure.subplots()
+    for method in methods:
+        ys = [_mean(scores.get(method) for (_, n), scores in table.items() if n == length) for length in lengths]
+        ax.plot(lengths, [float("nan") if y is None else y for y in ys], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [format_length(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("score (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure_atomic(figure, path)
+
+
+def plot_needle_heatmaps(records: list[dict[str, Any]], methods: list[str], path: Path) -> None:
+    """One depth x length heatmap per method, side by side, on one colour scale."""
+    figure = Figure(figsize=(4.2 * len(methods) + 1.2, 4.2))
+    axes = figure.subplots(1, len(methods), squeeze=False)[0]
+    image = None
+    for ax, method in zip(axes, methods):
+        depths, lengths, grid = needle_matrix(records, method)
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, _cell(value, 0), ha="center", va="center", fontsize=7)
+        ax.set_title(method, fontsize="small")
+        ax.set_xlabel("length (tokens)")
+    axes[0].set_ylabel("needle depth")
+    if image is not None:
+        figure.colorbar(image, ax=list(axes), label="score (%)")
+    save_figure_atomic(figure, path)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"

@@ -1,0 +1,151 @@
+"""The eval runner and CLI on a fake LLM: files written, batching, reproducible prompts, input errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from sparsedecode.evals import build_samples, run_eval
+from sparsedecode.evals import report as report_module
+from sparsedecode.evals.cli import eval_command, method_runs, parse_length
+from sparsedecode.evals.report import write_json_atomic
+from test_evals_support import FakeLLM, fake_llm_class, smollm2_tokenizer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = [("dense", {}), ("lychee", {"budget": 64})]
+
+
+def oracle(suite, lengths, samples, seed, **options) -> FakeLLM:
+    """A fake whose dense method knows the answers of the prompts `build_samples` makes for these arguments."""
+    built, _ = build_samples(suite, smollm2_tokenizer(), lengths, samples, seed, **options)
+    return FakeLLM(answers={s.prompt: s.references for s in built})
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_ruler_run_writes_json_markdown_and_plot(tmp_path):
+    tasks = ["niah_single_1", "vt", "cwe", "qa_1"]
+    llm = oracle("ruler", [1024, 2048], 2, 11, tasks=tasks)
+    report = run_eval(llm, "ruler", METHODS, [2048, 1024], 2, 11, 3, tmp_path, tasks=tasks, model_name="fake",
+                      progress=False)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["complete"] and results["suite"] == "ruler" and results["seed"] == 11
+    assert [m["label"] for m in results["methods"]] == ["dense", "lychee(budget=64)"]
+    records = results["records"]
+    assert len(records) == 3 * 2 * 2 * 2  # tasks (qa_1 skipped) x lengths x samples x methods
+    assert {r["score"] for r in records if r["method"] == "dense"} == {1.0}
+    assert {r["score"] for r in records if r["method"] != "dense"} == {0.0}
+    assert {"task", "length", "method", "prediction", "score", "depths", "references"} <= set(records[0])
+    assert results["skipped"] == report.skipped and "SQuAD" in report.skipped["qa_1"]
+    assert {(row["task"], row["length"], row["method"], row["score"]) for row in results["summary"]} >= {
+        ("vt", 1024, "dense", 100.0), ("cwe", 2048, "lychee(budget=64)", 0.0)}
+
+    # generated once, batched per task and length, shortest first, every method on a batch in turn
+    # (so the engine prefills each batch once)
+    assert llm.switches == [("dense", {}), ("lychee", {"budget": 64})] * 6
+    assert llm.batches == [2] * 12
+    assert [r["length"] for r in records[:12]] == [1024] * 12
+
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown == report.markdown
+    assert "| task | length | dense | lychee(budget=64) |" in markdown
+    assert "| niah_single_1 | 1K | 100.0 | 0.0 |" in markdown
+    assert "| **Average** |  | 100.0 | 0.0 |" in markdown
+    assert "- qa_1: no SQuAD v2 dev file given" in markdown
+    assert_png(tmp_path / "accuracy_vs_length.png")
+
+    # the prompts are on disk and a second build with the same seed reproduces them exactly
+    saved = json.loads((tmp_path / "samples.json").read_text())["samples"]
+    again, _ = build_samples("ruler", smollm2_tokenizer(), [1024, 2048], 2, 11, tasks=tasks)
+    assert [s["prompt"] for s in saved] == [s.prompt for s in again]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_needle_run_draws_a_heatmap(tmp_path):
+    llm = oracle("needle", [1024, 2048], 1, 0, depths=[0.0, 0.5, 1.0])
+    report = run_eval(llm, "needle", METHODS, [1024, 2048], 1, 0, 4, tmp_path, depths=[0.0, 0.5, 1.0],
+                      progress=False)
+    assert_png(tmp_path / "needle_heatmap.png")
+    assert tmp_path / "needle_heatmap.png" in report.files
+    assert "## Needle: dense (rows: depth, columns: length)" in report.markdown
+    assert "| 0.50 | 100.0 | 100.0 |" in report.markdown
+
+
+def test_reasoning_run(tmp_path):
+    pytest.importorskip("reasoning_gym")
+    llm = oracle("reasoning", [256], 2, 5)
+    report = run_eval(llm, "reasoning", [("dense", {})], [256], 2, 5, 2, tmp_path, progress=False)
+    assert report.summary == [{"task": "gsm_symbolic", "length": 256, "method": "dense", "score": 100.0,
+                               "samples": 2}]
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"version": 1})
+
+    def broken_replace(src, dst):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(report_module.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        write_json_atomic(path, {"version": 2})
+    assert json.loads(path.read_text()) == {"version": 1}
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    llm = FakeLLM()
+    with pytest.raises(ValueError, match="each name and options once"):
+        run_eval(llm, "ruler", [("dense", {}), ("dense", {})], [1024], 1, 0, 1, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="unknown suite"):
+        run_eval(llm, "longbench", METHODS, [1024], 1, 0, 1, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="no task left"):
+        run_eval(llm, "ruler", METHODS, [1024], 1, 0, 1, tmp_path, tasks=["qa_2"], progress=False)
+
+
+@pytest.mark.parametrize("text, tokens", [("4k", 4096), ("32K", 32768), ("32768", 32768), ("1m", 1 << 20)])
+def test_length_forms(text, tokens):
+    assert parse_length(text) == tokens
+
+
+def test_method_runs_apply_budgets_and_options():
+    runs = method_runs(["dense", "lychee", "quest"], [512, 1024], ("page_size=32", "lychee:dense_every=32"))
+    assert runs == [("dense", {}), ("lychee", {"dense_every": 32, "budget": 512}),
+                    ("lychee", {"dense_every": 32, "budget": 1024}),
+                    ("quest", {"page_size": 32, "budget": 512}), ("quest", {"page_size": 32, "budget": 1024})]
+
+
+def test_cli_runs_a_suite(tmp_path, monkeypatch):
+    created: list[FakeLLM] = []
+    monkeypatch.setattr("sparsedecode.evals.cli.LLM", fake_llm_class(created))
+    result = CliRunner().invoke(eval_command, [
+        "ruler", "--model", "smollm2-135m", "--methods", "dense,lychee", "--budget", "64,128", "--lengths", "1k",
+        "--samples", "1", "--tasks", "niah_single_1,fwe", "--batch-size", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert created[0].constructed_with == {"model": "smollm2-135m", "max_context": 1024 + 128}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [m["label"] for m in results["methods"]] == ["dense", "lychee(budget=64)", "lychee(budget=128)"]
+    assert "| fwe | 1K |" in result.output
+    assert_png(tmp_path / "accuracy_vs_length.png")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["ruler", "--lengths", "4x"], "not a token count"),
+    (["ruler", "--methods", "dense,warp"], "unknown method(s) warp"),
+    (["ruler", "--tasks", "niah_single_9"], "unknown task(s) niah_single_9"),
+    (["ruler", "--method-option", "budget"], "KEY=VALUE"),
+    (["ruler", "--methods", "dense", "--method-option", "page_size=3"], "no selected method takes option"),
+    (["needle", "--depths", "0,1.5"], "from 0 (start) to 1 (end)"),
+    (["ruler", "--samples", "0"], "--samples"),
+    (["ruler", "--squad", "/no/such/file.json"], "does not exist"),
+])
+def test_cli_input_errors(arguments, message, monkeypatch):
+    monkeypatch.setattr("sparsedecode.evals.cli.LLM", fake_llm_class([]))
+    result = CliRunner().invoke(eval_command, [*arguments, "--model", "m", "--out", "/tmp/never"])
+    assert result.exit_code != 0
+    assert message in result.output
