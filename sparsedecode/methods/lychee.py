@@ -48,11 +48,10 @@ class Lychee(DecodeMethod):
         if o["aggregate"] not in ("max", "sum"):
             raise ValueError(f"aggregate must be 'max' or 'sum', not {o['aggregate']!r}")
         retrieval = self.roles.retrieval
-        # A layer selects when it has retrieval heads whose index a later layer reads sparsely.
-        later_sparse = torch.zeros_like(retrieval)
-        for layer in range(config.num_layers - 2, -1, -1):
-            later_sparse[layer] = later_sparse[layer + 1] | ~retrieval[layer + 1]
-        self.selects = [bool((retrieval[l] & later_sparse[l]).any()) for l in range(config.num_layers)]
+        # A layer selects only for retrieval heads whose index is sparse in the next layer: a retrieval
+        # head there would replace the selection before anyone read it.
+        hands_on = retrieval[:-1] & ~retrieval[1:]
+        self.selects = [bool(hands_on[l].any()) for l in range(config.num_layers - 1)] + [False]
         self.all_full = [bool(retrieval[l].all()) for l in range(config.num_layers)]
         self.variant = "default"
 

@@ -35,8 +35,11 @@ class Quest(DecodeMethod):
         page = self.options["page_size"]
         k = cache.k[layer, batch_index].unflatten(1, (-1, page))  # [Hkv, pages, page, D]
         filled = (torch.arange(cache.capacity, device=cache.device) < length).view(1, -1, page, 1)
-        self.k_min[layer, batch_index] = k.masked_fill(~filled, float("inf")).amin(dim=2)
-        self.k_max[layer, batch_index] = k.masked_fill(~filled, float("-inf")).amax(dim=2)
+        # Empty pages get 0 rather than +-inf, so page scores stay finite; the selector never picks them.
+        k_min = k.masked_fill(~filled, float("inf")).amin(dim=2)
+        k_max = k.masked_fill(~filled, float("-inf")).amax(dim=2)
+        self.k_min[layer, batch_index] = k_min.masked_fill(k_min.isinf(), 0)
+        self.k_max[layer, batch_index] = k_max.masked_fill(k_max.isinf(), 0)
 
     def _update_pages(self, layer: int, cache: KVCache, seq_lens: torch.Tensor) -> None:
         """Fold the new token's key into its page's min/max (a new page starts from that key)."""
@@ -52,11 +55,14 @@ class Quest(DecodeMethod):
     def page_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         batch, heads, dim = q.shape
         kv_heads = self.config.num_kv_heads
-        qg = q.view(batch, kv_heads, heads // kv_heads, dim).float()
-        k_min, k_max = self.k_min[layer].float(), self.k_max[layer].float()
-        # Pages past the sequence hold +-inf; their products are masked by the selector.
-        scores = (qg.clamp(min=0) @ k_max.transpose(-1, -2) + qg.clamp(max=0) @ k_min.transpose(-1, -2)).nan_to_num(0.0)
-        return scores.amax(dim=2) if self.options["aggregate"] == "max" else scores.sum(dim=2)
+        qg = q.view(batch, kv_heads, heads // kv_heads, dim)
+        # In the cache dtype: the metadata is read once, not converted (the ranking tolerates bf16).
+        scores = qg.clamp(min=0) @ self.k_max[layer].transpose(-1, -2)
+        scores = torch.baddbmm(
+            scores.flatten(0, 1), qg.clamp(max=0).flatten(0, 1), self.k_min[layer].flatten(0, 1).transpose(-1, -2)
+        ).view_as(scores)
+        scores = scores.amax(dim=2) if self.options["aggregate"] == "max" else scores.sum(dim=2)
+        return scores.float()
 
     def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
         self._update_pages(layer, cache, seq_lens)
