@@ -1,0 +1,230 @@
+"""Helpers shared by the benchmarks: timing, copy bandwidth, markdown tables, plots, atomic writes.
+
+Conventions: times are seconds; a bandwidth counts the bytes read plus the bytes written per second
+(a copy of N bytes moves 2N), as in the physical-limit section of the project reference; a *floor*
+is the bytes a step must read divided by that bandwidth.
+"""
+from __future__ import annotations
+
+import io
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+COPY_BYTES_CUDA = 2 << 30  # far beyond any L2, so the copy streams from device memory
+COPY_BYTES_CPU = 64 << 20
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times of one measurement, in seconds."""
+
+    median: float
+    p10: float
+    p90: float
+    mean: float
+    calls: int
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Timing:
+        s = np.asarray(seconds, dtype=np.float64)
+        p10, median, p90 = np.percentile(s, [10, 50, 90])
+        return cls(float(median), float(p10), float(p90), float(s.mean()), len(s))
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def median_time(
+    fn: Callable[[], Any],
+    repeats: int = 50,
+    warmup: int = 5,
+    device: torch.device | str | None = None,
+    flush_l2: bool = False,
+) -> Timing:
+    """Time `repeats` calls of `fn` one by one after `warmup` untimed calls. On CUDA each call sits
+    between two CUDA events (device time, no host sync inside the loop); elsewhere the wall clock.
+    `flush_l2` overwrites a buffer twice the L2 size before each call, outside the timed region,
+    so a small kernel input is read from device memory as it would be inside a model."""
+    device = torch.device(device) if device is not None else _current_device()
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return Timing.of(times)
+    flush = None
+    if flush_l2:
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        flush = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    torch.cuda.synchronize(device)
+    for start, end in events:
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return Timing.of([start.elapsed_time(end) / 1e3 for start, end in events])
+
+
+def _current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copy_bandwidth(device: torch.device | str, nbytes: int | None = None, repeats: int = 20) -> float:
+    """Device-memory bandwidth in bytes/s, read + write: a large buffer copied into another."""
+    device = torch.device(device)
+    nbytes = nbytes or (COPY_BYTES_CUDA if device.type == "cuda" else COPY_BYTES_CPU)
+    src = torch.randint(1, 255, (nbytes,), dtype=torch.uint8, device=device)  # not zeros: no compressed fast path
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), repeats=repeats, warmup=3, device=device).median
+    return 2 * nbytes / seconds
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of `rows` (dicts); `columns` picks and orders the keys (default: the
+    first row's). Floats get 3 significant digits (no decimals from 100 up), None an empty cell."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_cell(value: Any) -> str:
+    """A table cell: floats to 3 significant digits without exponents, None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with tmp.open("xb") as f:  # not mkstemp: its files are private (0600) whatever the umask
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _panels(rows: Iterable[dict[str, Any]], keys: Sequence[str]) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups
+
+
+def _colours(rows: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """One colour per method, in order of first appearance, the same in every plot of a run."""
+    methods = dict.fromkeys(r["method"] for r in rows)
+    return {m: f"C{i % 10}" for i, m in enumerate(methods)}
+
+
+def _tokens(value: float, _position: Any = None) -> str:
+    return f"{value / 1024:g}K" if value >= 1024 else f"{value:g}"
+
+
+def _save_figure(fig: Any, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_atomic(path, buffer.getvalue())
+
+
+def plot_speedup_vs_context(
+    rows: Sequence[dict[str, Any]],
+    path: str | Path,
+    panels: Sequence[str] = ("model", "batch"),
+    speedup: str = "speedup",
+    ceiling: str | None = "ceiling",
+    title: str = "speedup over dense",
+) -> None:
+    """One panel per distinct `panels` value; per method a line of `speedup` against `context`
+    (log scale) and, if given, its `ceiling` dashed in the same colour."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+    from matplotlib.ticker import FuncFormatter
+
+    groups = _panels(rows, panels)
+    cols = min(3, len(groups)) or 1
+    nrows = -(-len(groups) // cols) or 1
+    fig = Figure(figsize=(5 * cols, 3.6 * nrows), layout="constrained")
+    colours = _colours(rows)
+    for i, (key, group) in enumerate(groups.items()):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        for (method,), series in _panels(group, ["method"]).items():
+            series = sorted((r for r in series if r.get(speedup) is not None), key=lambda r: r["context"])
+            if not series:
+                continue
+            x = [r["context"] for r in series]
+            colour = colours[method]
+            ax.plot(x, [r[speedup] for r in series], "o-", color=colour, label=method)
+            if ceiling:
+                ax.plot(x, [r[ceiling] for r in series], "--", color=colour, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panels, key, strict=True)), fontsize=9)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(speedup + (" (dashed: ceiling)" if ceiling else ""))
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    _save_figure(fig, path)
+
+
+def plot_time_vs_floor(
+    rows: Sequence[dict[str, Any]],
+    path: str | Path,
+    time_key: str = "ms",
+    floor_key: str = "floor_ms",
+    title: str = "measured time against the bytes floor",
+) -> None:
+    """Log-log scatter of measured `time_key` against `floor_key`, one colour per method; the diagonal is
+    time = floor, so the vertical distance to it is the headroom left."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(6, 5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    points = [r for r in rows if r.get(time_key) is not None and r.get(floor_key) is not None]
+    colours = _colours(rows)
+    for (method,), series in _panels(points, ["method"]).items():
+        ax.scatter([r[floor_key] for r in series], [r[time_key] for r in series], s=18, color=colours[method],
+                   label=method)
+    if points:
+        lo = min(min(r[floor_key], r[time_key]) for r in points)
+        hi = max(max(r[floor_key], r[time_key]) for r in points)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers: the range is narrow, powers of ten read badly
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel(f"{floor_key} (bytes read / copy bandwidth)")
+    ax.set_ylabel(f"measured {time_key}")
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    _save_figure(fig, path)
