@@ -1,0 +1,68 @@
+"""The index half of the decode-attention op: exact per-block scores from the keys alone.
+
+`block_lse` fills the same `unit_lse` and returns the same `lse` as `sparse_decode_attention` with
+`unit_lse` (up to rounding), but reads only keys and writes no attention output. Plain vectorised torch
+on whatever device the keys are on: over keys in pinned host memory it is the CPU index of KV offload
+(threads: `torch.set_num_threads`); the index-time benchmark runs it on both sides.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.reference import visible_tokens
+
+FULL_SCAN_TOKENS = 1 << 14  # keys per slice of a full scan: bounds the float32 temporaries
+
+
+def block_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    unit_size: int,
+    unit_lists: torch.Tensor | None,
+    unit_counts: torch.Tensor | None,
+    full_rows: torch.Tensor | None,
+    unit_lse: torch.Tensor,
+) -> torch.Tensor:
+    """q: [B, Hq, D]; k: [B, Hkv, T, D]; lists/counts/full_rows as in the op (no lists: all rows full).
+    Writes unit_lse [B, Hq, T // unit_size] (-inf for units not visited) and returns lse [B, Hq] over
+    the visited units. Full rows scan every key below their length; list rows gather their units."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, capacity = k.shape[1], k.shape[2]
+    group, num_units = num_heads // num_kv_heads, capacity // unit_size
+    qg = q.float().view(batch, num_kv_heads, group, head_dim) * scale
+    lens = seq_lens.long().view(batch, 1, 1, 1)
+    units_held = -(-seq_lens.long() // unit_size)
+    out = unit_lse.view(batch, num_kv_heads, group, num_units)
+    if unit_lists is None or (full_rows is not None and bool(full_rows.any())):
+        # A full scan, sliced so that the float copy of the keys stays small.
+        end = int(units_held.max()) * unit_size
+        out.fill_(float("-inf"))
+        for start in range(0, end, FULL_SCAN_TOKENS):
+            stop = min(start + FULL_SCAN_TOKENS, end)
+            scores = torch.einsum("bhgd,bhtd->bhgt", qg, k[:, :, start:stop].float())
+            pos = torch.arange(start, stop, device=q.device)
+            scores = scores.masked_fill(pos >= lens, float("-inf"))
+            out[..., start // unit_size : stop // unit_size] = scores.unflatten(-1, (-1, unit_size)).logsumexp(-1)
+        if unit_lists is not None:  # a mixed call: list rows keep only their units
+            visited = visible_tokens(units_held, num_units, 1, unit_lists, unit_counts, full_rows, num_kv_heads)
+            out.masked_fill_(~visited[:, :, None, :], float("-inf"))
+    else:
+        slots = torch.arange(unit_lists.shape[-1], device=q.device)
+        units = unit_lists.long()
+        listed = (slots < unit_counts[..., None]) & (units >= 0) & (units < units_held.view(batch, 1, 1))
+        units = torch.where(listed, units, 0)
+        rows_b = torch.arange(batch, device=q.device)[:, None, None]
+        rows_h = torch.arange(num_kv_heads, device=q.device)[None, :, None]
+        keys = k.view(batch, num_kv_heads, num_units, unit_size, head_dim)[rows_b, rows_h, units]
+        scores = torch.einsum("bhgd,bhcud->bhgcu", qg, keys.float())
+        pos = units[..., None] * unit_size + torch.arange(unit_size, device=q.device)  # [B, Hkv, C, U]
+        scores = scores.masked_fill((pos[:, :, None] >= lens[..., None]) | ~listed[:, :, None, :, None], float("-inf"))
+        per_unit = scores.logsumexp(-1)  # [B, Hkv, G, C]
+        # Scatter through one spare column: unlisted slots land there; duplicates write equal values.
+        spread = torch.full((batch, num_kv_heads, group, num_units + 1), float("-inf"), device=q.device)
+        target = torch.where(listed, units, num_units)[:, :, None, :].expand_as(per_unit)
+        spread.scatter_(-1, target, per_unit)
+        out.copy_(spread[..., :num_units])
+    return out.logsumexp(-1).view(batch, num_heads)

@@ -1,0 +1,161 @@
+"""KV offload on CPU (host and device one memory): the CPU index and the block pool against the op,
+layer-major prefill against chunk-major, offloaded decoding against on-device decoding, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsedecode import LLM
+from sparsedecode.kernels import sparse_decode_attention
+from sparsedecode.offload import OffloadConfig, OffloadedKVCache, offload_config
+from sparsedecode.offload.scoring import block_lse
+
+PROMPT = [(7 * i) % 500 + 1 for i in range(700)]
+
+
+def random_lists(gen, batch, heads, width, num_blocks):
+    lists = torch.randint(-1, num_blocks + 2, (batch, heads, width), generator=gen, dtype=torch.int32)
+    counts = torch.randint(0, width + 1, (batch, heads), generator=gen, dtype=torch.int32)
+    return lists, counts
+
+
+def assert_same_scores(unit_a, lse_a, unit_b, lse_b) -> None:
+    assert torch.equal(torch.isinf(unit_a), torch.isinf(unit_b))
+    seen = torch.isfinite(unit_a)
+    assert torch.allclose(unit_a[seen], unit_b[seen], atol=1e-5)
+    assert torch.equal(torch.isinf(lse_a), torch.isinf(lse_b))
+    assert torch.allclose(lse_a[torch.isfinite(lse_a)], lse_b[torch.isfinite(lse_a)], atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ["lists", "mixed", "dense"])
+def test_block_lse_matches_the_op(rows: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, capacity, dim, unit = 2, 8, 2, 256, 16, 16
+    q, k = torch.randn(batch, heads, dim, generator=gen), torch.randn(batch, kv_heads, capacity, dim, generator=gen)
+    seq_lens = torch.tensor([200, 37], dtype=torch.int32)
+    lists, counts = random_lists(gen, batch, kv_heads, 9, capacity // unit)
+    lists, counts = (None, None) if rows == "dense" else (lists, counts)
+    full = torch.tensor([[True, False], [False, False]]) if rows == "mixed" else None
+    expected, got = torch.empty(batch, heads, capacity // unit), torch.empty(batch, heads, capacity // unit)
+    _, lse = sparse_decode_attention(q, k, k, seq_lens, 0.3, unit, lists, counts, full, expected)
+    assert_same_scores(expected, lse, got, block_lse(q, k, seq_lens, 0.3, unit, lists, counts, full, got))
+
+
+@pytest.mark.parametrize("pool_blocks", [2, 5, 40])
+def test_pool_attention_matches_the_op_as_the_cache_grows(pool_blocks: int) -> None:
+    """Appends, prefetches, evictions and chunked full rows: the pool gives the op's results."""
+    gen = torch.Generator().manual_seed(pool_blocks)
+    layers, batch, kv_heads, capacity, dim, unit, heads = 2, 2, 2, 512, 16, 16, 8
+    lengths = [200, 131]
+    k = torch.randn(layers, batch, kv_heads, capacity, dim, generator=gen)
+    v = torch.randn(layers, batch, kv_heads, capacity, dim, generator=gen)
+    cache = OffloadedKVCache(layers, batch, kv_heads, capacity, dim, unit, torch.float32, "cpu",
+                             OffloadConfig(pool_blocks=pool_blocks))
+    cache.reserve(99)
+    for layer in range(layers):
+        for b in range(batch):
+            cache.write(layer, b, 0, k[layer, b, :, : lengths[b]], v[layer, b, :, : lengths[b]])
+    positions = torch.tensor(lengths)
+    rows = torch.arange(batch)
+    for step in range(12):
+        for layer in range(layers):
+            new_k, new_v = (torch.randn(batch, kv_heads, dim, generator=gen) for _ in range(2))
+            k[layer, rows, :, positions], v[layer, rows, :, positions] = new_k, new_v
+            cache.append(layer, positions, new_k, new_v)
+            seq_lens = (positions + 1).to(torch.int32)
+            q = torch.randn(batch, heads, dim, generator=gen)
+            lists, counts = random_lists(gen, batch, kv_heads, 10, int(seq_lens.max()) // unit + 1)
+            full = torch.rand(batch, kv_heads, generator=gen) < 0.2
+            if step % 3 == 0:
+                cache.prefetch(layer, seq_lens, lists, counts)
+            expected, got = torch.empty(batch, heads, capacity // unit), torch.empty(batch, heads, capacity // unit)
+            out, lse = sparse_decode_attention(q, k[layer], v[layer], seq_lens, 0.25, unit, lists, counts, full, expected)
+            out2, lse2 = cache.attention(layer, q, seq_lens, 0.25, unit, lists, counts, full, got)
+            assert torch.allclose(out, out2, atol=1e-5)
+            assert_same_scores(expected, lse, got, lse2)
+        positions += 1
+
+
+def test_layer_major_prefill_matches_chunk_major() -> None:
+    torch.manual_seed(0)
+    llm = LLM("random:tiny-llama", device="cpu", block_size=16, prefill_chunk=128, method="lfps", budget=128)
+    on_device = llm._cache_for(1, 768)
+    hidden = llm._prefill(PROMPT, 0, on_device)
+    llm.cache, llm.kv_offload = None, OffloadConfig()
+    offloaded = llm._cache_for(1, 768)
+    assert isinstance(offloaded, OffloadedKVCache)
+    assert torch.allclose(llm._prefill(PROMPT, 0, offloaded), hidden, atol=1e-6)
+    n = len(PROMPT)
+    assert torch.allclose(offloaded.k[..., :n, :], on_device.k[..., :n, :], atol=1e-6)
+    assert torch.allclose(offloaded.v[..., :n, :], on_device.v[..., :n, :], atol=1e-6)
+
+
+def run(llm: LLM, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and every attention output of one generation."""
+    outputs = []
+    attend = llm.method.attend
+
+    def recorded(layer, q, cache, seq_lens):
+        out = attend(layer, q, cache, seq_lens)
+        outputs.append(out.clone())
+        return out
+
+    llm.method.attend = recorded
+    return llm.generate([prompt], max_new_tokens=new_tokens, stop_token_ids=[])[0].token_ids, outputs
+
+
+def on_device_then_offloaded(llm: LLM, config: OffloadConfig, prompt: list[int], new_tokens: int, method: str,
+                             **options) -> tuple[tuple, tuple]:
+    """The same weights, decoding from an on-device cache and then from an offloaded one."""
+    llm.cache, llm.kv_offload = None, None
+    llm.use_method(method, **options)
+    on_device = run(llm, prompt, new_tokens)
+    llm.cache, llm.kv_offload = None, config
+    llm.use_method(method, **options)
+    return on_device, run(llm, prompt, new_tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LLM:
+    torch.manual_seed(0)
+    return LLM("random:tiny-llama", device="cpu", block_size=16)
+
+
+@pytest.mark.parametrize("method,options,config", [
+    ("lfps", dict(budget=128), OffloadConfig()),
+    ("lfps", dict(budget=128, attend="selected"), OffloadConfig()),  # CPU index over host keys
+    ("lfps", dict(budget=128, attend="selected", refresh_threshold=0.9), OffloadConfig(index="gpu", pool_blocks=5)),
+    ("lychee+lfps", dict(budget=128, roles="random:3"), OffloadConfig(pool_blocks=7, prefetch=False)),
+])
+def test_offloaded_decoding_matches_on_device(tiny: LLM, method: str, options: dict, config: OffloadConfig) -> None:
+    (tokens, outputs), (tokens2, outputs2) = on_device_then_offloaded(tiny, config, PROMPT, 12, method, **options)
+    assert tokens2 == tokens
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, outputs2, strict=True))
+
+
+def test_offloaded_real_model_gives_the_same_tokens() -> None:
+    llm = LLM("smollm2-135m", device="cpu", block_size=16)
+    prompt = llm.tokenizer("Alice was beginning to get very tired of sitting by her sister on the bank. " * 8).input_ids
+    (tokens, _), (offloaded, _) = on_device_then_offloaded(llm, OffloadConfig(), prompt, 12, "lfps", budget=64,
+                                                           refresh_every=4, attend="selected")
+    assert offloaded == tokens and len(set(tokens)) > 3
+
+
+def test_bad_offload_input() -> None:
+    with pytest.raises(ValueError, match="kv_offload must be"):
+        LLM("random:tiny-llama", device="cpu", kv_offload="disk")
+    with pytest.raises(ValueError, match="CUDA device"):
+        offload_config("cpu", torch.device("meta"))
+    with pytest.raises(ValueError, match="index"):
+        OffloadConfig(index="tpu")
+    with pytest.raises(ValueError, match="pool_blocks"):
+        OffloadConfig(pool_blocks=1)
+    llm = LLM("random:tiny-llama", device="cpu", method="dense", kv_offload="cpu")
+    with pytest.raises(ValueError, match="lfps"):
+        llm.generate([PROMPT[:20]], max_new_tokens=2)
+    cache = OffloadedKVCache(1, 1, 2, 64, 16, 16, torch.float32, "cpu", OffloadConfig())
+    cache.reserve(3)
+    with pytest.raises(ValueError, match="whole layer"):
+        cache.write(0, 0, 16, torch.zeros(2, 4, 16), torch.zeros(2, 4, 16))
+    with pytest.raises(RuntimeError, match="layer by layer"):
+        cache.prefix(0, 0, 16)
