@@ -205,7 +205,7 @@ def test_parse_tokens():
     (["--contexts", ","], "give at least one context"),
     (["--batches", "1,x"], "positive batch sizes"),
     (["--batches", "0"], "positive batch sizes"),
-    (["--methods", "dense,foo"], "unknown method(s) foo; known: dense, lfps, lychee, lychee+lfps"),
+    (["--methods", "dense,foo"], "unknown method(s) foo; known: dense, lfps"),
     (["--models", "random:nope"], "unknown random-weight shape 'random:nope'"),
     (["--models", "no-such-model"], "neither a random-weight shape"),
     (["--hf-modes", "fast"], "one or both of eager, compiled"),

@@ -4,69 +4,27 @@ Without CUDA the Triton path runs in the interpreter on CPU tensors (TRITON_INTE
 before triton is imported); with CUDA the same tests run the compiled kernel on the GPU.
 """
 import contextlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 from unittest import mock
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_cpu import devices, fix_interpreter, interpreted, run_in_fresh_process  # sets TRITON_INTERPRET
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
-
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from sparsedecode.kernels import chunk_units, sparse_decode_attention, sparse_decode_attention_ref  # noqa: E402
 from sparsedecode.kernels import sparse_decode as sd  # noqa: E402
 
 # Triton picks interpreter or compiler when it decorates a function: if a test module imported triton
 # before this one, the interpreter cannot run in this process and the CPU cases run in a fresh one.
-INTERPRET = isinstance(sd._partial_kernel, InterpretedFunction)
+INTERPRET = interpreted(sd._partial_kernel)
 NEEDS_FRESH_PROCESS = not INTERPRET and not torch.cuda.is_available()
 
-
-def _fix_interpreter() -> None:
-    """Two bugs of triton 3.6's interpreter, both fixed upstream, patched for these tests only:
-    loop bounds taken from 1-element arrays with int(), an error since numpy 2.4 (triton#9171), and
-    tl.dot multiplying the raw uint16 bits of bf16 operands."""
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "sparsedecode_fixed", False):
-        return
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    def widen(x):
-        if x.dtype != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter._patch_lang_tensor = patched_tensor
-    interpreter.InterpreterBuilder.create_dot = patched_dot
-    interpreter.sparsedecode_fixed = True
-
-
 if INTERPRET:
-    _fix_interpreter()
+    fix_interpreter()  # two bugs of triton 3.6's interpreter (see triton_cpu)
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 before triton")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
-]
+DEVICES = devices(INTERPRET)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
        torch.float16: dict(atol=5e-3, rtol=5e-3)}
 # log2(0) of units with no visible token is -inf by design; the interpreter's numpy warns about it.
@@ -317,7 +275,4 @@ def test_auto_backend_on_cpu_is_the_reference():
 
 @pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="the CPU cases ran in this process")
 def test_cpu_cases_in_a_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    run_in_fresh_process(__file__)

@@ -13,7 +13,7 @@ from ..engine.kv_cache import KVCache
 from ..kernels import sparse_decode_attention
 from ..roles.head_roles import HeadRoles, resolve_roles
 from .base import DecodeMethod, register
-from .selection import BlockSelector, block_scores
+from .selection import BlockSelector
 
 #: roles used when none are given and none are shipped for the model (chosen by measurement, see docs)
 DEFAULT_ROLES = "tidal"
@@ -27,7 +27,7 @@ class Lychee(DecodeMethod):
         budget=4096,  # tokens ("tokens" mode), kept fraction ("ratio"), mass ("top_p"), or "threshold"
         budget_mode="tokens",
         block_size=64,
-        aggregate="max",  # block score over the group's query heads: "max" or "sum"
+        aggregate="sum",  # block score over the group's query heads: "sum" (measured better) or "max"
         sink_blocks=1,
         local_blocks=1,
         dense_every=0,  # cache correction: a dense step every N tokens (0: never)
@@ -79,17 +79,20 @@ class Lychee(DecodeMethod):
             self.full_rows[layer], self.unit_lse if selects else None,
         )
         if selects:
-            self.hand_on(layer, block_scores(self.unit_lse, lse, cache.num_kv_heads, self.options["aggregate"]), seq_lens)
+            self.hand_on(layer, self.unit_lse, seq_lens, lse=lse)
         return out
 
-    def hand_on(self, layer: int, scores: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Select blocks from this layer's retrieval-head scores and hand them to later layers."""
-        if self.options["share_heads"]:
-            scores = scores.sum(dim=1, keepdim=True).expand_as(scores)
-        blocks, counts = self.selector.select(scores, seq_lens, self.list_length)
-        retrieval = self.full_rows[layer]
-        self.blocks.copy_(torch.where(retrieval[..., None], blocks, self.blocks))
-        self.counts.copy_(torch.where(retrieval, counts, self.counts))
+    def hand_on(self, layer: int, scores: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+        """Select blocks from this layer's retrieval-head scores and hand them to later layers.
+
+        scores: block scores [B, Hkv, NB]; or, with `lse` [B, Hq], the pass's per-block log-sum-exp
+        [B, Hq, NB], scored inside the selection. On CUDA (modes tokens / ratio) the selection and the
+        update of the retrieval rows are one kernel launch; elsewhere the PyTorch path.
+        """
+        source = dict(scores=scores) if lse is None else dict(unit_lse=scores, lse=lse)
+        self.selector.select_into(self.blocks, self.counts, self.full_rows[layer], seq_lens,
+                                  aggregate=self.options["aggregate"], share_heads=self.options["share_heads"],
+                                  **source)
 
     def kv_tokens_read(self, seq_len: int, variant: str) -> float:
         if variant == "dense":

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ..kernels.select_blocks import MAX_BLOCKS, SELECT_MODES, select_blocks
+
 BUDGET_MODES = ("tokens", "ratio", "top_p", "threshold")
 
 
@@ -75,6 +77,40 @@ class BlockSelector:
         kept = max(kept, self.sink_blocks + self.local_blocks)
         return min(int(kept), blocks) * self.block_size
 
+    def uses_kernel(self, device: torch.device, num_blocks: int) -> bool:
+        """Whether `select_into` runs the one-launch Triton kernel (CUDA, modes tokens / ratio)."""
+        return torch.device(device).type == "cuda" and self.mode in SELECT_MODES and num_blocks <= MAX_BLOCKS
+
+    def select_into(self, blocks: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor,
+                    scores: torch.Tensor | None = None, *, unit_lse: torch.Tensor | None = None,
+                    lse: torch.Tensor | None = None, aggregate: str = "max", share_heads: bool = False,
+                    use_kernel: bool | None = None) -> None:
+        """Select for the rows where `rows` [B, Hkv] (bool) is True and write in place into `blocks`
+        [B, Hkv, K] int32 and `counts` [B, Hkv] int32; the other rows keep their entries.
+
+        Scores: `scores` [B, Hkv, NB] as `select` takes them, or `unit_lse` [B, Hq, NB] with `lse` [B, Hq]
+        (scored as `block_scores(unit_lse, lse, Hkv, aggregate)`). share_heads: every row selects from the
+        sum over the KV heads (TidalDecode). The result is `select`'s: on CUDA in modes tokens / ratio it is
+        one Triton launch (`kernels.select_blocks`), otherwise the PyTorch path; `use_kernel` forces one.
+        """
+        if scores is None and (unit_lse is None or lse is None):
+            raise ValueError("select_into needs scores, or unit_lse and lse")
+        source = unit_lse if scores is None else scores
+        if use_kernel is None:
+            use_kernel = self.uses_kernel(source.device, source.shape[-1])
+        if use_kernel:
+            select_blocks(source, lse if scores is None else None, seq_lens, rows, blocks, counts,
+                          aggregate=aggregate, mode=self.mode, budget=self.budget, block_size=self.block_size,
+                          sink_blocks=self.sink_blocks, local_blocks=self.local_blocks, share_heads=share_heads)
+            return
+        if scores is None:
+            scores = block_scores(unit_lse, lse, blocks.shape[1], aggregate)
+        if share_heads:
+            scores = scores.sum(dim=1, keepdim=True).expand_as(scores)
+        new_blocks, new_counts = self.select(scores, seq_lens, blocks.shape[-1])
+        blocks.copy_(torch.where(rows[..., None], new_blocks, blocks))
+        counts.copy_(torch.where(rows, new_counts, counts))
+
     def select(self, scores: torch.Tensor, seq_lens: torch.Tensor, list_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """scores: [B, Hkv, NB] -> (blocks [B, Hkv, K], counts [B, Hkv])."""
         batch, heads, num_blocks = scores.shape
@@ -84,7 +120,9 @@ class BlockSelector:
         forced = (index < self.sink_blocks) | (index >= valid - self.local_blocks)
         ranked = torch.where(forced, torch.full_like(scores, float("inf")), scores)
         ranked = torch.where(index < valid, ranked, torch.full_like(scores, float("-inf")))
-        top_scores, top_blocks = ranked.topk(list_length, dim=-1)
+        # Stable descending sort: equal scores rank by the lower block index (the kernel's tie rule).
+        top_scores, top_blocks = ranked.sort(dim=-1, descending=True, stable=True)
+        top_scores, top_blocks = top_scores[..., :list_length], top_blocks[..., :list_length]
         valid_count = valid.view(batch, 1).expand(batch, heads).clamp(max=list_length)
         if self.mode == "tokens":
             counts = torch.full((batch, heads), self.budget // self.block_size, device=device).clamp(min=1)
