@@ -99,6 +99,15 @@ class DecoderLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store_kv) -> torch.Tensor:
+        """One layer over a chunk of prompt tokens x: [n, hidden]. `store_kv(k, v)` keeps the chunk's
+        K/V ([kv_heads, n, head_dim]) and returns the K/V of every position up to the chunk's end."""
+        q, k, v = self.qkv(self.input_layernorm(x), cos, sin)
+        keys, values = store_kv(k.transpose(0, 1), v.transpose(0, 1))
+        attn = prefill_attention(q.transpose(0, 1), keys, values)
+        x = x + self.o_proj(attn.transpose(0, 1).reshape(x.shape[0], -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -158,11 +167,12 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, cache.k.dtype)
         x = self.embed_tokens(token_ids)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
-            cache.write(i, batch_index, start, k.transpose(0, 1), v.transpose(0, 1))
-            attn = prefill_attention(q.transpose(0, 1), *cache.prefix(i, batch_index, end))
-            x = x + layer.o_proj(attn.transpose(0, 1).reshape(n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+
+            def store_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                cache.write(i, batch_index, start, k, v)
+                return cache.prefix(i, batch_index, end)
+
+            x = layer.prefill(x, cos, sin, store_kv)
         return self.norm(x[-1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

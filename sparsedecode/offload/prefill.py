@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.transformer import Transformer, prefill_attention
+from ..models.transformer import Transformer
 from .cache import OffloadedKVCache
 
 
@@ -38,13 +38,12 @@ def prefill_layer_major(
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             cos, sin = model.rope(torch.arange(start, end, device=device), dtype)
-            h = x[start:end]
-            q, k, v = layer.qkv(layer.input_layernorm(h), cos, sin)
-            k_all[:, start:end] = k.transpose(0, 1)
-            v_all[:, start:end] = v.transpose(0, 1)
-            attn = prefill_attention(q.transpose(0, 1), k_all[:, :end], v_all[:, :end])
-            h = h + layer.o_proj(attn.transpose(0, 1).reshape(end - start, -1))
-            x[start:end] = h + layer.mlp(layer.post_attention_layernorm(h))
+
+            def store_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                k_all[:, start:end], v_all[:, start:end] = k, v
+                return k_all[:, :end], v_all[:, :end]
+
+            x[start:end] = layer.prefill(x[start:end], cos, sin, store_kv)
         if side is None:
             cache.write(i, batch_index, 0, k_all, v_all)
             continue
