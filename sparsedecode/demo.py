@@ -51,7 +51,8 @@ def run_demo(model: str | None, context: int | None, methods: list[str], budget:
         result = llm.generate([prompt], max_new_tokens=32)[0]
         answer = " ".join(result.text.split())
         table.add_row(
-            method, answer[:40], "yes" if value in result.text else "no", f"{result.prefill_seconds:.1f}",
+            method, answer[:40], "yes" if value in result.text else "no",
+            "reused" if result.prefill_reused else f"{result.prefill_seconds:.1f}",
             f"{result.decode_tokens_per_s:.1f}", f"{result.kv_fraction_read:.1%}",
         )
         console.print(f"{method}: {answer[:60]!r}")

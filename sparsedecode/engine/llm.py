@@ -28,6 +28,7 @@ class Generation:
     kv_bytes_per_token: float  # KV cache bytes read per decoded token, mean over this generation
     kv_fraction_read: float  # the same over what dense attention reads
     finish_reason: str  # "stop" or "length"
+    prefill_reused: bool = False  # the same prompts' prefill was reused (prefill_seconds is then ~0)
 
 
 class LLM:
@@ -168,7 +169,8 @@ class LLM:
         # The same prompts again (e.g. another method on an eval batch): decoding never writes below
         # the prompt lengths, so the cached prefill is still valid.
         key = (id(cache), tuple(map(tuple, token_lists)))
-        if self._prefilled is not None and self._prefilled[0] == key:
+        reused = self._prefilled is not None and self._prefilled[0] == key
+        if reused:
             last_hidden = self._prefilled[1]
         else:
             self._prefilled = None
@@ -209,7 +211,7 @@ class LLM:
                     break
         sync()
         decode_seconds = time.perf_counter() - t1
-        self._results = self._finish(token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps, stop)
+        self._results = self._finish(token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps, stop, reused)
 
     def _absorb(self, new, generated, finished, stop_ids, stop) -> list[str]:
         """Append newly synced tokens, ending sequences at a stop token or stop string."""
@@ -235,7 +237,7 @@ class LLM:
                 text = text[: text.index(s)]
         return text
 
-    def _finish(self, token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps, stop):
+    def _finish(self, token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps, stop, reused):
         row_bytes = 2 * self.config.head_dim * self.dtype.itemsize
         results = []
         for b, ids in enumerate(token_lists):
@@ -253,6 +255,7 @@ class LLM:
                     kv_bytes_per_token=rows * row_bytes / decoded if decoded else 0.0,
                     kv_fraction_read=rows / dense_rows if dense_rows else 0.0,
                     finish_reason=finished[b] or "length",
+                    prefill_reused=reused,
                 )
             )
         return results
