@@ -12,6 +12,7 @@ from sparsedecode.methods.base import make_method
 from sparsedecode.methods.lfps import candidate_offsets, lfps_candidates
 from sparsedecode.models.config import model_config_from_hf
 from sparsedecode.models.shapes import random_shape_config
+from recording import generate_recording
 
 PROMPT = [(7 * i) % 500 + 1 for i in range(700)]
 
@@ -65,17 +66,7 @@ def tiny() -> LLM:
 def record(llm: LLM, method: str, **options) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and every attention output of a generation."""
     llm.use_method(method, **options)
-    outputs = []
-    attend = llm.method.attend
-
-    def recorded(layer, q, cache, seq_lens):
-        out = attend(layer, q, cache, seq_lens)
-        outputs.append(out.clone())
-        return out
-
-    llm.method.attend = recorded
-    tokens = llm.generate([PROMPT], max_new_tokens=10, stop_token_ids=[])[0].token_ids
-    return tokens, outputs
+    return generate_recording(llm, PROMPT, 10)
 
 
 @pytest.mark.parametrize("attend", ["candidates", "selected"])

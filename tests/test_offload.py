@@ -9,6 +9,7 @@ from sparsedecode import LLM
 from sparsedecode.kernels import sparse_decode_attention
 from sparsedecode.offload import OffloadConfig, OffloadedKVCache, offload_config
 from sparsedecode.offload.scoring import block_lse
+from recording import generate_recording
 
 PROMPT = [(7 * i) % 500 + 1 for i in range(700)]
 
@@ -90,18 +91,6 @@ def test_layer_major_prefill_matches_chunk_major() -> None:
     assert torch.allclose(offloaded.v[..., :n, :], on_device.v[..., :n, :], atol=1e-6)
 
 
-def run(llm: LLM, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and every attention output of one generation."""
-    outputs = []
-    attend = llm.method.attend
-
-    def recorded(layer, q, cache, seq_lens):
-        out = attend(layer, q, cache, seq_lens)
-        outputs.append(out.clone())
-        return out
-
-    llm.method.attend = recorded
-    return llm.generate([prompt], max_new_tokens=new_tokens, stop_token_ids=[])[0].token_ids, outputs
 
 
 def on_device_then_offloaded(llm: LLM, config: OffloadConfig, prompt: list[int], new_tokens: int, method: str,
@@ -109,10 +98,10 @@ def on_device_then_offloaded(llm: LLM, config: OffloadConfig, prompt: list[int],
     """The same weights, decoding from an on-device cache and then from an offloaded one."""
     llm.cache, llm.kv_offload = None, None
     llm.use_method(method, **options)
-    on_device = run(llm, prompt, new_tokens)
+    on_device = generate_recording(llm, prompt, new_tokens)
     llm.cache, llm.kv_offload = None, config
     llm.use_method(method, **options)
-    return on_device, run(llm, prompt, new_tokens)
+    return on_device, generate_recording(llm, prompt, new_tokens)
 
 
 @pytest.fixture(scope="module")
