@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -118,6 +119,16 @@ def test_method_runs_apply_budgets_and_options():
     assert runs == [("dense", {}), ("lychee", {"dense_every": 32, "budget": 512}),
                     ("lychee", {"dense_every": 32, "budget": 1024}),
                     ("quest", {"page_size": 32, "budget": 512}), ("quest", {"page_size": 32, "budget": 1024})]
+
+
+def test_variants_add_runs_of_the_same_method():
+    runs = method_runs(["dense", "lychee"], [512], ("lychee:dense_every=32",), ("lychee:roles=all", "quest:page_size=32"))
+    assert runs == [("dense", {}), ("lychee", {"dense_every": 32, "budget": 512}),
+                    ("lychee", {"dense_every": 32, "roles": "all", "budget": 512}),
+                    ("quest", {"page_size": 32, "budget": 512})]
+    for bad in ("lychee", "lychee:", "nosuch:roles=all", "lychee:page_size=16"):
+        with pytest.raises(click.BadParameter):
+            method_runs(["dense"], [], (), (bad,))
 
 
 def test_cli_runs_a_suite(tmp_path, monkeypatch):

@@ -64,9 +64,12 @@ def _depths(ctx: click.Context, param: click.Parameter, value: str) -> list[floa
     return depths
 
 
-def method_runs(methods: list[str], budgets: list[int], method_options: tuple[str, ...]) -> list[tuple[str, dict]]:
+def method_runs(methods: list[str], budgets: list[int], method_options: tuple[str, ...],
+                variants: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """The (method, options) pairs to run: every method that takes a budget once per budget; `key=value`
-    goes to every method that accepts `key`, `method:key=value` to that method only."""
+    goes to every method that accepts `key`, `method:key=value` to that method only. A variant
+    `method:key=value[,key=value]` adds one more run of `method` with these options on top of its own
+    (e.g. roles files side by side), also once per budget."""
     from sparsedecode.methods import available  # noqa: F401  (registers every method)
     from sparsedecode.methods.base import METHODS
 
@@ -88,12 +91,28 @@ def method_runs(methods: list[str], budgets: list[int], method_options: tuple[st
         for m in targets:
             options[m][key] = value
     runs = []
-    for m in methods:
-        if budgets and "budget" in METHODS[m].defaults and "budget" not in options[m]:
-            runs.extend((m, {**options[m], "budget": b}) for b in budgets)
+    for m, run_options in [(m, options[m]) for m in methods] + [_variant(v, options) for v in variants]:
+        if budgets and "budget" in METHODS[m].defaults and "budget" not in run_options:
+            runs.extend((m, {**run_options, "budget": b}) for b in budgets)
         else:
-            runs.append((m, options[m]))
+            runs.append((m, run_options))
     return runs
+
+
+def _variant(text: str, options: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    from sparsedecode.methods.base import METHODS
+
+    method, _, pairs = text.partition(":")
+    items = tuple(item.strip() for item in pairs.split(",") if item.strip())
+    if method not in METHODS or not items:
+        raise click.BadParameter(f"{text!r}: use METHOD:KEY=VALUE[,KEY=VALUE] with METHOD one of "
+                                 f"{', '.join(sorted(METHODS))}", param_hint="--variant")
+    own = parse_method_options(items)
+    unknown = sorted(set(own) - set(METHODS[method].defaults))
+    if unknown:
+        raise click.BadParameter(f"{text!r}: method {method!r} takes no option {', '.join(unknown)}",
+                                 param_hint="--variant")
+    return method, {**options.get(method, {}), **own}
 
 
 def _common_options(default_lengths: str, lengths_help: str, default_samples: int) -> Callable:
@@ -111,6 +130,8 @@ def _common_options(default_lengths: str, lengths_help: str, default_samples: in
                      help="Token budget of every sparse method, e.g. 1024 or 1k; a comma list runs each budget."),
         click.option("--method-option", "method_options", multiple=True, metavar="[METHOD:]KEY=VALUE",
                      help="A decode-method option; repeat for more."),
+        click.option("--variant", "variants", multiple=True, metavar="METHOD:KEY=VALUE[,KEY=VALUE]",
+                     help="One more run of METHOD with these options (e.g. lychee:roles=all); repeat for more."),
         click.option("--seed", type=int, default=42, show_default=True,
                      help="Seed of the prompts; the same seed and tokenizer give the same prompts."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -133,9 +154,9 @@ def _common_options(default_lengths: str, lengths_help: str, default_samples: in
 
 
 def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples: int, budget: list[int],
-         method_options: tuple[str, ...], seed: int, out: Path | None, device: str | None, dtype: str | None,
-         batch_size: int, haystack: Path | None, **suite_options: Any) -> None:
-    runs = method_runs(methods, budget, method_options)
+         method_options: tuple[str, ...], variants: tuple[str, ...], seed: int, out: Path | None,
+         device: str | None, dtype: str | None, batch_size: int, haystack: Path | None, **suite_options: Any) -> None:
+    runs = method_runs(methods, budget, method_options, variants)
     out = out or Path("out") / "eval" / f"{suite}-{safe_name(Path(model).stem)}"
     first_method, first_options = runs[0]
     try:
