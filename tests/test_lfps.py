@@ -1,5 +1,5 @@
 """LFPS: the candidate rules against a plain reference, exactness at full budget and R = 1, the on-device
-refresh flag, lychee+lfps, and option checking."""
+refresh flag, lychee+lfps, the Triton kernels' path on CUDA, and option checking."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,8 @@ from sparsedecode import LLM
 from sparsedecode.bench.lfps_bench import run_recall
 from sparsedecode.engine.kv_cache import KVCache
 from sparsedecode.methods.base import make_method
-from sparsedecode.methods.lfps import candidate_offsets, lfps_candidates
+from sparsedecode.methods.lfps import PastSelection, candidate_offsets, lfps_candidates
+from sparsedecode.methods.selection import BlockSelector
 from sparsedecode.models.config import model_config_from_hf
 from sparsedecode.models.shapes import random_shape_config
 from recording import generate_recording
@@ -138,6 +139,29 @@ def test_lychee_lfps_with_refresh_every_step_is_lychee(tiny: LLM) -> None:
     predicted = tiny.generate([PROMPT], max_new_tokens=10, stop_token_ids=[])[0]
     tiny.use_method("lychee", roles="random:3", budget=64)
     assert predicted.kv_fraction_read < tiny.generate([PROMPT], max_new_tokens=10, stop_token_ids=[])[0].kv_fraction_read
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("method,options", [
+    ("lfps", dict(budget=128, refresh_every=4)),
+    ("lfps", dict(budget=128, refresh_every=4, attend="selected", refresh_threshold=0.5)),
+    ("lychee+lfps", dict(roles="random:3", budget=64, refresh_every=4)),
+])
+def test_kernels_decode_like_the_pytorch_path(monkeypatch: pytest.MonkeyPatch, method: str, options: dict) -> None:
+    """On CUDA the candidate lists and the selections come from the Triton kernels; the PyTorch path must
+    give the same tokens (with CUDA graphs too) and the same attention outputs."""
+    torch.manual_seed(0)  # the same random weights in both
+    eager = LLM("random:tiny-llama", device="cuda", block_size=16, cuda_graphs=False)
+    torch.manual_seed(0)
+    graphs = LLM("random:tiny-llama", device="cuda", block_size=16)
+    graphs.use_method(method, **options)
+    graphed_tokens = graphs.generate([PROMPT], max_new_tokens=10, stop_token_ids=[])[0].token_ids
+    kernels = record(eager, method, **options)
+    monkeypatch.setattr(PastSelection, "uses_kernel", staticmethod(lambda device: False))
+    monkeypatch.setattr(BlockSelector, "uses_kernel", lambda self, device, num_blocks: False)
+    pytorch = record(eager, method, **options)
+    assert kernels[0] == pytorch[0] == graphed_tokens
+    assert all(torch.equal(a, b) for a, b in zip(kernels[1], pytorch[1], strict=True))
 
 
 @pytest.mark.parametrize("method,options,message", [

@@ -1,6 +1,8 @@
 """Decode-attention kernels: the fused Triton kernel and its PyTorch reference."""
+from .lfps_candidates import lfps_candidates_into
 from .reference import sparse_decode_attention_ref
 from .select_blocks import select_blocks
 from .sparse_decode import chunk_units, sparse_decode_attention
 
-__all__ = ["chunk_units", "select_blocks", "sparse_decode_attention", "sparse_decode_attention_ref"]
+__all__ = ["chunk_units", "lfps_candidates_into", "select_blocks", "sparse_decode_attention",
+           "sparse_decode_attention_ref"]

@@ -7,6 +7,12 @@ positional expansion (neighbours within `expand` blocks), the sink blocks and th
 the candidates are scored, exactly: the op visits them as a list row and emits their per-block
 log-sum-exp in the same pass as the attention output. Their top-k is I(t).
 
+On CUDA a layer's bookkeeping besides the attention op is one Triton launch for the candidate lists
+(`kernels.lfps_candidates_into`, which also fills in the handed lists of lychee+lfps's sparse rows) and
+one per top-k (`kernels.select_blocks`: the new selection, and lychee+lfps's hand-on), into fixed
+buffers for CUDA graphs; a refresh threshold adds a few elementwise ops. Elsewhere their PyTorch
+references run.
+
 Refresh: step 0 and every `refresh_every`-th step make every row full (exact top-k over all blocks).
 With `refresh_threshold` f, a row whose candidate score mass (sum of exp of the scaled scores, mean in
 the log domain over the group's query heads) falls below f times the full mass of its last exact step
@@ -33,10 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.kv_cache import KVCache
+from ..kernels import lfps_candidates_into
 from ..offload import OffloadedKVCache, cache_attention, cache_index, reserve_pool
 from .base import DecodeMethod, register
 from .lychee import Lychee
-from .selection import BlockSelector, block_scores
+from .selection import BlockSelector
 
 ATTEND_MODES = ("candidates", "selected")
 
@@ -55,12 +62,18 @@ def lfps_candidates(
     sink_blocks: int,
     local_blocks: int,
     num_blocks: int,
+    rows: torch.Tensor | None = None,
+    handed_blocks: torch.Tensor | None = None,
+    handed_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The candidate blocks of every row, with fixed shapes and no host synchronisation.
+    """The candidate blocks of every row, with fixed shapes and no host synchronisation (the PyTorch
+    reference of `kernels.lfps_candidates_into`).
 
     blocks: [B, H, K] int32 previous selection (first `counts` entries valid); offsets: [O] int64.
     Returns (candidates [B, H, K * O + sink_blocks + local_blocks] int32 ascending, unique, padded
-    with `num_blocks`; counts [B, H] int32).
+    with `num_blocks`; counts [B, H] int32). With `rows` [B, H] bool, `handed_blocks` [B, H, KH] and
+    `handed_counts` [B, H]: rows where `rows` is False get the handed list (padded with `num_blocks`)
+    and count instead.
     """
     batch, heads, _ = blocks.shape
     device = blocks.device
@@ -74,8 +87,12 @@ def lfps_candidates(
     raw = torch.where((raw >= 0) & (raw < held), raw, num_blocks).sort(dim=-1).values
     # Duplicates sit side by side once sorted: drop all but the first, then sort the gaps to the end.
     repeated = F.pad(raw[..., 1:] == raw[..., :-1], (1, 0))
-    unique = torch.where(repeated, num_blocks, raw).sort(dim=-1).values
-    return unique.to(torch.int32), (unique < num_blocks).sum(-1, dtype=torch.int32)
+    unique = torch.where(repeated, num_blocks, raw).sort(dim=-1).values.to(torch.int32)
+    unique_counts = (unique < num_blocks).sum(-1, dtype=torch.int32)
+    if rows is None:
+        return unique, unique_counts
+    handed = F.pad(handed_blocks, (0, unique.shape[-1] - handed_blocks.shape[-1]), value=num_blocks)
+    return torch.where(rows[..., None], unique, handed), torch.where(rows, unique_counts, handed_counts)
 
 
 def check_lfps_options(refresh_every: int, expand: int, refresh_threshold: float | None) -> None:
@@ -110,6 +127,11 @@ class PastSelection:
         self.exact_lse = torch.full((layers, batch, heads), float("inf"), device=device)
         self.all_rows = torch.ones(batch, heads, dtype=torch.bool, device=device)
         self.offset_tensor = torch.tensor(self.offsets, device=device)
+        # The candidate kernel's output and scratch (used on CUDA): fixed addresses for CUDA graphs.
+        self.use_kernel = self.uses_kernel(device)
+        self.candidate_lists = torch.full((batch, heads, self.width), self.num_blocks, dtype=torch.int32, device=device)
+        self.candidate_counts = torch.zeros(batch, heads, dtype=torch.int32, device=device)
+        self.bitmap = torch.zeros(batch, heads, self.num_blocks, dtype=torch.int8, device=device)
         if unit_lse is None:
             unit_lse = torch.empty(batch, num_heads, self.num_blocks, dtype=torch.float32, device=device)
         self.unit_lse = unit_lse
@@ -119,34 +141,42 @@ class PastSelection:
         """Length of a candidate list."""
         return self.list_length * len(self.offsets) + self.selector.sink_blocks + self.selector.local_blocks
 
-    def candidates(self, layer: int, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def uses_kernel(device: torch.device) -> bool:
+        """Whether `candidates` runs the one-launch Triton kernel (CUDA) instead of the PyTorch reference."""
+        return torch.device(device).type == "cuda"
+
+    def candidates(self, layer: int, seq_lens: torch.Tensor, rows: torch.Tensor | None = None,
+                   handed_blocks: torch.Tensor | None = None,
+                   handed_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s candidate lists [B, H, width] and counts [B, H]; with `rows` and a handed
+        selection, the rows outside `rows` get the handed list (see `lfps_candidates`). On CUDA one
+        launch into the planned buffers (the next call overwrites them)."""
         s = self.selector
-        return lfps_candidates(self.blocks[layer], self.counts[layer], seq_lens, s.block_size, self.offset_tensor,
-                               s.sink_blocks, s.local_blocks, self.num_blocks)
+        args = (self.blocks[layer], self.counts[layer], seq_lens, s.block_size, self.offset_tensor, s.sink_blocks,
+                s.local_blocks, self.num_blocks, rows, handed_blocks, handed_counts)
+        if not self.use_kernel:
+            return lfps_candidates(*args)
+        lfps_candidates_into(*args, out_blocks=self.candidate_lists, out_counts=self.candidate_counts,
+                             bitmap=self.bitmap)
+        return self.candidate_lists, self.candidate_counts
 
     def full_rows(self, layer: int, refresh: bool) -> torch.Tensor:
         return self.all_rows if refresh else self.force_full[layer]
 
     def update(self, layer: int, lse: torch.Tensor, seq_lens: torch.Tensor, full: torch.Tensor,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None) -> None:
         """Keep the top-k of the pass's scored blocks (`unit_lse`, `lse` [B, Hq]) as the new selection
-        of `rows` (all when None) and set the refresh flags. Returns the block scores [B, H, NB]."""
-        heads = self.blocks.shape[2]
-        scores = block_scores(self.unit_lse, lse, heads, self.aggregate)
-        blocks, counts = self.selector.select(scores, seq_lens, self.list_length)
-        if rows is None:
-            self.blocks[layer].copy_(blocks)
-            self.counts[layer].copy_(counts)
-        else:
-            self.blocks[layer].copy_(torch.where(rows[..., None], blocks, self.blocks[layer]))
-            self.counts[layer].copy_(torch.where(rows, counts, self.counts[layer]))
+        of `rows` (all when None) and set the refresh flags."""
+        self.selector.select_into(self.blocks[layer], self.counts[layer], self.all_rows if rows is None else rows,
+                                  seq_lens, unit_lse=self.unit_lse, lse=lse, aggregate=self.aggregate)
         if self.log_threshold is not None:
+            heads = self.blocks.shape[2]
             row_lse = lse.view(lse.shape[0], heads, -1).mean(-1)
             exact = self.exact_lse[layer]
             exact.copy_(torch.where(full, row_lse, exact))
             collapsed = ~full & (row_lse < exact + self.log_threshold)
             self.force_full[layer].copy_(collapsed if rows is None else collapsed & rows)
-        return scores
 
     def candidate_tokens(self, seq_len: int) -> int:
         """Tokens of a candidate list at `seq_len` at most (analytic, for the KV bytes accounting)."""
@@ -245,10 +275,7 @@ class LycheeLFPS(Lychee):
 
     def row_lists(self, layer: int, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Retrieval rows: their candidates; sparse rows: the handed blocks, padded to the same width."""
-        retrieval = self.full_rows[layer]
-        candidates, counts = self.past.candidates(layer, seq_lens)
-        handed = F.pad(self.blocks, (0, candidates.shape[-1] - self.blocks.shape[-1]), value=self.past.num_blocks)
-        return torch.where(retrieval[..., None], candidates, handed), torch.where(retrieval, counts, self.counts)
+        return self.past.candidates(layer, seq_lens, self.full_rows[layer], self.blocks, self.counts)
 
     def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
         if self.variant == "dense":
@@ -258,9 +285,10 @@ class LycheeLFPS(Lychee):
         lists, counts = self.row_lists(layer, seq_lens)
         out, lse = cache_attention(cache, layer, q, seq_lens, self.scale, self.options["block_size"], lists, counts,
                                    full, self.past.unit_lse)
-        scores = self.past.update(layer, lse, seq_lens, full, rows=retrieval)
+        # The retrieval rows' own selection, then (from the same scores) the blocks handed to later layers.
+        self.past.update(layer, lse, seq_lens, full, rows=retrieval)
         if self.selects[layer]:
-            self.hand_on(layer, scores, seq_lens)
+            self.hand_on(layer, self.past.unit_lse, seq_lens, lse=lse)
         if isinstance(cache, OffloadedKVCache) and layer + 1 < cache.num_layers:
             cache.prefetch(layer + 1, seq_lens, *self.row_lists(layer + 1, seq_lens))
         return out
