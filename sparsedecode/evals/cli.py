@@ -1,4 +1,5 @@
-"""`sparsedecode eval ruler|needle|reasoning`: the quality suites from the command line."""
+"""`sparsedecode eval ruler|needle|reasoning`: the quality suites from the command line; `eval recall`:
+the attention-recall diagnostic of the decode methods."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,7 @@ import click
 from sparsedecode.cli import parse_method_options
 from sparsedecode.engine.llm import LLM
 
+from .attention_recall import DEFAULT_TASK, RECALL_TASKS, recall_context, run_recall
 from .needle import DEFAULT_DEPTHS
 from .report import safe_name
 from .ruler import RULER_TASKS
@@ -159,11 +161,16 @@ def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples
     runs = method_runs(methods, budget, method_options, variants)
     out = out or Path("out") / "eval" / f"{suite}-{safe_name(Path(model).stem)}"
     first_method, first_options = runs[0]
+    recall = suite == "recall"  # the diagnostic observes every attention call, so it decodes eagerly
+    max_context = recall_context(lengths, suite_options["steps"]) if recall else context_needed(suite, lengths)
     try:
-        llm = LLM(model, method=first_method, device=device, dtype=dtype,
-                  max_context=context_needed(suite, lengths), **first_options)
-        report = run_eval(llm, suite, runs, lengths, samples, seed, batch_size, out, haystack=haystack,
-                          model_name=model, **suite_options)
+        llm = LLM(model, method=first_method, device=device, dtype=dtype, max_context=max_context,
+                  **({"cuda_graphs": False} if recall else {}), **first_options)
+        common = dict(haystack=haystack, model_name=model, **suite_options)
+        if recall:
+            report = run_recall(llm, runs, lengths, samples, seed, batch_size, out, **common)
+        else:
+            report = run_eval(llm, suite, runs, lengths, samples, seed, batch_size, out, **common)
     except (ValueError, ImportError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(report.markdown)
@@ -172,7 +179,8 @@ def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples
 
 @click.group("eval")
 def eval_command() -> None:
-    """Long-context quality suites: RULER, the needle grid and long reasoning, one column per method."""
+    """Long-context quality suites: RULER, the needle grid and long reasoning, one column per method;
+    and the attention-recall diagnostic."""
 
 
 @eval_command.command("ruler")
@@ -202,3 +210,15 @@ def needle_command(**options: Any) -> None:
 def reasoning_command(**options: Any) -> None:
     """GSM-style problems from reasoning-gym solved with a long chain of thought (needs reasoning-gym)."""
     _run("reasoning", **options)
+
+
+@eval_command.command("recall")
+@_common_options("8k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", 2)
+@click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Decode steps scored per prompt.")
+@click.option("--task", type=click.Choice(RECALL_TASKS), default=DEFAULT_TASK, show_default=True,
+              help="RULER task whose prompts are decoded.")
+def recall_command(**options: Any) -> None:
+    """Attention recall per layer and KV head: the share of the dense attention mass held by the tokens
+    each method reads (JSON, markdown and a heatmap per method)."""
+    _run("recall", **options)

@@ -73,6 +73,18 @@ def build_samples(suite: str, tokenizer: Any, lengths: list[int], samples: int, 
     return reasoning_samples(resources, lengths, samples, seed), {}
 
 
+def planned_runs(methods: list[tuple[str, dict[str, Any]]], lengths: Sequence[int], samples: int,
+                 batch_size: int) -> list[MethodRun]:
+    """The runs of (method, options) pairs, after checking the sizes of a run over prompts."""
+    runs = [MethodRun(name, dict(options)) for name, options in methods]
+    labels = [run.label for run in runs]
+    if not runs or len(set(labels)) != len(labels):
+        raise ValueError(f"give at least one method, each name and options once (got {labels})")
+    if samples < 1 or batch_size < 1 or not lengths or min(lengths) < 1:
+        raise ValueError("samples, batch_size and every length must be positive, with at least one length")
+    return runs
+
+
 def _batches(samples: list[Sample], batch_size: int) -> Iterator[list[Sample]]:
     """Batches of one task and length (so one max_new_tokens and similar prompt lengths), shortest first."""
     ordered = sorted(samples, key=lambda s: s.length)  # stable: tasks keep their order within a length
@@ -105,12 +117,8 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
     For the reasoning suite `lengths` are generation budgets (max new tokens); otherwise prompt lengths.
     Every file is replaced atomically; results.json is checkpointed during the run (`"complete": false`).
     """
-    runs = [MethodRun(name, dict(options)) for name, options in methods]
+    runs = planned_runs(methods, lengths, samples, batch_size)
     labels = [run.label for run in runs]
-    if not runs or len(set(labels)) != len(labels):
-        raise ValueError(f"give at least one method, each name and options once (got {labels})")
-    if samples < 1 or batch_size < 1 or not lengths or min(lengths) < 1:
-        raise ValueError("samples, batch_size and every length must be positive, with at least one length")
     prompts, skipped = build_samples(suite, llm.tokenizer, sorted(set(lengths)), samples, seed, tasks=tasks,
                                      squad=squad, hotpotqa=hotpotqa, haystack=haystack, depths=depths)
     if not prompts:

@@ -25,10 +25,16 @@ gives bit-identical results.
 Scratch buffers are cached per (device, shapes) in `_SCRATCH` so that repeated calls (all layers,
 all steps) reuse them; run one call before capturing a CUDA graph so they are allocated outside the
 capture. Calls sharing a cache entry must be ordered on one stream (the usual decode loop).
+
+Diagnostics: inside `record_attention_reads(callback)` every call first reports what it is about to
+read (see there); every decode method reads the cache for its output through this op, so an observer
+here sees all of them without per-method code.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -226,6 +232,28 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, seq_lens,
 
 # ---------------------------------------------------------------------------------------- host side
 
+#: the callback of `record_attention_reads`, None outside it
+_read_observer: Callable[..., None] | None = None
+
+
+@contextmanager
+def record_attention_reads(callback: Callable[..., None]) -> Iterator[None]:
+    """Within the block, every `sparse_decode_attention` call first calls `callback(q, k, v, seq_lens,
+    scale, unit_size, unit_lists, unit_counts, full_rows)` with its own arguments (`reference.
+    visible_tokens` turns them into the tokens read; an offloaded cache calls with its GPU block pool,
+    whose units are pool slots). For eager diagnostics only: a call being captured into a CUDA graph
+    raises (the callback would run once at capture, never on replay). Process-wide, not per thread;
+    one recorder at a time."""
+    global _read_observer
+    if _read_observer is not None:
+        raise RuntimeError("record_attention_reads is already active; nesting is not supported")
+    _read_observer = callback
+    try:
+        yield
+    finally:
+        _read_observer = None
+
+
 # Scratch per (device, work items, G, D, rows, list width): reused by every call of that shape.
 _SCRATCH: dict[tuple, dict[str, torch.Tensor]] = {}
 _NUM_SMS: dict[torch.device, int] = {}
@@ -367,6 +395,10 @@ def sparse_decode_attention(
     chunk_tokens overrides the work-item size (tests and tuning; keep it fixed across calls that must
     agree bit for bit).
     """
+    if _read_observer is not None:  # a global test: nothing to pay when no diagnostic records
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("record_attention_reads needs eager decoding; turn CUDA graphs off")
+        _read_observer(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
