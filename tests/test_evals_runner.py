@@ -85,6 +85,22 @@ def test_reasoning_run(tmp_path):
                                "samples": 2}]
 
 
+def test_reasoning_problems_file(tmp_path):
+    pytest.importorskip("reasoning_gym")
+    path = tmp_path / "problems.jsonl"
+    result = CliRunner().invoke(eval_command, ["export-problems", "--samples", "3", "--seed", "5", "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    tokenizer = smollm2_tokenizer()
+    from_file, _ = build_samples("reasoning", tokenizer, [256], 2, 5, problems=path)
+    generated, _ = build_samples("reasoning", tokenizer, [256], 2, 5)
+    assert [(s.prompt, s.references) for s in from_file] == [(s.prompt, s.references) for s in generated]
+    with pytest.raises(ValueError, match="fewer than the 4 samples"):
+        build_samples("reasoning", tokenizer, [256], 4, 5, problems=path)
+    path.write_text('{"question": "2 + 2?"}\n')
+    with pytest.raises(ValueError, match="line 1: expected a JSON object"):
+        build_samples("reasoning", tokenizer, [256], 1, 5, problems=path)
+
+
 def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     write_json_atomic(path, {"version": 1})

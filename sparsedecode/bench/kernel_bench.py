@@ -105,26 +105,47 @@ def bench_config(context: int, batch: int, bandwidth: float) -> list[Row]:
     def dense(c):
         return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale)
 
-    def hybrid(c, with_lse=False):
-        return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale, UNIT, c["lists"], c["counts"],
-                                       c["full"], c["unit_lse"] if with_lse else None)
-
-    token_bytes = HEAD_DIM * 2 * 2  # K and V of one token of one head
     full_rows = batch  # one full KV head per sequence
-    hybrid_bytes = token_bytes * (full_rows * context + (batch * NUM_KV_HEADS - full_rows) * min(context, BUDGET_UNITS * UNIT))
+    hybrid_tokens = full_rows * context + (batch * NUM_KV_HEADS - full_rows) * min(context, BUDGET_UNITS * UNIT)
+    # Work items sized for what the hybrid call reads instead of for a dense call (compared below).
+    work_chunk = UNIT * chunk_units(batch, NUM_KV_HEADS, context, UNIT, HEAD_DIM, torch.device("cuda"),
+                                    work_tokens=hybrid_tokens)
+
+    def hybrid(c, with_lse=False, chunk_tokens=None):
+        return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale, UNIT, c["lists"], c["counts"],
+                                       c["full"], c["unit_lse"] if with_lse else None, chunk_tokens=chunk_tokens)
+
+    hybrid_bytes = HEAD_DIM * 2 * 2 * hybrid_tokens  # K and V of one token of one head
     methods = [
         ("sdpa dense", sdpa, cache_bytes),
         ("ours dense", dense, cache_bytes),
         ("ours hybrid", hybrid, hybrid_bytes),
         ("ours hybrid + unit_lse", lambda c: hybrid(c, True), hybrid_bytes),
+        (f"ours hybrid + unit_lse, chunks of {work_chunk}", lambda c: hybrid(c, True, work_chunk), hybrid_bytes),
     ]
     rows = []
     for name, fn, nbytes in methods:
         us = timed([lambda c=c: fn(c) for c in caches])
         rows.append(Row(name, context, batch, us, nbytes, 1e6 * nbytes / bandwidth))
+    if batch == 1:
+        profile(lambda: hybrid(caches[0], True), f"hybrid + unit_lse, {context // 1024}K, batch 1")
     del caches
     torch.cuda.empty_cache()
     return rows
+
+
+def profile(call: Callable[[], object], title: str, steps: int = 20) -> None:
+    """Device time per kernel of `call` (eager, `steps` calls): where a layer's microseconds go."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            call()
+        torch.cuda.synchronize()
+    print(f"\nprofile of {title}, per call:")
+    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        if event.device_time_total > 0:
+            print(f"  {event.key[:60]:60s} {event.device_time_total / steps:8.1f} us")
 
 
 def run(contexts: tuple[int, ...] = (32768, 131072), batches: tuple[int, ...] = (1, 8)) -> list[Row]:

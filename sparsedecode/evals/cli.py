@@ -14,6 +14,7 @@ from sparsedecode.engine.llm import LLM
 
 from .attention_recall import DEFAULT_TASK, RECALL_TASKS, recall_context, run_recall
 from .needle import DEFAULT_DEPTHS
+from .reasoning import generate_problems, write_problems
 from .report import safe_name
 from .ruler import RULER_TASKS
 from .runner import context_needed, run_eval
@@ -207,9 +208,26 @@ def needle_command(**options: Any) -> None:
 
 @eval_command.command("reasoning")
 @_common_options("2k", "Comma-separated generation budgets (max new tokens) of the chain of thought.", 30)
+@click.option("--problems", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON Lines of problems from `eval export-problems` (no reasoning-gym needed) "
+                   "[default: generate them with reasoning-gym from the seed].")
 def reasoning_command(**options: Any) -> None:
-    """GSM-style problems from reasoning-gym solved with a long chain of thought (needs reasoning-gym)."""
+    """GSM-style problems from reasoning-gym solved with a long chain of thought."""
     _run("reasoning", **options)
+
+
+@eval_command.command("export-problems")
+@click.option("--samples", type=click.IntRange(min=1), default=30, show_default=True, help="Problems to write.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the problems (as in `eval reasoning`).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON Lines file.")
+def export_problems_command(samples: int, seed: int, out: Path) -> None:
+    """Write the reasoning problems to a file, for `eval reasoning --problems` on a machine without
+    reasoning-gym."""
+    try:
+        write_problems(out, generate_problems(samples, seed))
+    except ImportError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {samples} problems to {out}")
 
 
 @eval_command.command("recall")

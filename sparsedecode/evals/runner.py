@@ -61,7 +61,8 @@ def context_needed(suite: str, lengths: Sequence[int]) -> int:
 def build_samples(suite: str, tokenizer: Any, lengths: list[int], samples: int, seed: int, *,
                   tasks: list[str] | None = None, squad: str | Path | None = None,
                   hotpotqa: str | Path | None = None, haystack: str | Path | None = None,
-                  depths: Sequence[float] | None = None) -> tuple[list[Sample], dict[str, str]]:
+                  depths: Sequence[float] | None = None,
+                  problems: str | Path | None = None) -> tuple[list[Sample], dict[str, str]]:
     """The prompts of a suite, determined by the seed and the tokenizer; and the tasks skipped, with why."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
@@ -70,7 +71,7 @@ def build_samples(suite: str, tokenizer: Any, lengths: list[int], samples: int, 
         return ruler_samples(resources, lengths, samples, seed, tasks)
     if suite == "needle":
         return needle_samples(resources, lengths, depths or DEFAULT_DEPTHS, samples, seed), {}
-    return reasoning_samples(resources, lengths, samples, seed), {}
+    return reasoning_samples(resources, lengths, samples, seed, problems), {}
 
 
 def planned_runs(methods: list[tuple[str, dict[str, Any]]], lengths: Sequence[int], samples: int,
@@ -109,7 +110,8 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
              seed: int, batch_size: int, out_dir: Path, *, tasks: list[str] | None = None,
              squad: str | Path | None = None, hotpotqa: str | Path | None = None,
              haystack: str | Path | None = None, depths: Sequence[float] | None = None,
-             model_name: str | None = None, progress: bool = True) -> EvalReport:
+             problems: str | Path | None = None, model_name: str | None = None,
+             progress: bool = True) -> EvalReport:
     """Generate the suite's prompts once, run every method on them in batches (greedy), and write
     `samples.json` (prompts, references, depths), `results.json` (one record per sample and method, plus a
     summary), `results.md` (methods side by side) and the plots into `out_dir`.
@@ -120,7 +122,8 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
     runs = planned_runs(methods, lengths, samples, batch_size)
     labels = [run.label for run in runs]
     prompts, skipped = build_samples(suite, llm.tokenizer, sorted(set(lengths)), samples, seed, tasks=tasks,
-                                     squad=squad, hotpotqa=hotpotqa, haystack=haystack, depths=depths)
+                                     squad=squad, hotpotqa=hotpotqa, haystack=haystack, depths=depths,
+                                     problems=problems)
     if not prompts:
         raise ValueError("no task left to run; skipped: "
                          + "; ".join(f"{task}: {reason}" for task, reason in skipped.items()))

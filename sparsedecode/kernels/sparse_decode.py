@@ -276,14 +276,17 @@ def _tile_tokens(head_dim: int) -> int:
 
 
 def chunk_units(batch: int, kv_heads: int, capacity: int, unit_size: int, head_dim: int,
-                device: torch.device, chunk_tokens: int | None = None) -> int:
-    """Units per work item: about _WAVES dense items per SM, as a power of two between the bounds.
+                device: torch.device, chunk_tokens: int | None = None, work_tokens: int | None = None) -> int:
+    """Units per work item: about _WAVES items per SM, as a power of two between the bounds.
 
-    Depends on shapes and device only (never on lengths or lists), which keeps chunking, and so the
-    bits of the result, identical for a full row and a list row covering the same units.
+    The items are sized for `work_tokens` tokens in all (default: every row full, batch * kv_heads *
+    capacity). The default depends on shapes and device only (never on lengths or lists), which keeps
+    chunking, and so the bits of the result, identical for a full row and a list row covering the same
+    units; a smaller `work_tokens` (what a hybrid call reads) spreads a light call over more items.
     """
     if chunk_tokens is None:
-        target = batch * kv_heads * capacity // (_WAVES * _num_sms(device))
+        work = batch * kv_heads * capacity if work_tokens is None else work_tokens
+        target = work // (_WAVES * _num_sms(device))
         chunk_tokens = 1 << max(target, 1).bit_length() - 1
         chunk_tokens = max(_MIN_CHUNK_TOKENS, min(_MAX_CHUNK_TOKENS, chunk_tokens))
     per_tile = max(1, _tile_tokens(head_dim) // unit_size)
