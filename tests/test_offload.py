@@ -122,6 +122,33 @@ def test_offloaded_decoding_matches_on_device(tiny: LLM, method: str, options: d
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, outputs2, strict=True))
 
 
+def test_gpu_index_scores_resident_keys_without_moving_blocks(tiny: LLM, monkeypatch) -> None:
+    """index="gpu" keeps a copy of the keys on the device: an exact (full-row) index call reads it, the
+    host cache is never gathered into the pool for it, and the copy tracks prefill and decode writes."""
+    fetched: list[int] = []
+    original_fetch = OffloadedKVCache._fetch
+    monkeypatch.setattr(OffloadedKVCache, "_fetch",
+                        lambda self, layer, src, dst: (fetched.append(len(src)), original_fetch(self, layer, src, dst)))
+    llm = tiny
+    llm.cache, llm.kv_offload = None, OffloadConfig(index="gpu", pool_blocks=4)
+    llm.use_method("lfps", budget=32, attend="selected", refresh_every=4)
+    generate_recording(llm, PROMPT, 6)
+    cache = llm.cache
+    length = int(cache.lengths[0])
+    assert torch.equal(cache.k_index[:, :, :, :length], cache.k[:, :, :, :length])
+    fetched.clear()
+    q = torch.randn(1, llm.config.num_heads, llm.config.head_dim)
+    lens = torch.tensor([length], dtype=torch.int32)
+    scores = torch.empty(1, llm.config.num_heads, cache.num_blocks)
+    lse = cache.index(0, q, lens, 0.1, cache.block_size, torch.zeros(1, cache.num_kv_heads, 1, dtype=torch.int32),
+                      torch.ones(1, cache.num_kv_heads, dtype=torch.int32),
+                      torch.ones(1, cache.num_kv_heads, dtype=torch.bool), scores)
+    want = torch.empty_like(scores)
+    want_lse = block_lse(q, cache.k[0], lens, 0.1, cache.block_size, None, None, None, want)
+    assert fetched == [] and torch.allclose(lse, want_lse) and torch.equal(scores.isinf(), want.isinf())
+    llm.cache, llm.kv_offload = None, None
+
+
 def test_offloaded_real_model_gives_the_same_tokens() -> None:
     llm = LLM("smollm2-135m", device="cpu", block_size=16)
     prompt = llm.tokenizer("Alice was beginning to get very tired of sitting by her sister on the bank. " * 8).input_ids

@@ -272,10 +272,12 @@ def fit_table(shape: str, contexts: list[int], gpu_bytes: int, host_bytes: int, 
         expanded = 2 * heads * head_dim * 2 * n  # one chunk's K/V prefix expanded to the query heads
         gpu_dense = weights + kv + expanded
         gpu_offload = weights + 2 * hidden * n + 2 * (2 * kv_heads * head_dim * 2 * n) + expanded
+        gpu_index = gpu_offload + kv // 2  # index="gpu" keeps the keys on the GPU
         rows.append(dict(shape=shape, context=n, kv_gib=kv / 2**30, dense_gpu_gib=gpu_dense / 2**30,
-                         offload_gpu_gib=gpu_offload / 2**30, offload_host_gib=kv / 2**30,
-                         dense_fits=gpu_dense <= gpu_bytes,
-                         offload_fits=gpu_offload <= gpu_bytes and kv <= host_bytes))
+                         offload_gpu_gib=gpu_offload / 2**30, offload_gpu_index_gib=gpu_index / 2**30,
+                         offload_host_gib=kv / 2**30, dense_fits=gpu_dense <= gpu_bytes,
+                         offload_fits=gpu_offload <= gpu_bytes and kv <= host_bytes,
+                         offload_gpu_index_fits=gpu_index <= gpu_bytes and kv <= host_bytes))
     return rows
 
 
@@ -316,6 +318,7 @@ def run_offload(model: str, context: int, steps: int, device: str | None, option
     return dict(model=model, options=options, offload=vars(config), context=context, fill=fill,
                 fill_s=fill_seconds, **{f"{v}_step_ms": 1e3 * median(t) for v, t in times.items()},
                 host_kv_gib=cache.nbytes() / 2**30, pool_gib=cache.pool_nbytes() / 2**30,
+                index_keys_gib=0.0 if cache.k_index is None else cache.k_index.nbytes / 2**30,
                 gpu_peak_gib=torch.cuda.max_memory_allocated(llm.device) / 2**30 if on_gpu else None,
                 weights_gib=sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**30)
 

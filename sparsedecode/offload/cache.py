@@ -14,7 +14,9 @@ side stream waits for the last op that read a layer's pool before overwriting it
 `prefetch` for the next layer's predicted blocks so that those copies overlap with compute.
 
 The index (`index`: exact block scores without an attention output) runs over the keys in host memory
-on the CPU (`OffloadConfig.index = "cpu"`), or through the pool on the GPU ("gpu").
+on the CPU (`OffloadConfig.index = "cpu"`), or on the GPU over a copy of the keys kept there ("gpu"): half
+the cache's bytes on the GPU, and no block crosses PCIe for scoring (before, an exact refresh streamed
+every block through the pool: 17 s a step at 512K tokens of the Llama-3.1-8B shape on an H100).
 On a CPU device, host and device are the same memory: no pinning and no streams (a mode for tests).
 """
 from __future__ import annotations
@@ -36,7 +38,9 @@ INDEX_SIDES = ("cpu", "gpu")
 class OffloadConfig:
     """Options of `kv_offload="cpu"`; pass an instance as `kv_offload` to change them."""
 
-    index: str = "cpu"  # where index-only scoring runs: "cpu" over host keys, "gpu" over blocks moved to the pool
+    # where index-only scoring runs: "cpu" over the host keys; "gpu" over a copy of the keys kept on the
+    # GPU (half the cache's bytes on the GPU; no block moves for an exact refresh)
+    index: str = "cpu"
     pool_blocks: int | None = None  # GPU slots per (layer, sequence, KV head), newest included; None: as the method asks
     prefetch: bool = True  # copy the next layer's predicted blocks while this layer computes
 
@@ -103,6 +107,8 @@ class OffloadedKVCache(KVCache):
         self.config = config
         self.copy_stream = torch.cuda.Stream(self.compute_device) if on_gpu else None
         self.pool_blocks = 0
+        # The GPU index scores blocks from these keys; V and the chosen blocks still come from the host.
+        self.k_index = torch.empty(shape, dtype=dtype, device=device) if config.index == "gpu" else None
 
     @property
     def device(self) -> torch.device:
@@ -291,8 +297,9 @@ class OffloadedKVCache(KVCache):
               unit_lists: torch.Tensor, unit_counts: torch.Tensor, full_rows: torch.Tensor | None,
               unit_lse: torch.Tensor) -> torch.Tensor:
         """Exact per-block scores of the visited blocks into unit_lse; returns lse [B, Hq]."""
-        if self.config.index == "gpu":
-            return self.attention(layer, q, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows, unit_lse)[1]
+        if self.k_index is not None:
+            return block_lse(q, self.k_index[layer], seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
+                             unit_lse)
         host = torch.device("cpu")
         scores = torch.empty(unit_lse.shape, dtype=torch.float32)
         lse = block_lse(q.to(host), self.k[layer], seq_lens.to(host), scale, unit_size, unit_lists.to(host),
@@ -312,6 +319,8 @@ class OffloadedKVCache(KVCache):
         for h in range(self.num_kv_heads):  # per head the host rows are contiguous: a truly asynchronous copy
             self.k[layer, batch_index, h, :n].copy_(k[h], non_blocking=True)
             self.v[layer, batch_index, h, :n].copy_(v[h], non_blocking=True)
+        if self.k_index is not None:
+            self.k_index[layer, batch_index, :, :n] = k
         self.slot_of[layer, batch_index] = -1
         self.block_at[layer, batch_index] = -1
         self.last_use[layer, batch_index] = -1
@@ -334,3 +343,5 @@ class OffloadedKVCache(KVCache):
         rows = rows.to(self.device)
         self.k_pool[layer, rows, :, slot] = k
         self.v_pool[layer, rows, :, slot] = v
+        if self.k_index is not None:
+            self.k_index[layer, rows, :, positions] = k
