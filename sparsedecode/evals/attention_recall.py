@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from ..kernels.reference import visible_tokens
 from ..kernels.sparse_decode import record_attention_reads
-from .report import (_cell, _markdown_table, format_length, safe_name, save_figure_atomic, write_bytes_atomic,
+from .report import (format_cell, format_length, markdown_table, safe_name, save_figure_atomic, write_bytes_atomic,
                      write_json_atomic)
 from .ruler import QA_DATASETS, RULER_TASKS
-from .runner import _batches, build_samples, planned_runs
+from .runner import build_samples, planned_runs, prompt_batches
 
 #: RULER tasks that need no data files; their prompts are what the methods decode
 RECALL_TASKS = tuple(t for t in RULER_TASKS if t not in QA_DATASETS)
@@ -159,18 +159,18 @@ def _summary(label: str, length: int, traces: list[RecallTrace]) -> dict[str, An
 
 def recall_markdown(facts: dict[str, Any], labels: list[str], results: list[dict[str, Any]]) -> str:
     """A row per method and length (mean, min cell, top-k ceiling, KV read), then the mean per layer."""
-    rows = [[r["method"], format_length(r["length"]), _cell(r["mean"], 3), _cell(r["min"], 3),
-             _cell(r["topk_mean"], 3), _cell(r["kv_fraction_read"], 3), _cell(r["kv_bytes_per_token"] / 1024, 1)]
+    rows = [[r["method"], format_length(r["length"]), format_cell(r["mean"], 3), format_cell(r["min"], 3),
+             format_cell(r["topk_mean"], 3), format_cell(r["kv_fraction_read"], 3), format_cell(r["kv_bytes_per_token"] / 1024, 1)]
             for r in results]
     parts = ["# Attention recall", "", " · ".join(f"{k}: {v}" for k, v in facts.items()), "",
              READING_GUIDE, "",
-             _markdown_table(["method", "length", "mean recall", "min (layer, head)", "top-k recall",
+             markdown_table(["method", "length", "mean recall", "min (layer, head)", "top-k recall",
                               "KV fraction read", "KV KiB/token"], rows)]
     for length in sorted({r["length"] for r in results}):
         by_label = {r["method"]: r["layer_mean"] for r in results if r["length"] == length}
         layers = range(len(next(iter(by_label.values()))))
         parts += ["", f"## Mean recall per layer, {format_length(length)} (mean over KV heads)", "",
-                  _markdown_table(["layer", *labels], [[str(layer), *(_cell(by_label[m][layer], 3) for m in labels)]
+                  markdown_table(["layer", *labels], [[str(layer), *(format_cell(by_label[m][layer], 3) for m in labels)]
                                                        for layer in layers])]
     return "\n".join(parts) + "\n"
 
@@ -212,7 +212,7 @@ def run_recall(llm: Any, methods: list[tuple[str, dict[str, Any]]], lengths: lis
     prompts, _ = build_samples("ruler", llm.tokenizer, lengths, samples, seed, tasks=[task], haystack=haystack)
     traces: dict[tuple[str, int], list[RecallTrace]] = {}
     with tqdm(total=len(prompts) * len(runs), unit="prompt", disable=not progress) as bar:
-        for batch in _batches(prompts, batch_size):
+        for batch in prompt_batches(prompts, batch_size):
             for run in runs:
                 llm.use_method(run.name, **run.options)
                 bar.set_description(f"{run.label} {batch[0].length}")

@@ -76,13 +76,13 @@ def _sorted_rows(table: dict[tuple[str, int], dict[str, float]], task_order: lis
     return sorted(table, key=lambda row: (rank.get(row[0], len(rank)), row[1]))
 
 
-def _markdown_table(header: list[str], rows: list[list[str]], align: str = "---:") -> str:
+def markdown_table(header: list[str], rows: list[list[str]], align: str = "---:") -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *[align] * (len(header) - 1)]) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _cell(value: float | None, digits: int = 1) -> str:
+def format_cell(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
@@ -91,22 +91,22 @@ def markdown_report(title: str, facts: dict[str, Any], methods: list[str], task_
     """Methods side by side: one row per task and length, an Average row, then speed and KV read per method."""
     table = score_table(records)
     rows = _sorted_rows(table, task_order)
-    body = [[task, format_length(length), *(_cell(table[(task, length)].get(m)) for m in methods)]
+    body = [[task, format_length(length), *(format_cell(table[(task, length)].get(m)) for m in methods)]
             for task, length in rows]
-    body.append(["**Average**", "", *(_cell(_mean(table[row].get(m) for row in rows)) for m in methods)])
+    body.append(["**Average**", "", *(format_cell(_mean(table[row].get(m) for row in rows)) for m in methods)])
     parts = [f"# {title}", "", " · ".join(f"{k}: {v}" for k, v in facts.items()), "",
              "Scores in % (RULER string match; exact final number for reasoning).", "",
-             _markdown_table(["task", "length", *methods], body)]
+             markdown_table(["task", "length", *methods], body)]
     if skipped:
         parts += ["", "Skipped:", *(f"- {task}: {reason}" for task, reason in skipped.items())]
     if any(r["task"] == NEEDLE_TASK for r in records):
         for method in methods:
             depths, lengths, grid = needle_matrix(records, method)
             parts += ["", f"## Needle: {method} (rows: depth, columns: length)", "",
-                      _markdown_table(["depth", *map(format_length, lengths)],
-                                      [[f"{d:.2f}", *map(_cell, row)] for d, row in zip(depths, grid)])]
+                      markdown_table(["depth", *map(format_length, lengths)],
+                                      [[f"{d:.2f}", *map(format_cell, row)] for d, row in zip(depths, grid)])]
     parts += ["", "## Speed and KV read (means per generation)", "",
-              _markdown_table(["method", "prompt tokens", "output tokens", "prefill s", "decode tok/s",
+              markdown_table(["method", "prompt tokens", "output tokens", "prefill s", "decode tok/s",
                                "KV fraction read"], [_speed_row(records, m) for m in methods])]
     return "\n".join(parts) + "\n"
 
@@ -117,9 +117,9 @@ def _speed_row(records: list[dict[str, Any]], method: str) -> list[str]:
     def mean_of(field: str) -> float | None:
         return _mean(r[field] for r in mine)
 
-    return [method, _cell(mean_of("prompt_tokens"), 0), _cell(mean_of("output_tokens"), 0),
-            _cell(mean_of("prefill_seconds"), 3), _cell(mean_of("decode_tokens_per_s"), 1),
-            _cell(mean_of("kv_fraction_read"), 3)]
+    return [method, format_cell(mean_of("prompt_tokens"), 0), format_cell(mean_of("output_tokens"), 0),
+            format_cell(mean_of("prefill_seconds"), 3), format_cell(mean_of("decode_tokens_per_s"), 1),
+            format_cell(mean_of("kv_fraction_read"), 3)]
 
 
 def plot_accuracy_vs_length(records: list[dict[str, Any]], methods: list[str], path: Path,
@@ -155,7 +155,7 @@ def plot_needle_heatmaps(records: list[dict[str, Any]], methods: list[str], path
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, _cell(value, 0), ha="center", va="center", fontsize=7)
+                ax.text(j, i, format_cell(value, 0), ha="center", va="center", fontsize=7)
         ax.set_title(method, fontsize="small")
         ax.set_xlabel("length (tokens)")
     axes[0].set_ylabel("needle depth")

@@ -86,7 +86,7 @@ def planned_runs(methods: list[tuple[str, dict[str, Any]]], lengths: Sequence[in
     return runs
 
 
-def _batches(samples: list[Sample], batch_size: int) -> Iterator[list[Sample]]:
+def prompt_batches(samples: list[Sample], batch_size: int) -> Iterator[list[Sample]]:
     """Batches of one task and length (so one max_new_tokens and similar prompt lengths), shortest first."""
     ordered = sorted(samples, key=lambda s: s.length)  # stable: tasks keep their order within a length
     for _, group in groupby(ordered, key=lambda s: (s.length, s.task)):
@@ -144,7 +144,7 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
 
     with tqdm(total=len(prompts) * len(runs), unit="prompt", disable=not progress) as bar:
         # Batches outside, methods inside: the engine reuses a batch's prefill for every method.
-        for batch in _batches(prompts, batch_size):
+        for batch in prompt_batches(prompts, batch_size):
             for run in runs:
                 llm.use_method(run.name, **run.options)
                 bar.set_description(f"{run.label} {batch[0].task} {batch[0].length}")
