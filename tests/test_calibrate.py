@@ -169,3 +169,16 @@ def test_short_smollm_calibration_lowers_the_loss_and_meets_the_density(tmp_path
     assert last < first
     assert abs(roles.source["final_density"] - 9 / 90) < 0.05
     assert roles.num_retrieval == 9 + 3 and roles.source["gate"] == "hardkuma"
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+def test_every_registry_model_ships_learned_roles_of_about_ten_percent(name):
+    from sparsedecode.models.registry import MODELS
+    from sparsedecode.roles.head_roles import SHIPPED_DIR
+
+    roles = HeadRoles.load(SHIPPED_DIR / f"{name}.json")
+    assert roles.source["model"] == MODELS[name].name and roles.source["gate"] == "hardkuma"
+    assert bool(roles.retrieval[0].all())
+    learned = roles.num_retrieval - roles.retrieval.shape[1]
+    assert learned == roles.source["target_retrieval"]
+    assert 0.05 <= learned / (roles.retrieval.numel() - roles.retrieval.shape[1]) <= 0.15
