@@ -29,7 +29,11 @@ class Quest(DecodeMethod):
         shape = (cache.num_layers, cache.batch_size, cache.num_kv_heads, cache.capacity // page, cache.head_dim)
         self.k_min = torch.empty(shape, dtype=cache.k.dtype, device=cache.device)
         self.k_max = torch.empty(shape, dtype=cache.k.dtype, device=cache.device)
-        self.list_length = self.selector.list_length(cache.capacity)
+        rows = (cache.batch_size, cache.num_kv_heads)
+        list_length = self.selector.list_length(cache.capacity)
+        self.pages = torch.zeros(*rows, list_length, dtype=torch.int32, device=cache.device)
+        self.counts = torch.zeros(rows, dtype=torch.int32, device=cache.device)
+        self.all_rows = torch.ones(rows, dtype=torch.bool, device=cache.device)
 
     def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
         page = self.options["page_size"]
@@ -69,8 +73,10 @@ class Quest(DecodeMethod):
         k, v = cache.k[layer], cache.v[layer]
         if layer < self.options["dense_layers"]:
             return sparse_decode_attention(q, k, v, seq_lens, self.scale)[0]
-        pages, counts = self.selector.select(self.page_scores(layer, q), seq_lens, self.list_length)
-        return sparse_decode_attention(q, k, v, seq_lens, self.scale, self.options["page_size"], pages, counts)[0]
+        # One launch on CUDA (the selection kernel over precomputed scores), the PyTorch path elsewhere.
+        self.selector.select_into(self.pages, self.counts, self.all_rows, seq_lens, self.page_scores(layer, q))
+        return sparse_decode_attention(q, k, v, seq_lens, self.scale, self.options["page_size"], self.pages,
+                                       self.counts)[0]
 
     def kv_tokens_read(self, seq_len: int, variant: str) -> float:
         c = self.config
