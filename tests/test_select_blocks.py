@@ -166,6 +166,14 @@ def test_shared_heads_and_precomputed_scores(device, mode, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_signed_scores_without_sink(device):
+    """Quest's selection: page bounds of q.k, negative as often as not, no sink, the newest page kept."""
+    scores = torch.randn(len(LENS), 2, 40, generator=torch.Generator().manual_seed(21)) * 5
+    quest = BlockSelector("tokens", 4 * BLOCK, BLOCK, sink_blocks=0, local_blocks=1)
+    run_case(device, quest, scores, None, LENS, "max", 2, seed=21)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_many_blocks(device):
     """4096 blocks (256K tokens of 64): the largest shape of the engine's usual caches."""
     selector = BlockSelector("tokens", 4096, 64, sink_blocks=1, local_blocks=1)
