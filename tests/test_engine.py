@@ -94,6 +94,18 @@ def test_stop_strings_and_tokens(smollm: LLM) -> None:
     assert out.finish_reason == "stop" and " 8" not in out.text and "7" in out.text
 
 
+def test_each_prompt_stops_at_its_own_limit(smollm: LLM) -> None:
+    smollm.use_method("dense")
+    together = smollm.generate(PROMPTS[:2], max_new_tokens=[3, 9], stop_token_ids=[])
+    alone = [smollm.generate([p], max_new_tokens=n, stop_token_ids=[])[0] for p, n in zip(PROMPTS[:2], [3, 9])]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [len(g.token_ids) for g in together] == [3, 9] and {g.finish_reason for g in together} == {"length"}
+    with pytest.raises(ValueError, match="2 limits for 3 prompts"):
+        smollm.generate(PROMPTS, max_new_tokens=[3, 9])
+    with pytest.raises(ValueError, match="at least 1"):
+        smollm.generate(PROMPTS[:2], max_new_tokens=[3, 0])
+
+
 def test_bad_input_errors(smollm: LLM, tmp_path) -> None:
     with pytest.raises(ValueError, match="empty prompt"):
         smollm.generate([""], max_new_tokens=4)

@@ -46,10 +46,10 @@ def test_ruler_run_writes_json_markdown_and_plot(tmp_path):
     assert {(row["task"], row["length"], row["method"], row["score"]) for row in results["summary"]} >= {
         ("vt", 1024, "dense", 100.0), ("cwe", 2048, "lychee(budget=64)", 0.0)}
 
-    # generated once, batched per task and length, shortest first, every method on a batch in turn
-    # (so the engine prefills each batch once)
-    assert llm.switches == [("dense", {}), ("lychee", {"budget": 64})] * 6
-    assert llm.batches == [2] * 12
+    # generated once, batched per length (tasks mixed: 3 tasks x 2 samples in batches of 3), shortest first,
+    # every method on a batch in turn (so the engine prefills each batch once)
+    assert llm.switches == [("dense", {}), ("lychee", {"budget": 64})] * 4
+    assert llm.batches == [3] * 8
     assert [r["length"] for r in records[:12]] == [1024] * 12
 
     markdown = (tmp_path / "results.md").read_text()

@@ -45,9 +45,10 @@ class FakeLLM:
         self.method = name
         self.switches.append((name, options))
 
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | None = None) -> list[FakeGeneration]:
-        assert temperature == 0.0 and max_new_tokens > 0
+    def generate(self, prompts: list[str], max_new_tokens: int | list[int], temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[FakeGeneration]:
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+        assert temperature == 0.0 and len(limits) == len(prompts) and min(limits) > 0
         self.batches.append(len(prompts))
         texts = [" ".join(self.answers.get(p, [])) if self.method == "dense" else "no idea" for p in prompts]
         return [FakeGeneration(text, [1] * max(len(text.split()), 1), len(self.tokenizer(p)["input_ids"]),

@@ -114,7 +114,7 @@ class LLM:
     def generate(
         self,
         prompts: list[str] | list[list[int]] | str,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | list[int] = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
@@ -123,7 +123,9 @@ class LLM:
         sync_every: int = 16,
     ) -> list[Generation]:
         """Generate for each prompt. A string prompt is used as given (apply the chat template with
-        `apply_chat_template` first for chat models). Greedy when temperature is 0."""
+        `apply_chat_template` first for chat models). Greedy when temperature is 0. `max_new_tokens`
+        may be one limit per prompt: a batch of different tasks then decodes together, each sequence
+        stopping at its own limit."""
         events = self._run(prompts, max_new_tokens, temperature, top_p, seed, stop, stop_token_ids, sync_every)
         for _ in events:
             pass
@@ -146,16 +148,21 @@ class LLM:
             printed = len(texts[0])
 
     def _run(self, prompts, max_new_tokens, temperature, top_p, seed, stop, stop_token_ids, sync_every) -> Iterator[list[str]]:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         token_lists = self._encode(prompts)
+        batch = len(token_lists)
+        limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != batch:
+            raise ValueError(f"max_new_tokens gives {len(limits)} limits for {batch} prompts; "
+                             "give one, or one per prompt")
+        if min(limits) < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {min(limits)}")
         longest = max(len(t) for t in token_lists)
-        if longest + max_new_tokens > self.max_context:
+        if any(len(t) + n > self.max_context for t, n in zip(token_lists, limits)):
             raise ValueError(
-                f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds max_context="
+                f"prompt of up to {longest} tokens plus max_new_tokens={max(limits)} exceeds max_context="
                 f"{self.max_context}; shorten the prompt or raise max_context"
             )
-        batch = len(token_lists)
+        max_new_tokens = max(limits)
         cache = self._cache_for(batch, KVCache.capacity_for(longest + max_new_tokens, CAPACITY_MULTIPLE))
         generator = None
         if temperature > 0:
@@ -205,7 +212,7 @@ class LLM:
             if (step + 1) % sync_every == 0 or step == max_new_tokens - 1:
                 new = out[:, synced : step + 1].tolist()
                 synced = step + 1
-                texts = self._absorb(new, generated, finished, stop_ids, stop)
+                texts = self._absorb(new, generated, finished, stop_ids, stop, limits)
                 yield texts
                 if all(finished):
                     break
@@ -213,8 +220,8 @@ class LLM:
         decode_seconds = time.perf_counter() - t1
         self._results = self._finish(token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps, stop, reused)
 
-    def _absorb(self, new, generated, finished, stop_ids, stop) -> list[str]:
-        """Append newly synced tokens, ending sequences at a stop token or stop string."""
+    def _absorb(self, new, generated, finished, stop_ids, stop, limits) -> list[str]:
+        """Append newly synced tokens, ending sequences at a stop token or stop string, or at their limit."""
         for b, toks in enumerate(new):
             for t in toks:
                 if finished[b]:
@@ -222,6 +229,8 @@ class LLM:
                 generated[b].append(t)
                 if t in stop_ids:
                     finished[b] = "stop"
+                elif len(generated[b]) == limits[b]:
+                    finished[b] = "length"
             if stop and not finished[b] and self.tokenizer is not None:
                 text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
                 if any(s in text for s in stop):

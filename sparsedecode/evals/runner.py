@@ -87,9 +87,10 @@ def planned_runs(methods: list[tuple[str, dict[str, Any]]], lengths: Sequence[in
 
 
 def prompt_batches(samples: list[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Batches of one task and length (so one max_new_tokens and similar prompt lengths), shortest first."""
+    """Batches of one length (similar prompt lengths; tasks mixed, each sample decoding to its own
+    max_new_tokens), shortest first."""
     ordered = sorted(samples, key=lambda s: s.length)  # stable: tasks keep their order within a length
-    for _, group in groupby(ordered, key=lambda s: (s.length, s.task)):
+    for _, group in groupby(ordered, key=lambda s: s.length):
         group = list(group)
         for start in range(0, len(group), batch_size):
             yield group[start:start + batch_size]
@@ -148,8 +149,8 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
             for run in runs:
                 llm.use_method(run.name, **run.options)
                 bar.set_description(f"{run.label} {batch[0].task} {batch[0].length}")
-                generations = llm.generate([s.prompt for s in batch], max_new_tokens=batch[0].max_new_tokens,
-                                           temperature=0.0, seed=seed)
+                generations = llm.generate([s.prompt for s in batch], temperature=0.0, seed=seed,
+                                           max_new_tokens=[s.max_new_tokens for s in batch])
                 records.extend(_record(s, run.label, g) for s, g in zip(batch, generations))
                 bar.update(len(batch))
             if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
