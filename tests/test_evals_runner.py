@@ -138,7 +138,8 @@ def test_method_runs_apply_budgets_and_options():
 
 
 def test_variants_add_runs_of_the_same_method():
-    runs = method_runs(["dense", "lychee"], [512], ("lychee:dense_every=32",), ("lychee:roles=all", "quest:page_size=32"))
+    runs = method_runs(["dense", "lychee"], [512], ("lychee:dense_every=32",),
+                       ("lychee:roles=all", "quest:page_size=32"))
     assert runs == [("dense", {}), ("lychee", {"dense_every": 32, "budget": 512}),
                     ("lychee", {"dense_every": 32, "roles": "all", "budget": 512}),
                     ("quest", {"page_size": 32, "budget": 512})]

@@ -160,7 +160,8 @@ def _summary(label: str, length: int, traces: list[RecallTrace]) -> dict[str, An
 def recall_markdown(facts: dict[str, Any], labels: list[str], results: list[dict[str, Any]]) -> str:
     """A row per method and length (mean, min cell, top-k ceiling, KV read), then the mean per layer."""
     rows = [[r["method"], format_length(r["length"]), format_cell(r["mean"], 3), format_cell(r["min"], 3),
-             format_cell(r["topk_mean"], 3), format_cell(r["kv_fraction_read"], 3), format_cell(r["kv_bytes_per_token"] / 1024, 1)]
+             format_cell(r["topk_mean"], 3), format_cell(r["kv_fraction_read"], 3),
+             format_cell(r["kv_bytes_per_token"] / 1024, 1)]
             for r in results]
     parts = ["# Attention recall", "", " · ".join(f"{k}: {v}" for k, v in facts.items()), "",
              READING_GUIDE, "",
@@ -170,8 +171,9 @@ def recall_markdown(facts: dict[str, Any], labels: list[str], results: list[dict
         by_label = {r["method"]: r["layer_mean"] for r in results if r["length"] == length}
         layers = range(len(next(iter(by_label.values()))))
         parts += ["", f"## Mean recall per layer, {format_length(length)} (mean over KV heads)", "",
-                  markdown_table(["layer", *labels], [[str(layer), *(format_cell(by_label[m][layer], 3) for m in labels)]
-                                                       for layer in layers])]
+                  markdown_table(["layer", *labels],
+                                 [[str(layer), *(format_cell(by_label[m][layer], 3) for m in labels)]
+                                  for layer in layers])]
     return "\n".join(parts) + "\n"
 
 

@@ -27,9 +27,9 @@ def load_reasoning_gym() -> Any:
     return reasoning_gym
 
 
-def generate_problems(count: int, seed: int, dataset: str = REASONING_DATASET) -> list[dict[str, str]]:
-    """`count` problems of a reasoning-gym dataset as {"question", "answer"}; the seed fixes them."""
-    problems = load_reasoning_gym().create_dataset(dataset, size=count, seed=seed)
+def generate_problems(count: int, seed: int) -> list[dict[str, str]]:
+    """`count` problems of the reasoning-gym dataset as {"question", "answer"}; the seed fixes them."""
+    problems = load_reasoning_gym().create_dataset(REASONING_DATASET, size=count, seed=seed)
     return [{"question": problems[i]["question"], "answer": str(problems[i]["answer"])} for i in range(count)]
 
 

@@ -127,11 +127,12 @@ class PastSelection:
         self.exact_lse = torch.full((layers, batch, heads), float("inf"), device=device)
         self.all_rows = torch.ones(batch, heads, dtype=torch.bool, device=device)
         self.offset_tensor = torch.tensor(self.offsets, device=device)
-        # The candidate kernel's output and scratch (used on CUDA): fixed addresses for CUDA graphs.
         self.use_kernel = self.uses_kernel(device)
-        self.candidate_lists = torch.full((batch, heads, self.width), self.num_blocks, dtype=torch.int32, device=device)
-        self.candidate_counts = torch.zeros(batch, heads, dtype=torch.int32, device=device)
-        self.bitmap = torch.zeros(batch, heads, self.num_blocks, dtype=torch.int8, device=device)
+        if self.use_kernel:  # the candidate kernel's output and scratch: fixed addresses for CUDA graphs
+            self.candidate_lists = torch.full((batch, heads, self.width), self.num_blocks, dtype=torch.int32,
+                                              device=device)
+            self.candidate_counts = torch.zeros(batch, heads, dtype=torch.int32, device=device)
+            self.bitmap = torch.zeros(batch, heads, self.num_blocks, dtype=torch.int8, device=device)
         if unit_lse is None:
             unit_lse = torch.empty(batch, num_heads, self.num_blocks, dtype=torch.float32, device=device)
         self.unit_lse = unit_lse
