@@ -94,21 +94,19 @@ class OffloadedKVCache(KVCache):
         device: torch.device | str,
         config: OffloadConfig,
     ) -> None:
-        if capacity % block_size:
-            raise ValueError(f"capacity {capacity} is not a multiple of block_size {block_size}")
         self.compute_device = torch.device(device)
-        on_gpu = self.compute_device.type == "cuda"
-        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
-        # Not cleared (clearing 100+ GB takes long): nothing past a sequence's length is ever used unmasked.
-        self.k = host_tensor(shape, dtype, on_gpu)
-        self.v = host_tensor(shape, dtype, on_gpu)
-        self.block_size = block_size
-        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        super().__init__(num_layers, batch_size, num_kv_heads, capacity, head_dim, block_size, dtype, device)
         self.config = config
+        on_gpu = self.compute_device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.compute_device) if on_gpu else None
         self.pool_blocks = 0
         # The GPU index scores blocks from these keys; V and the chosen blocks still come from the host.
-        self.k_index = torch.empty(shape, dtype=dtype, device=device) if config.index == "gpu" else None
+        self.k_index = torch.empty_like(self.k, device=device) if config.index == "gpu" else None
+
+    def storage(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        # In host memory, pinned when a GPU computes; not cleared (clearing 100+ GB takes long): nothing
+        # past a sequence's length is ever used unmasked.
+        return host_tensor(shape, dtype, self.compute_device.type == "cuda")
 
     @property
     def device(self) -> torch.device:
