@@ -124,3 +124,38 @@ def test_bad_input_errors(smollm: LLM, tmp_path) -> None:
     with pytest.raises(TypeError, match="unknown option"):
         smollm.use_method("lychee", budgett=1024)
     smollm.use_method("dense")
+
+
+def test_compiled_decode_step_matches_eager_with_one_graph_for_all_layers() -> None:
+    from torch._dynamo.utils import counters
+
+    llm = LLM("random:tiny-llama", device="cpu", block_size=16)
+    cache = llm._cache_for(2, 64)
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    tokens, positions = torch.tensor([3, 7]), torch.tensor([20, 33])
+    eager = llm.model.decode_step(tokens, positions, cache, llm.method)
+    graphs_before = counters["stats"]["unique_graphs"]
+    llm.model.compile_decode()
+    compiled = llm.model.decode_step(tokens, positions, cache, llm.method)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    # The layers' weights are graph inputs: one graph before and one after attention, however many layers.
+    assert llm.config.num_layers > 2 and counters["stats"]["unique_graphs"] - graphs_before == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compiled_graph_decode_matches_eager_on_gpu() -> None:
+    logits = []
+    for fast in (False, True):
+        torch.manual_seed(0)  # the same random weights in both
+        llm = LLM("random:tiny-llama", device="cuda", dtype=torch.float32, cuda_graphs=fast, compile_decode=fast)
+        cache = llm._cache_for(2, 256)
+        cache.k.normal_(generator=torch.Generator("cuda").manual_seed(0))
+        cache.v.normal_(generator=torch.Generator("cuda").manual_seed(1))
+        steps = []
+        for step in range(4):  # the first step of a graph runs eagerly, the later ones replay it
+            tokens = torch.tensor([3 + step, 7], device="cuda")
+            positions = torch.tensor([20 + step, 100 + step], device="cuda")
+            steps.append(llm._decode("default", tokens, positions, cache).clone())
+        logits.append(torch.stack(steps))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)

@@ -13,7 +13,8 @@ from triton_cpu import devices, fix_interpreter, interpreted, run_in_fresh_proce
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-from sparsedecode.kernels import chunk_units, sparse_decode_attention, sparse_decode_attention_ref  # noqa: E402
+from sparsedecode.kernels import sparse_decode_attention, sparse_decode_attention_ref  # noqa: E402
+from sparsedecode.kernels.sparse_decode import chunk_units  # noqa: E402
 from sparsedecode.kernels import sparse_decode as sd  # noqa: E402
 
 # Triton picks interpreter or compiler when it decorates a function: if a test module imported triton
@@ -66,7 +67,8 @@ def poisoned():
         yield
 
 
-def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_lse=True, chunk_tokens=None):
+def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_lse=True, chunk_tokens=None,
+             work_items=None):
     """Kernel and reference on the same inputs; unit_lse poisoned with NaN before the kernel."""
     scale = q.shape[-1] ** -0.5
     num_units = k.shape[2] // unit_size
@@ -75,7 +77,7 @@ def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_
     ref_lse = torch.empty(shape, device=q.device) if with_lse else None
     with poisoned():
         out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, lists, counts, full, unit_lse,
-                                           backend="triton", chunk_tokens=chunk_tokens)
+                                           backend="triton", chunk_tokens=chunk_tokens, work_items=work_items)
     ref_out, ref = sparse_decode_attention_ref(q, k, v, lens, scale, unit_size, lists, counts, full, ref_lse)
     return (out, lse, unit_lse), (ref_out, ref, ref_lse)
 
@@ -152,7 +154,7 @@ def test_many_chunks_per_row(device):
     q, k, v, lens, _ = make_inputs(device, torch.float32, 2, 1, 2, 128, capacity, [capacity, capacity - 40], seed=3)
     lists = torch.arange(80, dtype=torch.int32, device=device).flip(0).expand(2, 1, 80).contiguous()
     counts = torch.tensor([[80], [60]], dtype=torch.int32, device=device)
-    assert chunk_units(2, 1, capacity, unit_size, 128, q.device, unit_size) == 1
+    assert chunk_units(unit_size, unit_size, 128) == 1
     got, want = run_both(q, k, v, lens, unit_size, lists, counts, torch.tensor([[False], [True]], device=device),
                          chunk_tokens=unit_size)
     check(got, want, torch.float32)
@@ -161,7 +163,8 @@ def test_many_chunks_per_row(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("unit_size", [16, 64])
-def test_list_of_all_units_is_bit_identical_to_full(device, dtype, unit_size):
+@pytest.mark.parametrize("sized_on_device", [False, True])
+def test_list_of_all_units_is_bit_identical_to_full(device, dtype, unit_size, sized_on_device):
     """A list of the units 0..n-1 (any order) gives exactly the bits of a full row / of dense."""
     batch, kv_heads, group, head_dim = 2, 2, 4, 128
     capacity = 10 * unit_size
@@ -176,13 +179,13 @@ def test_list_of_all_units_is_bit_identical_to_full(device, dtype, unit_size):
         counts[b] = n + 2  # the budget exceeds the context: trailing -1 entries are skipped
     lists, counts = lists.to(device), counts.to(device)
     full = torch.tensor([[False, False], [True, False]], device=device)
-    chunk = 2 * max(unit_size, 64)  # several chunks per row
+    chunk = None if sized_on_device else 2 * max(unit_size, 64)  # several chunks per row
     scale = head_dim**-0.5
     results = []
     for args in [(None, None, None), (lists, counts, full), (lists, counts, None)]:
         unit_lse = torch.empty(batch, group * kv_heads, capacity // unit_size, device=device)
         out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, *args, unit_lse, backend="triton",
-                                           chunk_tokens=chunk)
+                                           chunk_tokens=chunk, work_items=3)
         results.append((out, lse, unit_lse))
     for out, lse, unit_lse in results[1:]:
         assert torch.equal(out, results[0][0])
@@ -256,14 +259,26 @@ def test_cuda_graph_replay_follows_new_lists_and_lengths():
         check((out, lse, unit_lse), (want_out, want, want_lse), torch.bfloat16)
 
 
-def test_chunking_depends_on_shapes_only():
-    """Llama-3.1-8B layer (8 KV heads, d=128, units of 64): powers of two within the bounds."""
-    dev = torch.device("cpu")  # 132 SMs assumed off-GPU, as on an H100
-    assert chunk_units(1, 8, 32768, 64, 128, dev) * 64 == 256
-    assert chunk_units(1, 8, 131072, 64, 128, dev) * 64 == 512
-    assert chunk_units(8, 8, 131072, 64, 128, dev) * 64 == 4096
-    assert chunk_units(1, 8, 1024, 16, 128, dev) == 16  # floor of 256 tokens
-    assert chunk_units(1, 8, 1024, 16, 128, dev, chunk_tokens=16) == 4  # at least one 64-token tile
+def test_chunk_bounds():
+    """Whole 64-token tiles per chunk, at least one, whatever is asked."""
+    assert chunk_units(256, 64, 128) * 64 == 256 and chunk_units(256, 16, 128) * 16 == 256
+    assert chunk_units(16, 16, 128) == 4  # at least one 64-token tile
+    assert chunk_units(1000, 64, 128) == 15
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("work_items", [1, 5, None, 10_000])
+def test_chunks_sized_from_the_lengths(device, work_items):
+    """Chunks sized on the device from the units the call visits: one item per row up to many chunks
+    per row (a long full row next to short list rows), always the reference's result."""
+    unit_size, head_dim, kv_heads = 16, 64, 3
+    capacity = 96 * unit_size
+    q, k, v, lens, gen = make_inputs(device, torch.float32, 2, kv_heads, 2, head_dim, capacity,
+                                     [capacity - 7, 20 * unit_size + 3], seed=13)
+    lists, counts = random_lists(gen, 2, kv_heads, 24, 96, device)
+    full = torch.tensor([[True, False, False], [False, False, True]], device=device)
+    for args in [(), (lists, counts, full)]:
+        check(*run_both(q, k, v, lens, unit_size, *args, work_items=work_items), torch.float32)
 
 
 def test_auto_backend_on_cpu_is_the_reference():

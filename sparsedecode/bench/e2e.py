@@ -96,6 +96,7 @@ class E2EOptions:
     hf_random_shapes: bool = False  # also compare random-weight shapes with transformers (real prefill)
     haystack: str | None = None  # the prompt text source of real models (default: the essays)
     device: str | None = None
+    compile_decode: bool = True  # False: the engine's element-wise work unfused (to measure what fusing gives)
 
 
 @dataclass
@@ -158,7 +159,7 @@ def _meta(opts: E2EOptions, device: torch.device, bandwidth: float) -> dict[str,
     return dict(
         device=name, torch=torch.__version__, transformers=transformers.__version__,
         copy_bandwidth=bandwidth, steps=opts.steps, warmup=opts.warmup, budget=opts.budget, roles=opts.roles,
-        hf_context=opts.hf_context, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        hf_context=opts.hf_context, compile_decode=opts.compile_decode, date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
 
 
@@ -171,7 +172,7 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
                  results: dict[str, Any], out: Path | None, log: Callable[[str], None]) -> None:
     log(f"loading {spec}")
     try:
-        llm = LLM(spec, method="dense", device=device)
+        llm = LLM(spec, method="dense", device=device, compile_decode=opts.compile_decode)
     except Exception as e:  # noqa: BLE001 - a model that cannot load (not pulled, no network) must not end the run
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         _note(results, log, f"{spec}: could not be loaded, skipped: {type(e).__name__}: {first_line}")

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from ..kernels import chunk_units, sparse_decode_attention, sparse_decode_attention_ref
+from ..kernels import sparse_decode_attention, sparse_decode_attention_ref
+from ..kernels.sparse_decode import ITEMS_PER_SM
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 UNIT, BUDGET_UNITS = 64, 64  # list rows: 64 units of 64 tokens = 4096 tokens
@@ -102,18 +103,17 @@ def bench_config(context: int, batch: int, bandwidth: float) -> list[Row]:
         return F.scaled_dot_product_attention(q, c["k"][:, :, :context], c["v"][:, :, :context], scale=scale,
                                               enable_gqa=True)
 
-    def dense(c):
-        return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def dense(c, per_sm=ITEMS_PER_SM):
+        return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale, work_items=per_sm * sms)
 
     full_rows = batch  # one full KV head per sequence
     hybrid_tokens = full_rows * context + (batch * NUM_KV_HEADS - full_rows) * min(context, BUDGET_UNITS * UNIT)
-    # Work items sized for what the hybrid call reads instead of for a dense call (compared below).
-    work_chunk = UNIT * chunk_units(batch, NUM_KV_HEADS, context, UNIT, HEAD_DIM, torch.device("cuda"),
-                                    work_tokens=hybrid_tokens)
 
-    def hybrid(c, with_lse=False, chunk_tokens=None):
+    def hybrid(c, with_lse=False, per_sm=ITEMS_PER_SM):
         return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale, UNIT, c["lists"], c["counts"],
-                                       c["full"], c["unit_lse"] if with_lse else None, chunk_tokens=chunk_tokens)
+                                       c["full"], c["unit_lse"] if with_lse else None, work_items=per_sm * sms)
 
     hybrid_bytes = HEAD_DIM * 2 * 2 * hybrid_tokens  # K and V of one token of one head
     methods = [
@@ -121,8 +121,11 @@ def bench_config(context: int, batch: int, bandwidth: float) -> list[Row]:
         ("ours dense", dense, cache_bytes),
         ("ours hybrid", hybrid, hybrid_bytes),
         ("ours hybrid + unit_lse", lambda c: hybrid(c, True), hybrid_bytes),
-        (f"ours hybrid + unit_lse, chunks of {work_chunk}", lambda c: hybrid(c, True, work_chunk), hybrid_bytes),
     ]
+    # The work-item count the chunk size aims for (the default is ITEMS_PER_SM per SM), compared.
+    for per_sm in (1, 4, 8):
+        methods += [(f"ours dense, {per_sm} items/SM", lambda c, n=per_sm: dense(c, n), cache_bytes),
+                    (f"ours hybrid + unit_lse, {per_sm} items/SM", lambda c, n=per_sm: hybrid(c, True, n), hybrid_bytes)]
     rows = []
     for name, fn, nbytes in methods:
         us = timed([lambda c=c: fn(c) for c in caches])
@@ -153,8 +156,7 @@ def run(contexts: tuple[int, ...] = (32768, 131072), batches: tuple[int, ...] = 
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     rows = []
     for context, batch in itertools.product(contexts, batches):
-        units = chunk_units(batch, NUM_KV_HEADS, context, UNIT, HEAD_DIM, torch.device("cuda"))
-        print(f"context {context} batch {batch}: chunks of {units * UNIT} tokens")
+        print(f"context {context} batch {batch}")
         rows += bench_config(context, batch, bandwidth)
     print("\n| method | context | batch | median us | GB/s | floor us | time/floor | speedup vs SDPA |")
     print("|---|---|---|---|---|---|---|---|")

@@ -32,8 +32,9 @@ class Generation:
 
 
 class LLM:
-    """A decoder with a static KV cache, chunked prefill, a CUDA-graph decode step on GPU, and a
-    pluggable decode-attention method (`dense`, `lychee`, `tidal`, `quest`, `streaming`, `lfps`, ...)."""
+    """A decoder with a static KV cache, chunked prefill, a CUDA-graph decode step on GPU (its element-wise
+    work fused by torch.compile unless `compile_decode=False`), and a pluggable decode-attention method
+    (`dense`, `lychee`, `tidal`, `quest`, `streaming`, `lfps`, ...)."""
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class LLM:
         block_size: int = 64,
         prefill_chunk: int = 2048,
         cuda_graphs: bool = True,
+        compile_decode: bool = True,
         kv_offload: str | OffloadConfig | None = None,
         **method_options: Any,
     ) -> None:
@@ -62,6 +64,8 @@ class LLM:
         # "cpu": the KV cache in host memory, a block pool on the GPU (sparsedecode.offload); host-side work, no graphs
         self.kv_offload = offload_config(kv_offload, self.device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.kv_offload is None
+        if compile_decode and self.device.type == "cuda":
+            self.model.compile_decode()
         self.cache: KVCache | None = None
         self._prefilled: tuple | None = None  # (cache and prompts, last hidden states) of the last prefill
         self._graphs: dict[str, tuple] = {}  # variant -> (graph, logits, tokens, positions) static buffers

@@ -11,16 +11,19 @@ Three launches, none of which syncs with the host (so a call can be captured in 
    (invalid entries pushed past the end) and stores how many units the row visits.
 2. `_partial_kernel`, the work pool: each row's unit sequence is cut into chunks of C units; the
    (row, chunk) work items are numbered row-major and every program finds its own item from a prefix
-   sum of the per-row chunk counts. The grid is an upper bound that depends only on shapes; surplus
-   programs exit at once. A program writes an unnormalised partial (acc, running max, running sum)
+   sum of the per-row chunk counts. C is computed on the device from the units the rows visit in
+   this call (the actual lengths and lists, not the capacity): their total spread over about `items`
+   work items (a few per SM), so a light hybrid call and a heavy dense one both fill the GPU in
+   about one wave, without a tail wave and without more partials than needed. The grid is an upper
+   bound that depends only on shapes (items + rows); surplus programs exit at once. A program writes an unnormalised partial (acc, running max, running sum)
    and, on request, the log-sum-exp of every unit it visits (same pass over K).
 3. `_merge_kernel`, one program per (sequence, query head): log-sum-exp merge of the row's partials
    in chunk order, writing out [B, Hq, D] and lse [B, Hq].
 
-Determinism: C depends only on shapes, and full rows and list rows share one code path whose unit
-index is either the slot itself or the sorted list entry. A list row whose list is the units
-0..n-1 (in any order) therefore performs the very same operations as a full row of n units and
-gives bit-identical results.
+Determinism: C depends only on how many units each row visits, and full rows and list rows share
+one code path whose unit index is either the slot itself or the sorted list entry. A list row whose
+list is the units 0..n-1 (in any order) therefore performs the very same operations as a full row of
+n units and gives bit-identical results (the other rows being the same).
 
 Scratch buffers are cached per (device, shapes) in `_SCRATCH` so that repeated calls (all layers,
 all steps) reuse them; run one call before capturing a CUDA graph so they are allocated outside the
@@ -50,9 +53,10 @@ _INVALID = tl.constexpr(2**30)
 
 
 @triton.jit
-def _row_chunks(row_units, seq_lens, R, HKV, T, U: tl.constexpr, C: tl.constexpr,
+def _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U: tl.constexpr, C_MIN: tl.constexpr,
                 R_PAD: tl.constexpr, HAS_LIST: tl.constexpr):
-    """Per-row unit and chunk counts and the inclusive prefix sum of the chunk counts."""
+    """Per-row unit and chunk counts, the inclusive prefix sum of the chunk counts, and C, the units
+    per chunk: C_FIXED if > 0, else the call's total units over ITEMS items (a multiple of C_MIN)."""
     rows = tl.arange(0, R_PAD)
     in_range = rows < R
     if HAS_LIST:
@@ -60,8 +64,10 @@ def _row_chunks(row_units, seq_lens, R, HKV, T, U: tl.constexpr, C: tl.constexpr
     else:
         lens = tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32)
         n = tl.cdiv(tl.minimum(tl.maximum(lens, 0), T), U)
-    nc = tl.cdiv(n, C)
-    return rows, n, nc, tl.cumsum(nc, 0)
+    c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_MIN), 1) * C_MIN
+    c = tl.where(C_FIXED > 0, C_FIXED, c)
+    nc = tl.cdiv(n, c)
+    return rows, n, nc, tl.cumsum(nc, 0), c
 
 
 @triton.jit
@@ -105,13 +111,13 @@ def _unit_at(list_row, slot, end, use_list, HAS_LIST: tl.constexpr):
 @triton.jit
 def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
                     part_acc, part_m, part_l, unit_lse,
-                    qk_scale, R, HKV, T,
+                    qk_scale, R, HKV, T, ITEMS, C_FIXED,
                     stride_qb, stride_qh,
                     stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt,
                     stride_fb, stride_fh, stride_eb, stride_eh,
                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
-                    BLOCK_N: tl.constexpr, C: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr,
+                    BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, WRITE_LSE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT whole units, or a unit spans SUB tiles.
@@ -120,7 +126,7 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
     TILE_UNIT: tl.constexpr = BLOCK_N // UPT  # tokens of one unit inside one tile
 
     w = tl.program_id(0)
-    rows, n, nc, cum = _row_chunks(row_units, seq_lens, R, HKV, T, U, C, R_PAD, HAS_LIST)
+    rows, n, nc, cum, C = _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U, C_MIN, R_PAD, HAS_LIST)
     if w >= tl.sum(nc, 0):
         return  # surplus program of the fixed-size grid
     r = tl.sum((cum <= w).to(tl.int32), 0)
@@ -192,14 +198,14 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
 
 @triton.jit
 def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, seq_lens,
-                  R, HKV, T, stride_ob, stride_oh,
-                  G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C: tl.constexpr,
+                  R, HKV, T, ITEMS, C_FIXED, stride_ob, stride_oh,
+                  G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr,
                   R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr):
     pid = tl.program_id(0)  # (sequence, query head)
     b = pid // (HKV * G)
     hq = pid % (HKV * G)
     r = b * HKV + hq // G
-    rows, n, nc, cum = _row_chunks(row_units, seq_lens, R, HKV, T, U, C, R_PAD, HAS_LIST)
+    rows, n, nc, cum, _ = _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U, C_MIN, R_PAD, HAS_LIST)
     this = rows == r
     num_chunks = tl.sum(tl.where(this, nc, 0), 0)
     first = tl.sum(tl.where(this, cum - nc, 0), 0)
@@ -257,9 +263,8 @@ def record_attention_reads(callback: Callable[..., None]) -> Iterator[None]:
 # Scratch per (device, work items, G, D, rows, list width): reused by every call of that shape.
 _SCRATCH: dict[tuple, dict[str, torch.Tensor]] = {}
 _NUM_SMS: dict[torch.device, int] = {}
-_WAVES = 8  # dense work items per SM the chunk heuristic aims for
+ITEMS_PER_SM = 2  # work items per SM the chunk size aims for (kernel_bench compares 1, 2, 4, 8)
 _MIN_CHUNK_TOKENS = 256  # below this the partial write and merge cost more than the split gains
-_MAX_CHUNK_TOKENS = 4096  # above this large batches leave too few items to balance hybrid rows
 
 
 def _num_sms(device: torch.device) -> int:
@@ -275,20 +280,8 @@ def _tile_tokens(head_dim: int) -> int:
     return max(16, min(128, 8192 // head_dim))
 
 
-def chunk_units(batch: int, kv_heads: int, capacity: int, unit_size: int, head_dim: int,
-                device: torch.device, chunk_tokens: int | None = None, work_tokens: int | None = None) -> int:
-    """Units per work item: about _WAVES items per SM, as a power of two between the bounds.
-
-    The items are sized for `work_tokens` tokens in all (default: every row full, batch * kv_heads *
-    capacity). The default depends on shapes and device only (never on lengths or lists), which keeps
-    chunking, and so the bits of the result, identical for a full row and a list row covering the same
-    units; a smaller `work_tokens` (what a hybrid call reads) spreads a light call over more items.
-    """
-    if chunk_tokens is None:
-        work = batch * kv_heads * capacity if work_tokens is None else work_tokens
-        target = work // (_WAVES * _num_sms(device))
-        chunk_tokens = 1 << max(target, 1).bit_length() - 1
-        chunk_tokens = max(_MIN_CHUNK_TOKENS, min(_MAX_CHUNK_TOKENS, chunk_tokens))
+def chunk_units(chunk_tokens: int, unit_size: int, head_dim: int) -> int:
+    """Units in a chunk of about `chunk_tokens` tokens: whole tiles of the partial kernel, at least one."""
     per_tile = max(1, _tile_tokens(head_dim) // unit_size)
     return max(per_tile, chunk_tokens // unit_size // per_tile * per_tile)
 
@@ -308,7 +301,7 @@ def _scratch(device: torch.device, work: int, group: int, head_dim: int, rows: i
 
 
 def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                          unit_lse, chunk_tokens):
+                          unit_lse, chunk_tokens, work_items):
     batch, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -328,12 +321,17 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     rows = batch * num_kv_heads
     num_units = capacity // unit_size
     block_n = _tile_tokens(head_dim)
-    units_per_chunk = chunk_units(batch, num_kv_heads, capacity, unit_size, head_dim, device, chunk_tokens)
+    min_chunk = chunk_units(_MIN_CHUNK_TOKENS, unit_size, head_dim)
+    fixed_chunk = chunk_units(chunk_tokens, unit_size, head_dim) if chunk_tokens else 0
+    items = work_items or ITEMS_PER_SM * _num_sms(device)
     list_width = unit_lists.shape[-1] if has_list else 0
     k_pad = max(2, triton.next_power_of_2(list_width))
-    # Fixed grid: the most items any row can have, times the rows (shapes only, no host sync).
+    # Fixed grid (shapes only, no host sync): the most items any row can have, times the rows; with
+    # chunks sized on the device, at most `items` + one partial chunk per row.
     most_units = num_units if (has_full or not has_list) else min(list_width, num_units)
-    work = rows * triton.cdiv(most_units, units_per_chunk)
+    work = rows * triton.cdiv(most_units, fixed_chunk or min_chunk)
+    if not fixed_chunk:
+        work = min(work, items + rows)
     r_pad = triton.next_power_of_2(rows)
     buf = _scratch(device, max(work, 1), group, head_dim, rows, k_pad)
 
@@ -360,18 +358,18 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
         _partial_kernel[(work,)](
             q, k, v, seq_lens, buf["row_units"], buf["sorted"], full_rows,
             buf["acc"], buf["m"], buf["l"], lse_buf,
-            scale * LOG2E, rows, num_kv_heads, capacity,
+            scale * LOG2E, rows, num_kv_heads, capacity, items, fixed_chunk,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *fstride, *lse_stride,
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size,
-            BLOCK_N=block_n, C=units_per_chunk, K_PAD=k_pad, R_PAD=r_pad,
+            BLOCK_N=block_n, C_MIN=min_chunk, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee",
             num_warps=4, num_stages=3 if two_byte else 2)
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], seq_lens,
-        rows, num_kv_heads, capacity, out.stride(0), out.stride(1),
-        G=group, D=head_dim, U=unit_size, C=units_per_chunk, R_PAD=r_pad,
+        rows, num_kv_heads, capacity, items, fixed_chunk, out.stride(0), out.stride(1),
+        G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, R_PAD=r_pad,
         CB=max(8, 4096 // head_dim), HAS_LIST=has_list, num_warps=4)
     return out, lse
 
@@ -390,13 +388,14 @@ def sparse_decode_attention(
     *,
     backend: Literal["auto", "triton", "reference"] = "auto",
     chunk_tokens: int | None = None,
+    work_items: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse decode attention; same arguments and results as `sparse_decode_attention_ref`.
 
     backend "auto" runs Triton on CUDA tensors and the PyTorch reference on CPU ones; "triton" on CPU
     tensors needs TRITON_INTERPRET=1 set before triton was imported (the tests do this).
-    chunk_tokens overrides the work-item size (tests and tuning; keep it fixed across calls that must
-    agree bit for bit).
+    chunk_tokens fixes the work-item size (tests and tuning); by default it is sized on the device so
+    that the units this call visits make about `work_items` items (default ITEMS_PER_SM per SM).
     """
     if _read_observer is not None:  # a global test: nothing to pay when no diagnostic records
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -410,4 +409,4 @@ def sparse_decode_attention(
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 before importing triton")
     return _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                                 unit_lse, chunk_tokens)
+                                 unit_lse, chunk_tokens, work_items)

@@ -216,7 +216,7 @@ def answer_hidden_states(
     handed = None  # [m, Hkv, T]: tokens the sparse units of each KV-head index read
     x = model.embed_tokens(answer.to(device))
     for i, layer in enumerate(model.layers):
-        q, k, v = layer.qkv(layer.input_layernorm(x), cos, sin)
+        q, k, v = layer.attention_input(x, cos, sin)
         cached_k, cached_v = cache.prefix(i, 0, context_len)
         keys = F.pad(torch.cat([cached_k, k.transpose(0, 1)], dim=1).float(), (0, 0, 0, capacity - end))
         values = F.pad(torch.cat([cached_v, v.transpose(0, 1)], dim=1).float(), (0, 0, 0, capacity - end))
@@ -237,8 +237,7 @@ def answer_hidden_states(
                     chosen = _handed_blocks(causal_logits, seq_lens, selector, aggregate)
                 keep = hands_on[i].to(device)[None, :, None]
                 handed = chosen if handed is None else torch.where(keep, chosen, handed)
-        x = x + layer.o_proj(out.to(x.dtype).reshape(m, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer.attention_output(x, out.to(x.dtype))
     return model.norm(x)
 
 
