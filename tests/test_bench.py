@@ -77,8 +77,8 @@ def test_e2e_real_weight_path_prefills_the_haystack(tmp_path, monkeypatch, one_t
     haystack = tmp_path / "essay.txt"
     haystack.write_text("The quick brown fox jumps over the lazy dog. " * 10)
 
-    def tiny_with_tokenizer(spec, method, device):
-        llm = LLM("random:tiny-llama", method=method, device=device)
+    def tiny_with_tokenizer(spec, method, device, **engine_options):
+        llm = LLM("random:tiny-llama", method=method, device=device, **engine_options)
         llm.tokenizer = lambda text, add_special_tokens: types.SimpleNamespace(input_ids=[ord(c) for c in text])
         return llm
 
