@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import triton  # noqa: E402
 
 from sparsedecode.kernels import sparse_decode_attention, sparse_decode_attention_ref  # noqa: E402
-from sparsedecode.kernels.sparse_decode import chunk_units  # noqa: E402
+from sparsedecode.kernels.sparse_decode import LAUNCH, Launch, chunk_units  # noqa: E402
 from sparsedecode.kernels import sparse_decode as sd  # noqa: E402
 
 # Triton picks interpreter or compiler when it decorates a function: if a test module imported triton
@@ -68,7 +68,7 @@ def poisoned():
 
 
 def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_lse=True, chunk_tokens=None,
-             work_items=None):
+             work_items=None, launch=LAUNCH):
     """Kernel and reference on the same inputs; unit_lse poisoned with NaN before the kernel."""
     scale = q.shape[-1] ** -0.5
     num_units = k.shape[2] // unit_size
@@ -77,7 +77,8 @@ def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_
     ref_lse = torch.empty(shape, device=q.device) if with_lse else None
     with poisoned():
         out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, lists, counts, full, unit_lse,
-                                           backend="triton", chunk_tokens=chunk_tokens, work_items=work_items)
+                                           backend="triton", chunk_tokens=chunk_tokens, work_items=work_items,
+                                           launch=launch)
     ref_out, ref = sparse_decode_attention_ref(q, k, v, lens, scale, unit_size, lists, counts, full, ref_lse)
     return (out, lse, unit_lse), (ref_out, ref, ref_lse)
 
@@ -154,7 +155,7 @@ def test_many_chunks_per_row(device):
     q, k, v, lens, _ = make_inputs(device, torch.float32, 2, 1, 2, 128, capacity, [capacity, capacity - 40], seed=3)
     lists = torch.arange(80, dtype=torch.int32, device=device).flip(0).expand(2, 1, 80).contiguous()
     counts = torch.tensor([[80], [60]], dtype=torch.int32, device=device)
-    assert chunk_units(unit_size, unit_size, 128) == 1
+    assert chunk_units(unit_size, unit_size, 64) == 1
     got, want = run_both(q, k, v, lens, unit_size, lists, counts, torch.tensor([[False], [True]], device=device),
                          chunk_tokens=unit_size)
     check(got, want, torch.float32)
@@ -261,9 +262,9 @@ def test_cuda_graph_replay_follows_new_lists_and_lengths():
 
 def test_chunk_bounds():
     """Whole 64-token tiles per chunk, at least one, whatever is asked."""
-    assert chunk_units(256, 64, 128) * 64 == 256 and chunk_units(256, 16, 128) * 16 == 256
-    assert chunk_units(16, 16, 128) == 4  # at least one 64-token tile
-    assert chunk_units(1000, 64, 128) == 15
+    assert chunk_units(256, 64, 64) * 64 == 256 and chunk_units(256, 16, 64) * 16 == 256
+    assert chunk_units(16, 16, 64) == 4  # at least one 64-token tile
+    assert chunk_units(1000, 64, 64) == 15 and chunk_units(1000, 16, 128) == 56
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -279,6 +280,21 @@ def test_chunks_sized_from_the_lengths(device, work_items):
     full = torch.tensor([[True, False, False], [False, False, True]], device=device)
     for args in [(), (lists, counts, full)]:
         check(*run_both(q, k, v, lens, unit_size, *args, work_items=work_items), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("launch", [Launch(tile_elements=16384, merge_elements=8192, num_warps=8, num_stages=4),
+                                    Launch(tile_elements=1024, merge_elements=256, items_per_sm=1, min_chunk_tokens=16)])
+def test_launch_settings_compute_the_same_op(device, launch):
+    """Other tiles, merge steps, warps and chunk sizes: still the reference's result (bf16, ragged)."""
+    unit_size, head_dim = 32, 64
+    capacity = 40 * unit_size
+    q, k, v, lens, gen = make_inputs(device, torch.bfloat16, 2, 2, 4, head_dim, capacity,
+                                     [capacity - 5, 9 * unit_size + 1], seed=17)
+    lists, counts = random_lists(gen, 2, 2, 12, 40, device)
+    full = torch.tensor([[True, False], [False, True]], device=device)
+    for args in [(), (lists, counts, full)]:
+        check(*run_both(q, k, v, lens, unit_size, *args, launch=launch), torch.bfloat16)
 
 
 def test_auto_backend_on_cpu_is_the_reference():

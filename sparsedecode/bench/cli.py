@@ -94,11 +94,16 @@ def bench_group() -> None:
 @bench_group.command("kernel")
 @click.option("--contexts", default="32k,128k", show_default=True, callback=_contexts, help="Context lengths.")
 @click.option("--batches", default="1,8", show_default=True, callback=_batches)
-def kernel(contexts: list[int], batches: list[int]) -> None:
+@click.option("--tune", is_flag=True, help="Instead of the table, search the kernels' launch settings (tiles, "
+              "warps, pipelining, chunking) on fixed cases and print every setting tried.")
+def kernel(contexts: list[int], batches: list[int], tune: bool) -> None:
     """One decode-attention layer (Llama-3.1-8B shapes): PyTorch SDPA against our dense and hybrid kernel."""
-    from .kernel_bench import run
+    from . import kernel_bench
 
-    run(tuple(contexts), tuple(batches))
+    if tune:
+        kernel_bench.tune()
+    else:
+        kernel_bench.run(tuple(contexts), tuple(batches))
 
 
 @bench_group.command("e2e")

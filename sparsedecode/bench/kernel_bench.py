@@ -6,12 +6,14 @@ are not measured) and timed with triton.testing.do_bench (median), rotating over
 caches so the inputs exceed L2. The floor is the KV bytes actually read over the measured
 device-copy bandwidth.
 
-    python -m sparsedecode.bench.kernel_bench
+    sparsedecode bench kernel           # the table
+    sparsedecode bench kernel --tune    # search the kernels' launch settings (`Launch`)
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -20,7 +22,7 @@ import triton
 import triton.testing
 
 from ..kernels import sparse_decode_attention, sparse_decode_attention_ref
-from ..kernels.sparse_decode import ITEMS_PER_SM
+from ..kernels.sparse_decode import LAUNCH, Launch
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 UNIT, BUDGET_UNITS = 64, 64  # list rows: 64 units of 64 tokens = 4096 tokens
@@ -91,48 +93,57 @@ def check(c: dict[str, torch.Tensor], scale: float) -> None:
             torch.testing.assert_close(got[finite], want[finite], atol=2e-3, rtol=2e-3)
 
 
-def bench_config(context: int, batch: int, bandwidth: float) -> list[Row]:
+def make_caches(context: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    """Enough random caches that rotating over them exceeds L2, the first checked against the reference."""
     gen = torch.Generator(device="cuda").manual_seed(context + batch)
     cache_bytes = 2 * batch * NUM_KV_HEADS * context * HEAD_DIM * 2
     caches = [make_cache(batch, context, gen) for _ in range(max(2, -(-4 * L2_BYTES // cache_bytes)))]
+    check(caches[0], HEAD_DIM**-0.5)
+    return caches
+
+
+def dense(c: dict[str, torch.Tensor], launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], HEAD_DIM**-0.5, launch=launch)
+
+
+def hybrid(c: dict[str, torch.Tensor], with_lse: bool = True, launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full row (retrieval KV head) per sequence, the others 64 listed units: Lychee's layer."""
+    return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], HEAD_DIM**-0.5, UNIT, c["lists"], c["counts"],
+                                   c["full"], c["unit_lse"] if with_lse else None, launch=launch)
+
+
+def kv_bytes(context: int, batch: int, method: str) -> int:
+    """K and V bytes the call reads: every token of every head (dense), or one full head per sequence
+    and the listed units of the others (hybrid)."""
+    per_token = HEAD_DIM * 2 * 2
+    if method == "dense":
+        return per_token * batch * NUM_KV_HEADS * context
+    return per_token * (batch * context + batch * (NUM_KV_HEADS - 1) * min(context, BUDGET_UNITS * UNIT))
+
+
+def bench_config(context: int, batch: int, bandwidth: float) -> list[Row]:
+    caches = make_caches(context, batch)
     scale = HEAD_DIM**-0.5
-    check(caches[0], scale)
 
     def sdpa(c):
         q = c["q"][:, :, None, :]
         return F.scaled_dot_product_attention(q, c["k"][:, :, :context], c["v"][:, :, :context], scale=scale,
                                               enable_gqa=True)
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-
-    def dense(c, per_sm=ITEMS_PER_SM):
-        return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale, work_items=per_sm * sms)
-
-    full_rows = batch  # one full KV head per sequence
-    hybrid_tokens = full_rows * context + (batch * NUM_KV_HEADS - full_rows) * min(context, BUDGET_UNITS * UNIT)
-
-    def hybrid(c, with_lse=False, per_sm=ITEMS_PER_SM):
-        return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale, UNIT, c["lists"], c["counts"],
-                                       c["full"], c["unit_lse"] if with_lse else None, work_items=per_sm * sms)
-
-    hybrid_bytes = HEAD_DIM * 2 * 2 * hybrid_tokens  # K and V of one token of one head
     methods = [
-        ("sdpa dense", sdpa, cache_bytes),
-        ("ours dense", dense, cache_bytes),
-        ("ours hybrid", hybrid, hybrid_bytes),
-        ("ours hybrid + unit_lse", lambda c: hybrid(c, True), hybrid_bytes),
+        ("sdpa dense", sdpa, kv_bytes(context, batch, "dense")),
+        ("ours dense", dense, kv_bytes(context, batch, "dense")),
+        ("ours hybrid", lambda c: hybrid(c, with_lse=False), kv_bytes(context, batch, "hybrid")),
+        ("ours hybrid + unit_lse", hybrid, kv_bytes(context, batch, "hybrid")),
     ]
-    # The work-item count the chunk size aims for (the default is ITEMS_PER_SM per SM), compared.
-    for per_sm in (1, 4, 8):
-        methods += [(f"ours dense, {per_sm} items/SM", lambda c, n=per_sm: dense(c, n), cache_bytes),
-                    (f"ours hybrid + unit_lse, {per_sm} items/SM", lambda c, n=per_sm: hybrid(c, True, n), hybrid_bytes)]
     rows = []
     for name, fn, nbytes in methods:
         us = timed([lambda c=c: fn(c) for c in caches])
         rows.append(Row(name, context, batch, us, nbytes, 1e6 * nbytes / bandwidth))
     if batch == 1:
-        profile(lambda: hybrid(caches[0], True), f"hybrid + unit_lse, {context // 1024}K, batch 1")
-    del caches
+        first = caches[0]
+        profile(lambda: hybrid(first), f"hybrid + unit_lse, {context // 1024}K, batch 1")
+    caches.clear()
     torch.cuda.empty_cache()
     return rows
 
@@ -166,6 +177,58 @@ def run(contexts: tuple[int, ...] = (32768, 131072), batches: tuple[int, ...] = 
         print(f"| {row.method} | {row.context // 1024}K | {row.batch} | {row.us:.1f} | {row.kv_bytes / row.us / 1e3:.0f} "
               f"| {row.floor_us:.1f} | {row.us / row.floor_us:.2f} | {base / row.us:.2f} |")
     return rows
+
+
+#: the values `tune` tries for each `Launch` field
+TUNE_GRID: dict[str, tuple[int, ...]] = {
+    "num_stages": (2, 3, 4, 5),
+    "num_warps": (4, 8),
+    "tile_elements": (4096, 8192, 16384),
+    "items_per_sm": (2, 3, 4),
+    "merge_elements": (4096, 8192, 16384),
+    "min_chunk_tokens": (128, 256, 512),
+}
+#: the calls `tune` scores a setting on: (method, context, batch)
+TUNE_CASES = (("hybrid", 131072, 1), ("hybrid", 32768, 8), ("hybrid", 131072, 8), ("dense", 131072, 1),
+              ("dense", 32768, 8))
+
+
+def tune(rounds: int = 1) -> Launch:
+    """Coordinate descent over `TUNE_GRID` from the current default: each field in turn takes the value
+    with the lowest geometric mean of the time over floor of `TUNE_CASES` (hybrid with unit_lse, as
+    Lychee calls it; dense so that it does not regress). Prints every setting tried, best last."""
+    bandwidth = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    caches = {(ctx, b): make_caches(ctx, b) for ctx, b in {(ctx, b) for _, ctx, b in TUNE_CASES}}
+    scores: dict[Launch, list[float]] = {}
+
+    def score(launch: Launch) -> float:
+        if launch not in scores:
+            ratios = []
+            for method, ctx, b in TUNE_CASES:
+                fn = dense if method == "dense" else hybrid
+                us = timed([lambda c=c: fn(c, launch=launch) for c in caches[(ctx, b)]])
+                ratios.append(us / (1e6 * kv_bytes(ctx, b, method) / bandwidth))
+            scores[launch] = ratios
+            print(f"{launch}: time/floor {' '.join(f'{r:.2f}' for r in ratios)}, "
+                  f"geomean {math.prod(ratios) ** (1 / len(ratios)):.3f}", flush=True)
+        return math.prod(scores[launch])
+
+    best = LAUNCH
+    for _ in range(rounds):
+        before = best
+        for field, values in TUNE_GRID.items():
+            best = min((replace(best, **{field: value}) for value in values), key=score)
+        if best == before:
+            break
+    print("\n| setting | " + " | ".join(f"{m} {ctx // 1024}K B{b}" for m, ctx, b in TUNE_CASES) + " | geomean |")
+    print("|---|" + "---|" * (len(TUNE_CASES) + 1))
+    for launch, ratios in sorted(scores.items(), key=lambda item: -math.prod(item[1])):
+        fields = ", ".join(f"{f}={getattr(launch, f)}" for f in TUNE_GRID if getattr(launch, f) != getattr(LAUNCH, f))
+        print(f"| {fields or 'default'} | " + " | ".join(f"{r:.2f}" for r in ratios)
+              + f" | {math.prod(ratios) ** (1 / len(ratios)):.3f} |")
+    print(f"\nbest: {best}")
+    return best
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -263,8 +264,26 @@ def record_attention_reads(callback: Callable[..., None]) -> Iterator[None]:
 # Scratch per (device, work items, G, D, rows, list width): reused by every call of that shape.
 _SCRATCH: dict[tuple, dict[str, torch.Tensor]] = {}
 _NUM_SMS: dict[torch.device, int] = {}
-ITEMS_PER_SM = 2  # work items per SM the chunk size aims for (kernel_bench compares 1, 2, 4, 8)
-_MIN_CHUNK_TOKENS = 256  # below this the partial write and merge cost more than the split gains
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the partial and merge kernels are launched. Any values compute the same op (up to the order
+    of float sums); the defaults are the fastest found by `sparsedecode bench kernel --tune` on an
+    H100 (docs/results.md, "Kernel launch tuning")."""
+
+    items_per_sm: int = 2  # work items the device-side chunk size aims for, per SM
+    tile_elements: int = 8192  # K (or V) elements per tile of the partial kernel: 64 tokens at d=128
+    num_warps: int = 4  # of the partial kernel
+    num_stages: int = 3  # software-pipelining depth of the partial kernel for 2-byte dtypes (fp32: 2)
+    merge_elements: int = 4096  # partial-accumulator elements per step of the merge: 32 partials at d=128
+    min_chunk_tokens: int = 256  # below this the partial write and merge cost more than the split gains
+
+    def tile_tokens(self, head_dim: int) -> int:
+        return max(16, min(128, self.tile_elements // head_dim))
+
+
+LAUNCH = Launch()
 
 
 def _num_sms(device: torch.device) -> int:
@@ -275,14 +294,9 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[device]
 
 
-def _tile_tokens(head_dim: int) -> int:
-    # 64 tokens x 128 dims (16 KiB of bf16 per K or V tile) at the model's head size.
-    return max(16, min(128, 8192 // head_dim))
-
-
-def chunk_units(chunk_tokens: int, unit_size: int, head_dim: int) -> int:
+def chunk_units(chunk_tokens: int, unit_size: int, tile_tokens: int) -> int:
     """Units in a chunk of about `chunk_tokens` tokens: whole tiles of the partial kernel, at least one."""
-    per_tile = max(1, _tile_tokens(head_dim) // unit_size)
+    per_tile = max(1, tile_tokens // unit_size)
     return max(per_tile, chunk_tokens // unit_size // per_tile * per_tile)
 
 
@@ -301,7 +315,7 @@ def _scratch(device: torch.device, work: int, group: int, head_dim: int, rows: i
 
 
 def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                          unit_lse, chunk_tokens, work_items):
+                          unit_lse, chunk_tokens, work_items, launch):
     batch, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -320,10 +334,10 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     device = q.device
     rows = batch * num_kv_heads
     num_units = capacity // unit_size
-    block_n = _tile_tokens(head_dim)
-    min_chunk = chunk_units(_MIN_CHUNK_TOKENS, unit_size, head_dim)
-    fixed_chunk = chunk_units(chunk_tokens, unit_size, head_dim) if chunk_tokens else 0
-    items = work_items or ITEMS_PER_SM * _num_sms(device)
+    block_n = launch.tile_tokens(head_dim)
+    min_chunk = chunk_units(launch.min_chunk_tokens, unit_size, block_n)
+    fixed_chunk = chunk_units(chunk_tokens, unit_size, block_n) if chunk_tokens else 0
+    items = work_items or launch.items_per_sm * _num_sms(device)
     list_width = unit_lists.shape[-1] if has_list else 0
     k_pad = max(2, triton.next_power_of_2(list_width))
     # Fixed grid (shapes only, no host sync): the most items any row can have, times the rows; with
@@ -365,12 +379,12 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             BLOCK_N=block_n, C_MIN=min_chunk, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee",
-            num_warps=4, num_stages=3 if two_byte else 2)
+            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else 2)
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], seq_lens,
         rows, num_kv_heads, capacity, items, fixed_chunk, out.stride(0), out.stride(1),
         G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, R_PAD=r_pad,
-        CB=max(8, 4096 // head_dim), HAS_LIST=has_list, num_warps=4)
+        CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, num_warps=4)
     return out, lse
 
 
@@ -389,13 +403,15 @@ def sparse_decode_attention(
     backend: Literal["auto", "triton", "reference"] = "auto",
     chunk_tokens: int | None = None,
     work_items: int | None = None,
+    launch: Launch = LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse decode attention; same arguments and results as `sparse_decode_attention_ref`.
 
     backend "auto" runs Triton on CUDA tensors and the PyTorch reference on CPU ones; "triton" on CPU
     tensors needs TRITON_INTERPRET=1 set before triton was imported (the tests do this).
     chunk_tokens fixes the work-item size (tests and tuning); by default it is sized on the device so
-    that the units this call visits make about `work_items` items (default ITEMS_PER_SM per SM).
+    that the units this call visits make about `work_items` items (default `launch.items_per_sm` per
+    SM). `launch` sets the kernels' tiles, warps and pipelining (see `Launch`).
     """
     if _read_observer is not None:  # a global test: nothing to pay when no diagnostic records
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -409,4 +425,4 @@ def sparse_decode_attention(
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 before importing triton")
     return _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                                 unit_lse, chunk_tokens, work_items)
+                                 unit_lse, chunk_tokens, work_items, launch)
