@@ -150,14 +150,15 @@ def test_lists_without_full_rows(device, unit_size):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_many_chunks_per_row(device):
-    """More chunks in a row than the merge handles in one block (32 at d=128)."""
+    """More chunks in a row than the merge takes in one step (8 at d=128 with this launch)."""
     unit_size, capacity = 64, 64 * 80
+    launch = Launch(merge_elements=8 * 128)
     q, k, v, lens, _ = make_inputs(device, torch.float32, 2, 1, 2, 128, capacity, [capacity, capacity - 40], seed=3)
     lists = torch.arange(80, dtype=torch.int32, device=device).flip(0).expand(2, 1, 80).contiguous()
     counts = torch.tensor([[80], [60]], dtype=torch.int32, device=device)
-    assert chunk_units(unit_size, unit_size, 64) == 1
+    assert chunk_units(unit_size, unit_size, launch.tile_tokens(128)) == 2  # 40 chunks per row
     got, want = run_both(q, k, v, lens, unit_size, lists, counts, torch.tensor([[False], [True]], device=device),
-                         chunk_tokens=unit_size)
+                         chunk_tokens=unit_size, launch=launch)
     check(got, want, torch.float32)
 
 

@@ -273,11 +273,11 @@ class Launch:
     H100 (docs/results.md, "Kernel launch tuning")."""
 
     items_per_sm: int = 2  # work items the device-side chunk size aims for, per SM
-    tile_elements: int = 8192  # K (or V) elements per tile of the partial kernel: 64 tokens at d=128
+    tile_elements: int = 16384  # K (or V) elements per tile of the partial kernel: 128 tokens at d=128
     num_warps: int = 4  # of the partial kernel
-    num_stages: int = 3  # software-pipelining depth of the partial kernel for 2-byte dtypes (fp32: 2)
-    merge_elements: int = 4096  # partial-accumulator elements per step of the merge: 32 partials at d=128
-    min_chunk_tokens: int = 256  # below this the partial write and merge cost more than the split gains
+    num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper was slower on H100)
+    merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
+    min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
 
     def tile_tokens(self, head_dim: int) -> int:
         return max(16, min(128, self.tile_elements // head_dim))
@@ -379,7 +379,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             BLOCK_N=block_n, C_MIN=min_chunk, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee",
-            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else 2)
+            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], seq_lens,
         rows, num_kv_heads, capacity, items, fixed_chunk, out.stride(0), out.stride(1),
