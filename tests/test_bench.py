@@ -251,3 +251,17 @@ def test_kernel_subcommand_calls_the_kernel_benchmark(monkeypatch):
     assert got == [((32768, 131072), (8,))]
     result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "lots"])
     assert result.exit_code == 2 and "bad token count 'lots'" in result.output
+
+
+def test_profiled_kernels_are_listed_under_the_table():
+    """A step profiled with --profile gets its own table: the top kernels and the rest summed."""
+    meta = dict(device="GPU", torch="2", transformers="5", date="today", copy_bandwidth=3e12, steps=30, warmup=5,
+                budget=4096, roles="random:24")
+    kernels = {f"kernel_{i}": float(20 - i) for i in range(e2e.PROFILE_TOP + 2)}
+    row = dict(model="random:tiny-llama", context=131072, batch=1, method="lychee", p10_ms=1.0, p90_ms=1.2,
+               ceiling_fraction=0.8,
+               variants={"default": dict(weight=1.0, kernels_us=kernels)})
+    text = e2e.results_markdown(dict(meta=meta, rows=[row], hf=[], notes=[]))
+    assert "## Kernels of one step: random:tiny-llama 128K B1 lychee (default step" in text
+    assert "| kernel_0 | 20.0 |" in text and "kernel_12" not in text
+    assert "| (all others) | 15.0 |" in text  # kernel_12 and kernel_13: 8 + 7

@@ -137,12 +137,15 @@ def kernel(contexts: list[int], batches: list[int], tune: bool) -> None:
               help="Prompt text of real-weight models: a text file or a folder of *.txt (default: the essays).")
 @click.option("--compile/--no-compile", "compile_decode", default=True, show_default=True,
               help="Fuse the engine's element-wise decode work with torch.compile (--no-compile: measure it unfused).")
+@click.option("--profile", is_flag=True, help="Also list the device time of each kernel in one step of each "
+              "method (PyTorch profiler over CUDA-graph replays; CUDA only).")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--out", default="out/bench-e2e", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json, results.md and the PNG plots.")
 def e2e(models: list[str], contexts: list[int], batches: list[int], methods: list[str], budget: int, roles: str,
         steps: int, warmup: int, hf_baseline: bool, hf_modes: tuple[str, ...], hf_context: int,
-        hf_random_shapes: bool, haystack: str | None, compile_decode: bool, device: str | None, out: Path) -> None:
+        hf_random_shapes: bool, haystack: str | None, compile_decode: bool, profile: bool, device: str | None,
+        out: Path) -> None:
     """Whole decode steps per method: ms/step with spread, GB/s, the bytes floor, x dense, ceiling, x transformers."""
     from .e2e import E2EOptions, results_markdown, run_e2e
 
@@ -153,6 +156,7 @@ def e2e(models: list[str], contexts: list[int], batches: list[int], methods: lis
         models=models, contexts=contexts, batches=batches, methods=methods, budget=budget, roles=roles,
         steps=steps, warmup=warmup, hf_modes=hf_modes if hf_baseline else (), hf_context=hf_context,
         hf_random_shapes=hf_random_shapes, haystack=haystack, device=device, compile_decode=compile_decode,
+        profile=profile,
     )
     results = run_e2e(opts, out)
     click.echo(results_markdown(results))

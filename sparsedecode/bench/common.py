@@ -79,6 +79,19 @@ def median_time(
     return Timing.of([start.elapsed_time(end) / 1e3 for start, end in events])
 
 
+def kernel_times(fn: Callable[[], Any], steps: int = 10) -> list[tuple[str, float]]:
+    """Device seconds per call of `fn` spent in each kernel (by name, most first), from the PyTorch
+    profiler over `steps` calls after one untimed call; kernels replayed from CUDA graphs included."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return [(e.key, e.device_time_total / 1e6 / steps) for e in sorted(events, key=lambda e: -e.device_time_total)]
+
+
 def _current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -45,6 +45,7 @@ from ..models.transformer import Transformer
 from .common import (
     Timing,
     format_cell,
+    kernel_times,
     markdown_table,
     measure_copy_bandwidth,
     median_time,
@@ -57,6 +58,7 @@ from .common import (
 SDPA = "sdpa"
 VARIANT_WINDOW = 4096  # decode steps over which step-kind frequencies are counted
 METHOD_STATE_FRACTION = 0.1  # method state beside the cache (Quest's page min/max keys are 1/16 of it)
+PROFILE_TOP = 12  # kernels listed per profiled step
 HEADROOM_BYTES = 2 << 30  # activations, graph pools and kernel scratch
 HF_REPEATS = 2  # generate calls per length; their minimum counts
 
@@ -97,6 +99,7 @@ class E2EOptions:
     haystack: str | None = None  # the prompt text source of real models (default: the essays)
     device: str | None = None
     compile_decode: bool = True  # False: the engine's element-wise work unfused (to measure what fusing gives)
+    profile: bool = False  # also record the device time per kernel of one step of each method (CUDA)
 
 
 @dataclass
@@ -294,6 +297,9 @@ def _measure(llm: LLM, method: str, options: dict[str, Any], batch: int, capacit
                              repeats=opts.steps, warmup=opts.warmup, device=llm.device)
         rows = llm.method.kv_tokens_read(context + 1, variant)
         variants[variant] = dict(weight=count / VARIANT_WINDOW, kv_rows=rows, **timing.to_dict())
+        if opts.profile and llm.device.type == "cuda":
+            kernels = kernel_times(lambda v=variant: llm._decode(v, tokens, positions, cache))
+            variants[variant]["kernels_us"] = {name: round(sec * 1e6, 2) for name, sec in kernels}
 
     def weighted(key: str) -> float:
         return sum(v["weight"] * v[key] for v in variants.values())
@@ -459,6 +465,15 @@ def results_markdown(results: dict[str, Any]) -> str:
         hf_rows = [{"model": h["model"], "ctx": _tokens_label(h["context"]), "B": h["batch"], "mode": h["mode"],
                     "HF ms/step": h["ms"]} for h in results["hf"]]
         parts += ["## transformers generate", markdown_table(hf_rows)]
+    for r in results["rows"]:
+        for variant, v in r["variants"].items():
+            if "kernels_us" in v:
+                title = f"## Kernels of one step: {r['model']} {_tokens_label(r['context'])} B{r['batch']} {r['method']}"
+                top = list(v["kernels_us"].items())[:PROFILE_TOP]
+                rest = sum(v["kernels_us"].values()) - sum(us for _, us in top)
+                lines = [f"| {name[:70]} | {us:.1f} |" for name, us in top] + [f"| (all others) | {rest:.1f} |"]
+                parts += [f"{title} ({variant} step; device us per step, most first)",
+                          "| kernel | us |\n|---|---|\n" + "\n".join(lines)]
     if results["notes"]:
         parts += ["## Notes", "\n".join(f"- {n}" for n in results["notes"])]
     return "\n\n".join(parts) + "\n"

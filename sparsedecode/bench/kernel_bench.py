@@ -23,6 +23,7 @@ import triton.testing
 
 from ..kernels import sparse_decode_attention, sparse_decode_attention_ref
 from ..kernels.sparse_decode import LAUNCH, Launch
+from .common import kernel_times
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 UNIT, BUDGET_UNITS = 64, 64  # list rows: 64 units of 64 tokens = 4096 tokens
@@ -148,18 +149,11 @@ def bench_config(context: int, batch: int, bandwidth: float) -> list[Row]:
     return rows
 
 
-def profile(call: Callable[[], object], title: str, steps: int = 20) -> None:
-    """Device time per kernel of `call` (eager, `steps` calls): where a layer's microseconds go."""
-    call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            call()
-        torch.cuda.synchronize()
+def profile(call: Callable[[], object], title: str) -> None:
+    """Device time per kernel of `call` (eager): where a layer's microseconds go."""
     print(f"\nprofile of {title}, per call:")
-    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-        if event.device_time_total > 0:
-            print(f"  {event.key[:60]:60s} {event.device_time_total / steps:8.1f} us")
+    for name, seconds in kernel_times(call, steps=20):
+        print(f"  {name[:60]:60s} {seconds * 1e6:8.1f} us")
 
 
 def run(contexts: tuple[int, ...] = (32768, 131072), batches: tuple[int, ...] = (1, 8)) -> list[Row]:
@@ -184,7 +178,7 @@ TUNE_GRID: dict[str, tuple[int, ...]] = {
     "num_stages": (2, 3, 4, 5),
     "num_warps": (4, 8),
     "tile_elements": (4096, 8192, 16384),
-    "items_per_sm": (2, 3, 4),
+    "items_per_sm": (1, 2, 3, 4),
     "merge_elements": (4096, 8192, 16384),
     "min_chunk_tokens": (128, 256, 512),
 }

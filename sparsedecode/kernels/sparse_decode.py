@@ -55,9 +55,12 @@ _INVALID = tl.constexpr(2**30)
 
 @triton.jit
 def _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U: tl.constexpr, C_MIN: tl.constexpr,
-                R_PAD: tl.constexpr, HAS_LIST: tl.constexpr):
+                C_TILE: tl.constexpr, R_PAD: tl.constexpr, HAS_LIST: tl.constexpr):
     """Per-row unit and chunk counts, the inclusive prefix sum of the chunk counts, and C, the units
-    per chunk: C_FIXED if > 0, else the call's total units over ITEMS items (a multiple of C_MIN)."""
+    per chunk: C_FIXED if > 0, else the call's total units over ITEMS items, in whole tiles of C_TILE
+    units and at least C_MIN. (Rounding up to whole C_MIN instead would leave far fewer items than
+    ITEMS, and a second wave on a few SMs: on one 128K retrieval head and seven 4K lists, 156 items
+    where 264 were asked.)"""
     rows = tl.arange(0, R_PAD)
     in_range = rows < R
     if HAS_LIST:
@@ -65,7 +68,7 @@ def _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U: tl.constexpr,
     else:
         lens = tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32)
         n = tl.cdiv(tl.minimum(tl.maximum(lens, 0), T), U)
-    c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_MIN), 1) * C_MIN
+    c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_TILE) * C_TILE, C_MIN)
     c = tl.where(C_FIXED > 0, C_FIXED, c)
     nc = tl.cdiv(n, c)
     return rows, n, nc, tl.cumsum(nc, 0), c
@@ -118,16 +121,18 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
                     stride_vb, stride_vh, stride_vt,
                     stride_fb, stride_fh, stride_eb, stride_eh,
                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
-                    BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr,
+                    BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
+                    R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, WRITE_LSE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    # A tile of BLOCK_N tokens covers UPT whole units, or a unit spans SUB tiles.
-    UPT: tl.constexpr = BLOCK_N // U if BLOCK_N >= U else 1
+    # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
+    UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
     TILE_UNIT: tl.constexpr = BLOCK_N // UPT  # tokens of one unit inside one tile
 
     w = tl.program_id(0)
-    rows, n, nc, cum, C = _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U, C_MIN, R_PAD, HAS_LIST)
+    rows, n, nc, cum, C = _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U, C_MIN, C_TILE, R_PAD,
+                                       HAS_LIST)
     if w >= tl.sum(nc, 0):
         return  # surplus program of the fixed-size grid
     r = tl.sum((cum <= w).to(tl.int32), 0)
@@ -200,13 +205,14 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
 @triton.jit
 def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, seq_lens,
                   R, HKV, T, ITEMS, C_FIXED, stride_ob, stride_oh,
-                  G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr,
+                  G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr,
                   R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr):
     pid = tl.program_id(0)  # (sequence, query head)
     b = pid // (HKV * G)
     hq = pid % (HKV * G)
     r = b * HKV + hq // G
-    rows, n, nc, cum, _ = _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U, C_MIN, R_PAD, HAS_LIST)
+    rows, n, nc, cum, _ = _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U, C_MIN, C_TILE, R_PAD,
+                                       HAS_LIST)
     this = rows == r
     num_chunks = tl.sum(tl.where(this, nc, 0), 0)
     first = tl.sum(tl.where(this, cum - nc, 0), 0)
@@ -335,6 +341,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     rows = batch * num_kv_heads
     num_units = capacity // unit_size
     block_n = launch.tile_tokens(head_dim)
+    tile_units = max(1, block_n // unit_size)
     min_chunk = chunk_units(launch.min_chunk_tokens, unit_size, block_n)
     fixed_chunk = chunk_units(chunk_tokens, unit_size, block_n) if chunk_tokens else 0
     items = work_items or launch.items_per_sm * _num_sms(device)
@@ -376,14 +383,14 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *fstride, *lse_stride,
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size,
-            BLOCK_N=block_n, C_MIN=min_chunk, K_PAD=k_pad, R_PAD=r_pad,
+            BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee",
             num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], seq_lens,
         rows, num_kv_heads, capacity, items, fixed_chunk, out.stride(0), out.stride(1),
-        G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, R_PAD=r_pad,
+        G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
         CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, num_warps=4)
     return out, lse
 
