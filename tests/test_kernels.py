@@ -298,6 +298,40 @@ def test_launch_settings_compute_the_same_op(device, launch):
         check(*run_both(q, k, v, lens, unit_size, *args, launch=launch), torch.bfloat16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("unit_size", [16, 64])
+def test_sorted_lists_skip_the_plan_with_the_same_bits(device, unit_size):
+    """Valid ascending lists (as the selection kernels write them) read as given give exactly the bits
+    of the planned path, which gives the reference's result; full rows and ragged lengths included."""
+    batch, kv_heads, group, head_dim, width = 3, 2, 4, 64, 9
+    capacity = 24 * unit_size
+    lens_list = [capacity - 3, 5 * unit_size + 1, unit_size // 2]
+    q, k, v, lens, gen = make_inputs(device, torch.bfloat16, batch, kv_heads, group, head_dim, capacity,
+                                     lens_list, seed=19)
+    lists = torch.full((batch, kv_heads, width), capacity // unit_size, dtype=torch.int32)  # sentinel padding
+    counts = torch.zeros(batch, kv_heads, dtype=torch.int32)
+    for b, length in enumerate(lens_list):
+        held = triton.cdiv(length, unit_size)
+        for h in range(kv_heads):
+            n = min(width, held, int(torch.randint(1, width + 1, (1,), generator=gen)))
+            lists[b, h, :n] = torch.randperm(held, generator=gen)[:n].sort().values
+            counts[b, h] = n
+    lists, counts = lists.to(device), counts.to(device)
+    full = torch.tensor([[True, False], [False, False], [False, True]], device=device)
+    scale = head_dim**-0.5
+    results = []
+    for sorted_lists in (False, True):
+        unit_lse = torch.empty(batch, group * kv_heads, capacity // unit_size, device=device)
+        out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, lists, counts, full, unit_lse,
+                                           backend="triton", work_items=5, sorted_lists=sorted_lists)
+        results.append((out, lse, unit_lse))
+    for planned, given in zip(results[0], results[1]):
+        assert torch.equal(planned, given)
+    ref_lse = torch.empty_like(results[1][2])
+    ref_out, ref = sparse_decode_attention_ref(q, k, v, lens, scale, unit_size, lists, counts, full, ref_lse)
+    check(results[1], (ref_out, ref, ref_lse), torch.bfloat16)
+
+
 def test_auto_backend_on_cpu_is_the_reference():
     q, k, v, lens, _ = make_inputs("cpu", torch.float32, 2, 2, 2, 64, 128, [100, 3], seed=1)
     out, lse = sparse_decode_attention(q, k, v, lens, 0.125, 64)

@@ -7,8 +7,8 @@ heads of the GQA group are processed together, so every K/V tile is read from me
 
 Three launches, none of which syncs with the host (so a call can be captured in a CUDA graph):
 
-1. `_plan_kernel` (only with unit lists), one program per row: sorts the row's valid units ascending
-   (invalid entries pushed past the end) and stores how many units the row visits.
+1. `_plan_kernel` (only with unit lists not promised sorted), one program per row: sorts the row's
+   valid units ascending (invalid entries pushed past the end) and stores how many units it visits.
 2. `_partial_kernel`, the work pool: each row's unit sequence is cut into chunks of C units; the
    (row, chunk) work items are numbered row-major and every program finds its own item from a prefix
    sum of the per-row chunk counts. C is computed on the device from the units the rows visit in
@@ -54,8 +54,10 @@ _INVALID = tl.constexpr(2**30)
 
 
 @triton.jit
-def _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U: tl.constexpr, C_MIN: tl.constexpr,
-                C_TILE: tl.constexpr, R_PAD: tl.constexpr, HAS_LIST: tl.constexpr):
+def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
+                stride_cb, stride_ch, stride_fb, stride_fh, U: tl.constexpr, C_MIN: tl.constexpr,
+                C_TILE: tl.constexpr, R_PAD: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
+                SORTED: tl.constexpr):
     """Per-row unit and chunk counts, the inclusive prefix sum of the chunk counts, and C, the units
     per chunk: C_FIXED if > 0, else the call's total units over ITEMS items, in whole tiles of C_TILE
     units and at least C_MIN. (Rounding up to whole C_MIN instead would leave far fewer items than
@@ -63,11 +65,20 @@ def _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U: tl.constexpr,
     where 264 were asked.)"""
     rows = tl.arange(0, R_PAD)
     in_range = rows < R
+    lens = tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32)
+    n = tl.cdiv(tl.minimum(tl.maximum(lens, 0), T), U)
     if HAS_LIST:
-        n = tl.load(row_units + rows, mask=in_range, other=0)
-    else:
-        lens = tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32)
-        n = tl.cdiv(tl.minimum(tl.maximum(lens, 0), T), U)
+        if SORTED:  # the caller's lists are valid as given: the row visits its first `count` entries
+            b = rows // HKV
+            h = rows % HKV
+            count = tl.load(unit_counts + b * stride_cb + h * stride_ch, mask=in_range, other=0)
+            listed = tl.minimum(tl.maximum(count, 0), tl.minimum(n, K))
+            if HAS_FULL:
+                full = tl.load(full_rows + b * stride_fb + h * stride_fh, mask=in_range, other=0) != 0
+                listed = tl.where(full, n, listed)
+            n = listed
+        else:
+            n = tl.load(row_units + rows, mask=in_range, other=0)
     c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_TILE) * C_TILE, C_MIN)
     c = tl.where(C_FIXED > 0, C_FIXED, c)
     nc = tl.cdiv(n, c)
@@ -99,40 +110,43 @@ def _plan_kernel(unit_lists, unit_counts, full_rows, seq_lens, row_units, sorted
 
 
 @triton.jit
-def _unit_at(list_row, slot, end, use_list, HAS_LIST: tl.constexpr):
+def _unit_at(list_row, slot, end, use_list, stride, HAS_LIST: tl.constexpr, SORTED: tl.constexpr):
     """Unit index held in `slot` of the row, -1 where the slot is past `end` or a duplicate."""
     in_chunk = slot < end
     unit = slot
     if HAS_LIST:
         from_list = in_chunk & use_list
-        listed = tl.load(list_row + slot, mask=from_list, other=-1)
-        prev = tl.load(list_row + slot - 1, mask=from_list & (slot > 0), other=-1)
-        listed = tl.where(listed == prev, -1, listed)
+        listed = tl.load(list_row + slot * stride, mask=from_list, other=-1)
+        if not SORTED:
+            prev = tl.load(list_row + slot - 1, mask=from_list & (slot > 0), other=-1)
+            listed = tl.where(listed == prev, -1, listed)
         unit = tl.where(use_list, listed, slot)
     return tl.where(in_chunk, unit, -1)
 
 
 @triton.jit
-def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
+def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
                     part_acc, part_m, part_l, unit_lse,
-                    qk_scale, R, HKV, T, ITEMS, C_FIXED,
+                    qk_scale, R, HKV, T, K, ITEMS, C_FIXED,
                     stride_qb, stride_qh,
                     stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt,
+                    stride_lb, stride_lh, stride_lk, stride_cb, stride_ch,
                     stride_fb, stride_fh, stride_eb, stride_eh,
                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
-                    HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, WRITE_LSE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
+                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
     TILE_UNIT: tl.constexpr = BLOCK_N // UPT  # tokens of one unit inside one tile
 
     w = tl.program_id(0)
-    rows, n, nc, cum, C = _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U, C_MIN, C_TILE, R_PAD,
-                                       HAS_LIST)
+    rows, n, nc, cum, C = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
+                                       stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
+                                       HAS_LIST, HAS_FULL, SORTED)
     if w >= tl.sum(nc, 0):
         return  # surplus program of the fixed-size grid
     r = tl.sum((cum <= w).to(tl.int32), 0)
@@ -158,7 +172,12 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
                  mask=head_ok[:, None], other=0.0)
     k_row = k + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_row = v + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    list_row = sorted_units + r.to(tl.int64) * K_PAD
+    if SORTED:
+        list_row = unit_lists + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+        list_stride = stride_lk
+    else:
+        list_row = sorted_units + r.to(tl.int64) * K_PAD
+        list_stride = 1
     lse_row = unit_lse + b.to(tl.int64) * stride_eb + (h * G + g)[:, None] * stride_eh
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -169,7 +188,7 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
         unit_s = tl.zeros([G_PAD, UPT], tl.float32)
         for j in tl.static_range(SUB):
             pos = j * BLOCK_N + offs  # token position inside the UPT units starting at slot i
-            unit = _unit_at(list_row, i + pos // U, end, use_list, HAS_LIST)
+            unit = _unit_at(list_row, i + pos // U, end, use_list, list_stride, HAS_LIST, SORTED)
             tok = unit * U + pos % U
             ok = (unit >= 0) & (tok < seq_len)
             kt = tl.load(k_row + tok[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0)
@@ -192,7 +211,7 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
                 unit_s = unit_s * tl.math.exp2(unit_m - um_use) + tl.sum(tl.math.exp2(s3 - um_use[:, :, None]), 2)
                 unit_m = um_new
         if WRITE_LSE:
-            units = _unit_at(list_row, i + tl.arange(0, UPT), end, use_list, HAS_LIST)
+            units = _unit_at(list_row, i + tl.arange(0, UPT), end, use_list, list_stride, HAS_LIST, SORTED)
             unit_lse_val = (tl.where(unit_m == float("-inf"), 0.0, unit_m) + tl.math.log2(unit_s)) * _LN2
             tl.store(lse_row + units[None, :], unit_lse_val, mask=head_ok[:, None] & (units >= 0)[None, :])
 
@@ -203,16 +222,18 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, full_rows,
 
 
 @triton.jit
-def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, seq_lens,
-                  R, HKV, T, ITEMS, C_FIXED, stride_ob, stride_oh,
+def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, full_rows, seq_lens,
+                  R, HKV, T, K, ITEMS, C_FIXED, stride_ob, stride_oh, stride_cb, stride_ch, stride_fb, stride_fh,
                   G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr,
-                  R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr):
+                  R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
+                  SORTED: tl.constexpr):
     pid = tl.program_id(0)  # (sequence, query head)
     b = pid // (HKV * G)
     hq = pid % (HKV * G)
     r = b * HKV + hq // G
-    rows, n, nc, cum, _ = _row_chunks(row_units, seq_lens, R, HKV, T, ITEMS, C_FIXED, U, C_MIN, C_TILE, R_PAD,
-                                       HAS_LIST)
+    rows, n, nc, cum, _ = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
+                                       stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
+                                       HAS_LIST, HAS_FULL, SORTED)
     this = rows == r
     num_chunks = tl.sum(tl.where(this, nc, 0), 0)
     first = tl.sum(tl.where(this, cum - nc, 0), 0)
@@ -321,7 +342,7 @@ def _scratch(device: torch.device, work: int, group: int, head_dim: int, rows: i
 
 
 def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                          unit_lse, chunk_tokens, work_items, launch):
+                          unit_lse, chunk_tokens, work_items, launch, sorted_lists):
     batch, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -367,6 +388,11 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     else:
         full_rows, fstride = seq_lens, (0, 0)  # unused pointer
     if has_list:
+        lstride, cstride = unit_lists.stride(), unit_counts.stride()
+    else:
+        unit_lists, unit_counts, lstride, cstride = seq_lens, seq_lens, (0, 0, 0), (0, 0)  # unused pointers
+    sorted_lists = has_list and sorted_lists
+    if has_list and not sorted_lists:
         _plan_kernel[(rows,)](
             unit_lists, unit_counts, full_rows, seq_lens, buf["row_units"], buf["sorted"],
             num_kv_heads, capacity, list_width,
@@ -377,21 +403,22 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     if work > 0:
         two_byte = q.element_size() == 2
         _partial_kernel[(work,)](
-            q, k, v, seq_lens, buf["row_units"], buf["sorted"], full_rows,
+            q, k, v, seq_lens, buf["row_units"], buf["sorted"], unit_lists, unit_counts, full_rows,
             buf["acc"], buf["m"], buf["l"], lse_buf,
-            scale * LOG2E, rows, num_kv_heads, capacity, items, fixed_chunk,
+            scale * LOG2E, rows, num_kv_heads, capacity, list_width, items, fixed_chunk,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *fstride, *lse_stride,
+            v.stride(0), v.stride(1), v.stride(2), *lstride, *cstride, *fstride, *lse_stride,
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size,
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
-            HAS_LIST=has_list, HAS_FULL=has_full, WRITE_LSE=unit_lse is not None,
+            HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee",
             num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
-        buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], seq_lens,
-        rows, num_kv_heads, capacity, items, fixed_chunk, out.stride(0), out.stride(1),
+        buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
+        rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride, *fstride,
         G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
-        CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, num_warps=4)
+        CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists,
+        num_warps=4)
     return out, lse
 
 
@@ -411,6 +438,7 @@ def sparse_decode_attention(
     chunk_tokens: int | None = None,
     work_items: int | None = None,
     launch: Launch = LAUNCH,
+    sorted_lists: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse decode attention; same arguments and results as `sparse_decode_attention_ref`.
 
@@ -419,6 +447,10 @@ def sparse_decode_attention(
     chunk_tokens fixes the work-item size (tests and tuning); by default it is sized on the device so
     that the units this call visits make about `work_items` items (default `launch.items_per_sm` per
     SM). `launch` sets the kernels' tiles, warps and pipelining (see `Launch`).
+    sorted_lists=True promises that the first `unit_counts` entries of every list are ascending, unique
+    and below ceil(len / unit_size) (what `select_blocks` and `lfps_candidates_into` write): the op then
+    reads the lists as given and skips its sorting launch. Lists that break the promise stay in
+    bounds but give another result than the reference.
     """
     if _read_observer is not None:  # a global test: nothing to pay when no diagnostic records
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -432,4 +464,4 @@ def sparse_decode_attention(
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 before importing triton")
     return _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                                 unit_lse, chunk_tokens, work_items, launch)
+                                 unit_lse, chunk_tokens, work_items, launch, sorted_lists)

@@ -228,13 +228,13 @@ class LFPS(DecodeMethod):
         lists, counts = past.candidates(layer, seq_lens)
         if self.options["attend"] == "candidates":
             out, lse = cache_attention(cache, layer, q, seq_lens, self.scale, block_size, lists, counts, full,
-                                       past.unit_lse)
+                                       past.unit_lse, sorted_lists=True)
             past.update(layer, lse, seq_lens, full)
         else:
             lse = cache_index(cache, layer, q, seq_lens, self.scale, block_size, lists, counts, full, past.unit_lse)
             past.update(layer, lse, seq_lens, full)
             out, _ = cache_attention(cache, layer, q, seq_lens, self.scale, block_size, past.blocks[layer],
-                                     past.counts[layer])
+                                     past.counts[layer], sorted_lists=True)
         if isinstance(cache, OffloadedKVCache) and layer + 1 < cache.num_layers:
             cache.prefetch(layer + 1, seq_lens, *past.candidates(layer + 1, seq_lens))
         return out
@@ -285,7 +285,7 @@ class LycheeLFPS(Lychee):
         full = retrieval & self.past.full_rows(layer, self.variant == "refresh")
         lists, counts = self.row_lists(layer, seq_lens)
         out, lse = cache_attention(cache, layer, q, seq_lens, self.scale, self.options["block_size"], lists, counts,
-                                   full, self.past.unit_lse)
+                                   full, self.past.unit_lse, sorted_lists=True)
         # The retrieval rows' own selection, then (from the same scores) the blocks handed to later layers.
         self.past.update(layer, lse, seq_lens, full, rows=retrieval)
         if self.selects[layer]:

@@ -76,7 +76,7 @@ class Lychee(DecodeMethod):
         selects = self.selects[layer]
         out, lse = sparse_decode_attention(
             q, k, v, seq_lens, self.scale, self.options["block_size"], self.blocks, self.counts,
-            self.full_rows[layer], self.unit_lse if selects else None,
+            self.full_rows[layer], self.unit_lse if selects else None, sorted_lists=True,  # from the selection
         )
         if selects:
             self.hand_on(layer, self.unit_lse, seq_lens, lse=lse)

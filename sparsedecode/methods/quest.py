@@ -76,7 +76,7 @@ class Quest(DecodeMethod):
         # One launch on CUDA (the selection kernel over precomputed scores), the PyTorch path elsewhere.
         self.selector.select_into(self.pages, self.counts, self.all_rows, seq_lens, self.page_scores(layer, q))
         return sparse_decode_attention(q, k, v, seq_lens, self.scale, self.options["page_size"], self.pages,
-                                       self.counts)[0]
+                                       self.counts, sorted_lists=True)[0]
 
     def kv_tokens_read(self, seq_len: int, variant: str) -> float:
         c = self.config

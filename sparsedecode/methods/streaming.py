@@ -32,7 +32,8 @@ class Streaming(DecodeMethod):
         if layer == 0:  # every layer reads the same window
             self.blocks, self.counts = self.selector.select(self.no_scores, seq_lens, self.list_length)
         return sparse_decode_attention(
-            q, cache.k[layer], cache.v[layer], seq_lens, self.scale, self.options["block_size"], self.blocks, self.counts
+            q, cache.k[layer], cache.v[layer], seq_lens, self.scale, self.options["block_size"], self.blocks, self.counts,
+            sorted_lists=True,
         )[0]
 
     def kv_tokens_read(self, seq_len: int, variant: str) -> float:

@@ -25,13 +25,14 @@ __all__ = [
 def cache_attention(
     cache: KVCache, layer: int, q: torch.Tensor, seq_lens: torch.Tensor, scale: float, unit_size: int = 64,
     unit_lists: torch.Tensor | None = None, unit_counts: torch.Tensor | None = None,
-    full_rows: torch.Tensor | None = None, unit_lse: torch.Tensor | None = None,
+    full_rows: torch.Tensor | None = None, unit_lse: torch.Tensor | None = None, sorted_lists: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sparse_decode_attention` over layer `layer` of `cache`, wherever its K/V live."""
+    """`sparse_decode_attention` over layer `layer` of `cache`, wherever its K/V live (`sorted_lists`
+    applies on the device; an offloaded cache maps the lists to pool slots of its own order)."""
     if isinstance(cache, OffloadedKVCache):
         return cache.attention(layer, q, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows, unit_lse)
     return sparse_decode_attention(q, cache.k[layer], cache.v[layer], seq_lens, scale, unit_size, unit_lists,
-                                   unit_counts, full_rows, unit_lse)
+                                   unit_counts, full_rows, unit_lse, sorted_lists=sorted_lists)
 
 
 def cache_index(
@@ -43,7 +44,8 @@ def cache_index(
     dropped); offloaded, the scores come from the CPU index or the pool."""
     if isinstance(cache, OffloadedKVCache):
         return cache.index(layer, q, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows, unit_lse)
-    return cache_attention(cache, layer, q, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows, unit_lse)[1]
+    return cache_attention(cache, layer, q, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows, unit_lse,
+                           sorted_lists=True)[1]
 
 
 def reserve_pool(cache: KVCache, blocks: int) -> None:
