@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from triton.runtime.errors import OutOfResources
 
 from ..kernels import sparse_decode_attention, sparse_decode_attention_ref
 from ..kernels.sparse_decode import LAUNCH, Launch
@@ -199,10 +200,14 @@ def tune(rounds: int = 1) -> Launch:
     def score(launch: Launch) -> float:
         if launch not in scores:
             ratios = []
-            for method, ctx, b in TUNE_CASES:
-                fn = dense if method == "dense" else hybrid
-                us = timed([lambda c=c: fn(c, launch=launch) for c in caches[(ctx, b)]])
-                ratios.append(us / (1e6 * kv_bytes(ctx, b, method) / bandwidth))
+            try:
+                for method, ctx, b in TUNE_CASES:
+                    fn = dense if method == "dense" else hybrid
+                    us = timed([lambda c=c: fn(c, launch=launch) for c in caches[(ctx, b)]])
+                    ratios.append(us / (1e6 * kv_bytes(ctx, b, method) / bandwidth))
+            except OutOfResources as e:  # e.g. big tiles x deep pipelines: no shared memory
+                print(f"{launch}: does not fit ({e})", flush=True)
+                return math.inf
             scores[launch] = ratios
             print(f"{launch}: time/floor {' '.join(f'{r:.2f}' for r in ratios)}, "
                   f"geomean {math.prod(ratios) ** (1 / len(ratios)):.3f}", flush=True)

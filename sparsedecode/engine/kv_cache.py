@@ -9,7 +9,20 @@ from __future__ import annotations
 import torch
 
 
+def store_token(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int | torch.Tensor, positions: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write one decoded token per sequence (k, v: [batch, kv_heads, head_dim]) at `positions` of layer
+    `layer` of the [layers, batch, kv_heads, capacity, head_dim] tensors."""
+    rows = torch.arange(positions.shape[0], device=positions.device)
+    k_cache[layer, rows, :, positions] = k
+    v_cache[layer, rows, :, positions] = v
+
+
 class KVCache:
+    #: K/V are device tensors the decode step may write the new token into itself (inside its compiled
+    #: graph); a cache keeping them elsewhere stores the token through `append`
+    writable_on_device = True
+
     def __init__(
         self,
         num_layers: int,
@@ -77,9 +90,7 @@ class KVCache:
 
     def append(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one decoded token per sequence (k, v: [batch, kv_heads, head_dim]) at `positions`."""
-        rows = torch.arange(positions.shape[0], device=positions.device)
-        self.k[layer, rows, :, positions] = k
-        self.v[layer, rows, :, positions] = v
+        store_token(self.k, self.v, layer, positions, k, v)
 
     @staticmethod
     def capacity_for(tokens: int, block_size: int) -> int:

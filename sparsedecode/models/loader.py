@@ -65,6 +65,7 @@ def load_model(spec: str | Path, device: str | torch.device | None = None, dtype
         model = Transformer(config)
     model = model.to_empty(device=device).to(dtype)
     model.rope = type(model.rope)(config).to(device)  # buffers computed, not loaded
+    model.layer_index = torch.arange(config.num_layers, device=device)
     model.load_hf_state_dict(hf_model.state_dict())
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from ..engine.kv_cache import KVCache
+from ..engine.kv_cache import KVCache, store_token
 from ..methods.base import DecodeMethod
 from .config import ModelConfig
 
@@ -100,6 +100,15 @@ class DecoderLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def decode_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, layer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`attention_input` of one decoded token per sequence that also stores its K/V in the cache
+        tensors (at `positions`, layer `layer`: a 1-element tensor, so one compiled graph serves all layers)
+        and returns q. Compiled, the store is one kernel fused with the RoPE of k."""
+        q, k, v = self.attention_input(x, cos, sin)
+        store_token(k_cache, v_cache, layer, positions, k, v)
+        return q
+
     def attention_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual stream after this layer, from its attention output attn: [tokens, Hq, D]."""
         x = x + self.o_proj(attn.reshape(x.shape[0], -1))
@@ -131,7 +140,9 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config)
         # What decode_step runs around each layer's attention; compile_decode swaps in compiled versions.
         self.attention_input = DecoderLayer.attention_input
+        self.decode_input = DecoderLayer.decode_input
         self.attention_output = DecoderLayer.attention_output
+        self.register_buffer("layer_index", torch.arange(config.num_layers), persistent=False)
 
     def compile_decode(self) -> None:
         """Fuse the element-wise work around each layer's GEMMs in the decode step (norms, RoPE, SiLU,
@@ -139,6 +150,7 @@ class Transformer(nn.Module):
         microseconds even inside a CUDA graph: ~2 ms of an 8B step. One compiled graph serves every
         layer (the layer's weights are its inputs); the attention itself stays the method's."""
         self.attention_input = torch.compile(DecoderLayer.attention_input, fullgraph=True)
+        self.decode_input = torch.compile(DecoderLayer.decode_input, fullgraph=True)
         self.attention_output = torch.compile(DecoderLayer.attention_output, fullgraph=True)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -204,7 +216,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, cache.k.dtype)
         x = self.embed_tokens(token_ids)
         for i, layer in enumerate(self.layers):
-            q, k, v = self.attention_input(layer, x, cos, sin)
-            cache.append(i, positions, k, v)
+            if cache.writable_on_device:
+                q = self.decode_input(layer, x, cos, sin, cache.k, cache.v, self.layer_index[i : i + 1], positions)
+            else:
+                q, k, v = self.attention_input(layer, x, cos, sin)
+                cache.append(i, positions, k, v)
             x = self.attention_output(layer, x, method.attend(i, q, cache, seq_lens))
         return self.logits(self.norm(x))

@@ -82,6 +82,7 @@ def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> tor
 
 
 class OffloadedKVCache(KVCache):
+    writable_on_device = False  # K/V live in host memory (and a GPU pool): `append` stores both
     def __init__(
         self,
         num_layers: int,
