@@ -13,15 +13,16 @@ Three launches, none of which syncs with the host (so a call can be captured in 
    (row, chunk) work items are numbered row-major and every program finds its own item from a prefix
    sum of the per-row chunk counts. C is computed on the device from the units the rows visit in
    this call (the actual lengths and lists, not the capacity): their total spread over about `items`
-   work items (a few per SM), so a light hybrid call and a heavy dense one both fill the GPU in
-   about one wave, without a tail wave and without more partials than needed. The grid is an upper
-   bound that depends only on shapes (items + rows); surplus programs exit at once. A program writes an unnormalised partial (acc, running max, running sum)
-   and, on request, the log-sum-exp of every unit it visits (same pass over K).
+   work items (a few per SM), so a light hybrid call and a heavy dense one both fill the GPU
+   evenly, without a tail wave and without more partials than needed. The grid is an upper bound
+   that depends only on shapes (items + rows); surplus programs exit at once. A program writes an
+   unnormalised partial (acc, running max, running sum) and, on request, the log-sum-exp of every
+   unit it visits (same pass over K). With `sorted_lists` the lists are read as given (no launch 1).
 3. `_merge_kernel`, one program per (sequence, query head): log-sum-exp merge of the row's partials
    in chunk order, writing out [B, Hq, D] and lse [B, Hq].
 
 Determinism: C depends only on how many units each row visits, and full rows and list rows share
-one code path whose unit index is either the slot itself or the sorted list entry. A list row whose
+one code path whose unit index is either the slot itself or the (sorted) list entry. A list row whose
 list is the units 0..n-1 (in any order) therefore performs the very same operations as a full row of
 n units and gives bit-identical results (the other rows being the same).
 
