@@ -181,6 +181,27 @@ def test_many_blocks(device):
     run_case(device, selector, unit_lse, lse, [4096 * 64, 1000 * 64 + 3], "max", 2, seed=5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_copy_to_gets_the_same_rows(device, use_kernel):
+    """copy_to (lychee+lfps: the retrieval rows' own selection and the blocks handed on, in one launch):
+    the masked rows of both pairs equal, the other rows of the copy keep their own stale entries."""
+    selector = SELECTORS["tokens"]
+    unit_lse, lse = make_scores("random", len(LENS), 3, 4, 40, seed=31)
+    k_len = selector.list_length(40 * BLOCK)
+    blocks, counts, rows = old_lists(len(LENS), 3, k_len, seed=31)
+    copy_blocks, copy_counts, _ = old_lists(len(LENS), 3, k_len, seed=32)
+    stale_blocks, stale_counts = copy_blocks.clone(), copy_counts.clone()
+    on = [t.clone().to(device) for t in (blocks, counts, rows, copy_blocks, copy_counts, unit_lse, lse)]
+    selector.select_into(*on[:3], torch.tensor(LENS, dtype=torch.int32, device=device), unit_lse=on[5], lse=on[6],
+                         aggregate="sum", copy_to=(on[3], on[4]), use_kernel=use_kernel)
+    got_blocks, got_counts, _, got_copy_blocks, got_copy_counts = (t.cpu() for t in on[:5])
+    assert torch.equal(got_copy_blocks[rows], got_blocks[rows]) and torch.equal(got_copy_counts[rows], got_counts[rows])
+    assert torch.equal(got_copy_blocks[~rows], stale_blocks[~rows])
+    assert torch.equal(got_copy_counts[~rows], stale_counts[~rows])
+    assert not torch.equal(got_blocks[rows], blocks[rows])  # the rows were written
+
+
 def test_reference_breaks_ties_by_index():
     selector = BlockSelector("tokens", 48, 16, sink_blocks=0, local_blocks=0)
     scores = torch.tensor([[[1.0, 2.0, 2.0, 0.5, 2.0, 2.0]]])

@@ -1,8 +1,9 @@
-"""Decode-attention kernels: the fused Triton kernel and its PyTorch reference."""
+"""Decode-attention kernels (Triton), each module names the PyTorch reference it computes."""
 from .lfps_candidates import lfps_candidates_into
-from .reference import sparse_decode_attention_ref
+from .quest_pages import quest_page_scores
+from .reference import quest_page_scores_ref, sparse_decode_attention_ref
 from .select_blocks import select_blocks
 from .sparse_decode import sparse_decode_attention
 
-__all__ = ["lfps_candidates_into", "select_blocks", "sparse_decode_attention",
-           "sparse_decode_attention_ref"]
+__all__ = ["lfps_candidates_into", "quest_page_scores", "quest_page_scores_ref", "select_blocks",
+           "sparse_decode_attention", "sparse_decode_attention_ref"]

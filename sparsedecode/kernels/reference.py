@@ -76,3 +76,42 @@ def sparse_decode_attention_ref(
         per_unit = scores.view(batch, num_kv_heads, group, capacity // unit_size, unit_size)
         unit_lse.copy_(torch.logsumexp(per_unit, dim=-1).view(batch, num_heads, -1))
     return out.view(batch, num_heads, head_dim).to(q.dtype), lse.view(batch, num_heads)
+
+
+def quest_page_scores_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_min: torch.Tensor,
+    k_max: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    aggregate: str,
+) -> torch.Tensor:
+    """Quest's page scores, after folding each row's newest key into its page's bounds.
+
+    q [B, Hq, D]; k [B, Hkv, T, D] one layer's key cache; k_min / k_max [B, Hkv, NP, D] the per-page
+    element-wise bounds of the keys (cache dtype), updated in place: the key at position seq_len - 1
+    replaces the bounds of its page when it starts the page, else they take its min / max (rows with
+    seq_len 0 are left alone). Returns [B, Hkv, NP] float32: per query head the upper bound of q . k
+    over the page, sum over d of max(q_d * min_d, q_d * max_d) = relu(q) . max + min(q, 0) . min, from
+    products of the cache-dtype values summed in float32, then the max or the sum over the G query heads
+    of the KV head."""
+    batch, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    rows = torch.arange(batch, device=q.device)
+    pos = seq_lens.long() - 1
+    at = pos.clamp(min=0)
+    page = at // page_size
+    writes = (pos >= 0)[:, None, None]
+    starts = writes & (at % page_size == 0)[:, None, None]
+    new_key = k[rows, :, at]  # [B, Hkv, D]
+    old_min, old_max = k_min[rows, :, page], k_max[rows, :, page]
+    k_min[rows, :, page] = torch.where(starts, new_key, torch.where(writes, torch.minimum(old_min, new_key), old_min))
+    k_max[rows, :, page] = torch.where(starts, new_key, torch.where(writes, torch.maximum(old_max, new_key), old_max))
+    qg = q.to(k.dtype).float().view(batch, kv_heads, heads // kv_heads, dim)
+    scores = qg.clamp(min=0) @ k_max.float().transpose(-1, -2) + qg.clamp(max=0) @ k_min.float().transpose(-1, -2)
+    if aggregate == "max":
+        return scores.amax(dim=2)
+    if aggregate == "sum":
+        return scores.sum(dim=2)
+    raise ValueError(f"page score aggregation must be 'max' or 'sum', not {aggregate!r}")

@@ -19,10 +19,12 @@ Computes exactly what `methods.selection` does in PyTorch for the budget modes "
 Algorithm (per program, no host synchronisation, so it can be captured in a CUDA graph): each block gets
 an unsigned 32-bit key that orders like its score (the float bits with the sign bit flipped for
 non-negative values and all bits flipped for negative ones; forced blocks 0xFFFFFFFF, invalid blocks 0).
-A radix select, bit by bit from the most significant one (32 block-wide counts of the keys at or above a
-candidate), finds the count-th largest key T (two bits a pass, three counts packed in an int64, measured
-no faster). Blocks
-with a key above T are chosen, and of the blocks whose key equals T the first (count - #above) by index.
+A radix select, bit by bit from the most significant one (up to 32 block-wide counts of the keys at or
+above a candidate), finds the count-th largest key T (two bits a pass, three counts packed in an int64,
+measured no faster). It stops as soon as exactly `count` keys lie at or above the prefix found so far
+(the chosen set is then fixed, and the steps below choose it with the prefix in place of T), which on
+distinct scores is well before the last bit. Blocks with a key above T are chosen, and of the blocks
+whose key equals T the first (count - #above) by index.
 One inclusive scan of (#above, #ties) packed in an int32 gives every chosen block its slot in ascending
 block order, and one scattered store writes it; a second store fills the sentinel slots.
 
@@ -119,11 +121,12 @@ def _kv_head_score(unit_lse, lse, b, kv, offs, in_nb, s_ub, s_uh, s_lb, s_lh,
 
 @triton.jit
 def _select_blocks_kernel(
-    unit_lse, lse, seq_lens, rows_mask, blocks, counts,
-    s_ub, s_uh, s_lb, s_lh, s_mb, s_mh, s_bb, s_bh, s_bk, s_cb, s_ch,
+    unit_lse, lse, seq_lens, rows_mask, blocks, counts, copy_blocks, copy_counts,
+    s_ub, s_uh, s_lb, s_lh, s_mb, s_mh, s_bb, s_bh, s_bk, s_cb, s_ch, s_xb, s_xh, s_xk, s_yb, s_yh,
     HKV, NB, K, tokens_count, budget, block_size, sink_blocks, local_blocks,
     G: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr, HAS_LSE: tl.constexpr,
     AGG_SUM: tl.constexpr, RATIO: tl.constexpr, SHARED_HEADS: tl.constexpr, CUDA: tl.constexpr,
+    COPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // HKV
@@ -165,11 +168,17 @@ def _select_blocks_kernel(
             count = tl.zeros_like(valid) + tokens_count
         count = tl.minimum(tl.minimum(tl.maximum(count, n_forced), valid), K)
 
-        # --- radix select of the count-th largest key T (the largest T with #(key >= T) >= count)
+        # --- radix select of the count-th largest key T (the largest T with #(key >= T) >= count),
+        # stopped early once exactly `count` keys are >= the prefix: that set is the answer already
         thr = tl.zeros_like(count).to(tl.uint32)
-        for bit in tl.static_range(31, -1, -1):
-            cand = thr | (1 << bit)
-            thr = tl.where(tl.sum((key >= cand).to(tl.int32), axis=0) >= count, cand, thr)
+        n_ge = tl.zeros_like(count) + NB_PAD
+        bit = tl.zeros_like(count) + 31
+        while (bit >= 0) & (n_ge != count):
+            cand = thr | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+            n_cand = tl.sum((key >= cand).to(tl.int32), axis=0)
+            thr = tl.where(n_cand >= count, cand, thr)
+            n_ge = tl.where(n_cand >= count, n_cand, n_ge)
+            bit -= 1
 
         # --- slots: blocks above T, then of those equal to T the first (count - #above) by index,
         # all in ascending block order (one scan of #above and #ties packed in an int32)
@@ -185,6 +194,11 @@ def _select_blocks_kernel(
         k = tl.arange(0, K_PAD)
         tl.store(row + k * s_bk, tl.zeros_like(k) + NB, mask=(k >= count) & (k < K))
         tl.store(counts + b * s_cb + h * s_ch, count)
+        if COPY:
+            row = copy_blocks + b * s_xb + h * s_xh
+            tl.store(row + slot * s_xk, offs, mask=chosen)
+            tl.store(row + k * s_xk, tl.zeros_like(k) + NB, mask=(k >= count) & (k < K))
+            tl.store(copy_counts + b * s_yb + h * s_yh, count)
 
 
 def select_blocks(
@@ -202,6 +216,7 @@ def select_blocks(
     sink_blocks: int,
     local_blocks: int,
     share_heads: bool = False,
+    copy_to: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Select blocks for the rows in `rows_mask` and write them into `blocks` / `counts` in place.
 
@@ -210,6 +225,7 @@ def select_blocks(
     `block_scores` returns them (aggregate is then unused). seq_lens [B] integer; rows_mask [B, Hkv]
     bool: the rows to update; blocks [B, Hkv, K] int32 and counts [B, Hkv] int32, written for the
     masked rows only. share_heads: every row selects from the sum over the KV heads of the scores.
+    copy_to: a second (blocks, counts) pair of the same shapes that gets the same entries.
     One launch, no host synchronisation. On CPU tensors it needs TRITON_INTERPRET=1 (tests only).
     """
     if mode not in SELECT_MODES:
@@ -230,6 +246,9 @@ def select_blocks(
             raise ValueError(f"block scores must be [B, {kv_heads}, NB], not {tuple(unit_lse.shape)}")
     if unit_lse.shape[0] != batch or counts.shape != (batch, kv_heads) or rows_mask.shape != (batch, kv_heads):
         raise ValueError("unit_lse, rows_mask, blocks and counts must share batch and KV heads")
+    if copy_to is not None and (copy_to[0].shape != blocks.shape or copy_to[1].shape != counts.shape
+                                or copy_to[0].dtype != torch.int32 or copy_to[1].dtype != torch.int32):
+        raise ValueError("copy_to must be int32 blocks and counts shaped like blocks and counts")
     if unit_lse.dtype != torch.float32 or (lse is not None and lse.dtype != torch.float32):
         raise ValueError("unit_lse and lse must be float32")
     if blocks.dtype != torch.int32 or counts.dtype != torch.int32:
@@ -248,13 +267,15 @@ def select_blocks(
     lse_ptr, lse_stride = (lse, lse.stride()) if lse is not None else (unit_lse, (0, 0))
     nb_pad = max(16, triton.next_power_of_2(num_blocks))
     tokens_count = max(1, int(budget // block_size)) if mode == "tokens" else 0
+    copy_blocks, copy_counts = copy_to if copy_to is not None else (blocks, counts)
     _select_blocks_kernel[(rows,)](
-        unit_lse, lse_ptr, seq_lens, rows_mask, blocks, counts,
+        unit_lse, lse_ptr, seq_lens, rows_mask, blocks, counts, copy_blocks, copy_counts,
         unit_lse.stride(0), unit_lse.stride(1), *lse_stride, *rows_mask.stride(), *blocks.stride(), *counts.stride(),
+        *copy_blocks.stride(), *copy_counts.stride(),
         kv_heads, num_blocks, k_len, tokens_count, float(budget) if mode == "ratio" else 0.0,
         block_size, sink_blocks, local_blocks,
         G=group, NB_PAD=nb_pad, K_PAD=max(16, triton.next_power_of_2(max(k_len, 1))), HAS_LSE=lse is not None,
         AGG_SUM=aggregate == "sum", RATIO=mode == "ratio", SHARED_HEADS=kv_heads if share_heads else 0,
-        CUDA=unit_lse.is_cuda,
+        CUDA=unit_lse.is_cuda, COPY=copy_to is not None,
         num_warps=launch_warps(nb_pad),
     )

@@ -166,11 +166,14 @@ class PastSelection:
         return self.all_rows if refresh else self.force_full[layer]
 
     def update(self, layer: int, lse: torch.Tensor, seq_lens: torch.Tensor, full: torch.Tensor,
-               rows: torch.Tensor | None = None) -> None:
+               rows: torch.Tensor | None = None,
+               copy_to: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Keep the top-k of the pass's scored blocks (`unit_lse`, `lse` [B, Hq]) as the new selection
-        of `rows` (all when None) and set the refresh flags."""
+        of `rows` (all when None), also written into `copy_to` (blocks, counts) when given, and set the
+        refresh flags."""
         self.selector.select_into(self.blocks[layer], self.counts[layer], self.all_rows if rows is None else rows,
-                                  seq_lens, unit_lse=self.unit_lse, lse=lse, aggregate=self.aggregate)
+                                  seq_lens, unit_lse=self.unit_lse, lse=lse, aggregate=self.aggregate,
+                                  copy_to=copy_to)
         if self.log_threshold is not None:
             heads = self.blocks.shape[2]
             row_lse = lse.view(lse.shape[0], heads, -1).mean(-1)
@@ -282,13 +285,18 @@ class LycheeLFPS(Lychee):
         if self.variant == "dense":
             return cache_attention(cache, layer, q, seq_lens, self.scale)[0]
         retrieval = self.full_rows[layer]
-        full = retrieval & self.past.full_rows(layer, self.variant == "refresh")
+        # Between refreshes only the collapsed rows are full, and those are retrieval rows (`update`).
+        full = retrieval if self.variant == "refresh" else self.past.full_rows(layer, False)
         lists, counts = self.row_lists(layer, seq_lens)
         out, lse = cache_attention(cache, layer, q, seq_lens, self.scale, self.options["block_size"], lists, counts,
                                    full, self.past.unit_lse, sorted_lists=True)
-        # The retrieval rows' own selection, then (from the same scores) the blocks handed to later layers.
-        self.past.update(layer, lse, seq_lens, full, rows=retrieval)
-        if self.selects[layer]:
+        # The retrieval rows' own selection and the blocks handed to later layers come from the same scores,
+        # rows and selector: one selection writes both (unless the heads share one, TidalDecode-style).
+        hands_on = self.selects[layer]
+        shared = self.options["share_heads"]
+        self.past.update(layer, lse, seq_lens, full, rows=retrieval,
+                         copy_to=(self.blocks, self.counts) if hands_on and not shared else None)
+        if hands_on and shared:
             self.hand_on(layer, self.past.unit_lse, seq_lens, lse=lse)
         if isinstance(cache, OffloadedKVCache) and layer + 1 < cache.num_layers:
             cache.prefetch(layer + 1, seq_lens, *self.row_lists(layer + 1, seq_lens))

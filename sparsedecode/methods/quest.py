@@ -1,14 +1,15 @@
 """Quest: per-page min/max keys bound each page's attention score; attend to the top pages.
 
 Page score (per query head) = sum over channels of max(q * k_min, q * k_max), computed as two matrix
-products: relu(q) @ k_max + min(q, 0) @ k_min. Pages are units of `page_size` tokens of the same cache.
+products: relu(q) @ k_max + min(q, 0) @ k_min (`kernels.quest_page_scores`, which also folds the new
+key into its page's bounds). Pages are units of `page_size` tokens of the same cache.
 """
 from __future__ import annotations
 
 import torch
 
 from ..engine.kv_cache import KVCache
-from ..kernels import sparse_decode_attention
+from ..kernels import quest_page_scores, sparse_decode_attention
 from .base import DecodeMethod, register
 from .selection import BlockSelector
 
@@ -34,6 +35,7 @@ class Quest(DecodeMethod):
         self.pages = torch.zeros(*rows, list_length, dtype=torch.int32, device=cache.device)
         self.counts = torch.zeros(rows, dtype=torch.int32, device=cache.device)
         self.all_rows = torch.ones(rows, dtype=torch.bool, device=cache.device)
+        self.scores = torch.empty(*rows, cache.capacity // page, dtype=torch.float32, device=cache.device)
 
     def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
         page = self.options["page_size"]
@@ -45,36 +47,19 @@ class Quest(DecodeMethod):
         self.k_min[layer, batch_index] = k_min.masked_fill(k_min.isinf(), 0)
         self.k_max[layer, batch_index] = k_max.masked_fill(k_max.isinf(), 0)
 
-    def _update_pages(self, layer: int, cache: KVCache, seq_lens: torch.Tensor) -> None:
-        """Fold the new token's key into its page's min/max (a new page starts from that key)."""
-        rows = torch.arange(seq_lens.shape[0], device=seq_lens.device)
-        pos = seq_lens.long() - 1
-        page = pos // self.options["page_size"]
-        new_key = cache.k[layer, rows, :, pos]  # [B, Hkv, D]
-        starts = (pos % self.options["page_size"] == 0)[:, None, None]
-        k_min, k_max = self.k_min[layer], self.k_max[layer]
-        k_min[rows, :, page] = torch.where(starts, new_key, torch.minimum(k_min[rows, :, page], new_key))
-        k_max[rows, :, page] = torch.where(starts, new_key, torch.maximum(k_max[rows, :, page], new_key))
-
-    def page_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        batch, heads, dim = q.shape
-        kv_heads = self.config.num_kv_heads
-        qg = q.view(batch, kv_heads, heads // kv_heads, dim)
-        # In the cache dtype: the metadata is read once, not converted (the ranking tolerates bf16).
-        scores = qg.clamp(min=0) @ self.k_max[layer].transpose(-1, -2)
-        scores = torch.baddbmm(
-            scores.flatten(0, 1), qg.clamp(max=0).flatten(0, 1), self.k_min[layer].flatten(0, 1).transpose(-1, -2)
-        ).view_as(scores)
-        scores = scores.amax(dim=2) if self.options["aggregate"] == "max" else scores.sum(dim=2)
-        return scores.float()
+    def page_scores(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Fold the new token's key into its page's min/max (a new page starts from that key), then score
+        every page: [B, Hkv, pages] float32 (one launch on CUDA)."""
+        return quest_page_scores(q, cache.k[layer], self.k_min[layer], self.k_max[layer], seq_lens,
+                                 self.options["page_size"], self.options["aggregate"], self.scores)
 
     def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        self._update_pages(layer, cache, seq_lens)
         k, v = cache.k[layer], cache.v[layer]
-        if layer < self.options["dense_layers"]:
+        if layer < self.options["dense_layers"]:  # these layers never select: no page bounds to keep
             return sparse_decode_attention(q, k, v, seq_lens, self.scale)[0]
-        # One launch on CUDA (the selection kernel over precomputed scores), the PyTorch path elsewhere.
-        self.selector.select_into(self.pages, self.counts, self.all_rows, seq_lens, self.page_scores(layer, q))
+        scores = self.page_scores(layer, q, cache, seq_lens)
+        # One launch on CUDA (the selection kernel over the scores), the PyTorch path elsewhere.
+        self.selector.select_into(self.pages, self.counts, self.all_rows, seq_lens, scores)
         return sparse_decode_attention(q, k, v, seq_lens, self.scale, self.options["page_size"], self.pages,
                                        self.counts, sorted_lists=True)[0]
 

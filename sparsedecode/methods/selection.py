@@ -84,13 +84,15 @@ class BlockSelector:
     def select_into(self, blocks: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor,
                     scores: torch.Tensor | None = None, *, unit_lse: torch.Tensor | None = None,
                     lse: torch.Tensor | None = None, aggregate: str = "max", share_heads: bool = False,
+                    copy_to: tuple[torch.Tensor, torch.Tensor] | None = None,
                     use_kernel: bool | None = None) -> None:
         """Select for the rows where `rows` [B, Hkv] (bool) is True and write in place into `blocks`
         [B, Hkv, K] int32 and `counts` [B, Hkv] int32; the other rows keep their entries.
 
         Scores: `scores` [B, Hkv, NB] as `select` takes them, or `unit_lse` [B, Hq, NB] with `lse` [B, Hq]
         (scored as `block_scores(unit_lse, lse, Hkv, aggregate)`). share_heads: every row selects from the
-        sum over the KV heads (TidalDecode). The result is `select`'s: on CUDA in modes tokens / ratio it is
+        sum over the KV heads (TidalDecode). `copy_to`: a second (blocks, counts) pair that gets the same
+        rows (in the kernel's stores: no extra launch). The result is `select`'s: on CUDA in modes tokens / ratio it is
         one Triton launch (`kernels.select_blocks`), otherwise the PyTorch path; `use_kernel` forces one.
         """
         if scores is None and (unit_lse is None or lse is None):
@@ -101,15 +103,17 @@ class BlockSelector:
         if use_kernel:
             select_blocks(source, lse if scores is None else None, seq_lens, rows, blocks, counts,
                           aggregate=aggregate, mode=self.mode, budget=self.budget, block_size=self.block_size,
-                          sink_blocks=self.sink_blocks, local_blocks=self.local_blocks, share_heads=share_heads)
+                          sink_blocks=self.sink_blocks, local_blocks=self.local_blocks, share_heads=share_heads,
+                          copy_to=copy_to)
             return
         if scores is None:
             scores = block_scores(unit_lse, lse, blocks.shape[1], aggregate)
         if share_heads:
             scores = scores.sum(dim=1, keepdim=True).expand_as(scores)
         new_blocks, new_counts = self.select(scores, seq_lens, blocks.shape[-1])
-        blocks.copy_(torch.where(rows[..., None], new_blocks, blocks))
-        counts.copy_(torch.where(rows, new_counts, counts))
+        for out_blocks, out_counts in [(blocks, counts)] + ([copy_to] if copy_to is not None else []):
+            out_blocks.copy_(torch.where(rows[..., None], new_blocks, out_blocks))
+            out_counts.copy_(torch.where(rows, new_counts, out_counts))
 
     def select(self, scores: torch.Tensor, seq_lens: torch.Tensor, list_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """scores: [B, Hkv, NB] -> (blocks [B, Hkv, K], counts [B, Hkv])."""
