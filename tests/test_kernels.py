@@ -54,9 +54,10 @@ def random_lists(gen, batch, kv_heads, width, num_units, device):
 @contextlib.contextmanager
 def poisoned():
     """Cached scratch and every tensor the call allocates start as NaN (or -7): nothing stale passes."""
-    for buffers in sd._SCRATCH.values():
-        for buf in buffers.values():
-            buf.fill_(float("nan") if buf.is_floating_point() else -7)
+    with torch.inference_mode():  # scratch first allocated by the engine is an inference tensor
+        for buffers in sd._SCRATCH.values():
+            for buf in buffers.values():
+                buf.fill_(float("nan") if buf.is_floating_point() else -7)
     empty = torch.empty
 
     def poisoned_empty(*args, **kwargs):
