@@ -125,9 +125,35 @@ def test_refresh_threshold_makes_the_next_step_full() -> None:
     assert far not in method.past.blocks[0, 0, 0].tolist()
     step("default", far_key)  # candidates miss block 20: their mass collapses
     assert method.past.force_full[0].all()
+    assert method.past.forced_rows.tolist() == [0]
     step("default", far_key)  # full row: block 20 is found again, and the flag clears
     assert far in method.past.blocks[0, 0, 0].tolist()
     assert not method.past.force_full[0].any()
+    # The forced rows are counted when used, and priced as full rows instead of candidate lists.
+    forced = config.num_kv_heads
+    assert method.past.forced_rows.tolist() == [forced]
+    assert method.extra_kv_tokens_read([500.0]) == [forced * (500 - method.past.candidate_tokens(500))]
+
+
+def test_threshold_refreshes_count_in_the_kv_read(tiny: LLM) -> None:
+    """The generation's KV fraction is the analytic count of the scheduled steps plus the rows the
+    threshold forced full on the device; a new prefill starts the count again."""
+    counts = []
+    for _ in range(2):  # the same generation twice: the count restarts with the prefill
+        tiny.use_method("lfps", budget=32, refresh_every=100, refresh_threshold=0.999)
+        gen = tiny.generate([PROMPT], max_new_tokens=10, stop_token_ids=[])[0]
+        counts.append(int(tiny.method.past.forced_rows[0]))
+    method, config = tiny.method, tiny.config
+    forced = counts[1]
+    assert counts[0] == forced
+    assert 0 < forced <= 9 * config.num_layers * config.num_kv_heads  # 9 steps after the exact first one
+    prompt, decoded = gen.prompt_tokens, len(gen.token_ids) - 1
+    analytic = sum(method.kv_tokens_read(prompt + s, method.step_variant(s - 1)) for s in range(1, decoded + 1))
+    mean_len = prompt + (decoded + 1) / 2
+    extra = forced * (mean_len - method.past.candidate_tokens(round(mean_len)))
+    dense = sum(config.num_layers * config.num_kv_heads * (prompt + s) for s in range(1, decoded + 1))
+    assert extra > 0
+    assert gen.kv_fraction_read == pytest.approx((analytic + extra) / dense)
 
 
 def test_lychee_lfps_with_refresh_every_step_is_lychee(tiny: LLM) -> None:

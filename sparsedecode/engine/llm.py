@@ -252,12 +252,13 @@ class LLM:
 
     def _finish(self, token_lists, generated, finished, kv_rows, prefill_seconds, decode_seconds, steps, stop, reused):
         row_bytes = 2 * self.config.head_dim * self.dtype.itemsize
+        decoded_counts = [max(len(g) - 1, 0) for g in generated]  # the first token comes from the prefill
+        extra_rows = self.method.extra_kv_tokens_read([len(ids) + (n + 1) / 2 for ids, n in zip(token_lists, decoded_counts)])
         results = []
         for b, ids in enumerate(token_lists):
-            n = len(generated[b])
-            decoded = max(n - 1, 0)  # the first token comes from the prefill
+            decoded = decoded_counts[b]
             dense_rows = sum(self.config.num_layers * self.config.num_kv_heads * (len(ids) + s) for s in range(1, decoded + 1))
-            rows = sum(kv_rows[b][:decoded])  # steps after a sequence stopped do not count
+            rows = sum(kv_rows[b][:decoded]) + extra_rows[b]  # steps after a sequence stopped do not count
             results.append(
                 Generation(
                     text=self._text(generated[b], stop),

@@ -54,6 +54,12 @@ class DecodeMethod:
         layers and KV heads; the analytic count behind `kv_bytes_per_token`."""
         return float(self.config.num_layers * self.config.num_kv_heads * seq_len)
 
+    def extra_kv_tokens_read(self, mean_seq_lens: list[float]) -> list[float]:
+        """Token rows read since the last prefill beyond the analytic `kv_tokens_read`, per sequence:
+        reads decided on the device inside the captured step (LFPS threshold refreshes), priced at each
+        sequence's mean length over the decode. One host sync; called once per generation."""
+        return [0.0] * len(mean_seq_lens)
+
 
 METHODS: dict[str, type[DecodeMethod]] = {}
 

@@ -17,7 +17,8 @@ Refresh: step 0 and every `refresh_every`-th step make every row full (exact top
 With `refresh_threshold` f, a row whose candidate score mass (sum of exp of the scaled scores, mean in
 the log domain over the group's query heads) falls below f times the full mass of its last exact step
 becomes full on the next step: a per-row flag tensor feeds the op's `full_rows`, so the decision stays
-on the device and inside the captured graph. (`kv_tokens_read` counts the scheduled refreshes only.)
+on the device and inside the captured graph; the forced rows are counted there too, and the generation's
+KV accounting adds their reads once at its end (`extra_kv_tokens_read`).
 
 Output (`attend`): "candidates" (default) returns the output of the scoring pass, over the candidates,
 a superset of the kept top-k; refresh steps are then dense. "selected" adds a second pass over the new
@@ -125,6 +126,7 @@ class PastSelection:
         self.counts = torch.zeros(layers, batch, heads, dtype=torch.int32, device=device)
         self.force_full = torch.zeros(layers, batch, heads, dtype=torch.bool, device=device)
         self.exact_lse = torch.full((layers, batch, heads), float("inf"), device=device)
+        self.forced_rows = torch.zeros(batch, dtype=torch.int64, device=device)  # threshold-forced full rows
         self.all_rows = torch.ones(batch, heads, dtype=torch.bool, device=device)
         self.offset_tensor = torch.tensor(self.offsets, device=device)
         self.use_kernel = self.uses_kernel(device)
@@ -163,7 +165,22 @@ class PastSelection:
         return self.candidate_lists, self.candidate_counts
 
     def full_rows(self, layer: int, refresh: bool) -> torch.Tensor:
-        return self.all_rows if refresh else self.force_full[layer]
+        """This step's full rows of `layer`; between refreshes the threshold's, which are also counted
+        (on the device) for the KV accounting."""
+        if refresh:
+            return self.all_rows
+        if self.log_threshold is not None:
+            self.forced_rows += self.force_full[layer].sum(-1)
+        return self.force_full[layer]
+
+    def extra_tokens_read(self, mean_seq_lens: list[float]) -> list[float]:
+        """Tokens the threshold-forced full rows read beyond their candidate lists, per sequence since
+        `reset_count` (see `DecodeMethod.extra_kv_tokens_read`)."""
+        return [rows * max(0.0, length - self.candidate_tokens(round(length)))
+                for rows, length in zip(self.forced_rows.tolist(), mean_seq_lens, strict=True)]
+
+    def reset_count(self, batch_index: int) -> None:
+        self.forced_rows[batch_index] = 0
 
     def update(self, layer: int, lse: torch.Tensor, seq_lens: torch.Tensor, full: torch.Tensor,
                rows: torch.Tensor | None = None,
@@ -222,8 +239,15 @@ class LFPS(DecodeMethod):
         self.past.plan(cache, self.config.num_heads)
         reserve_pool(cache, self.past.width + 1)
 
+    def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
+        if layer == 0:
+            self.past.reset_count(batch_index)
+
     def step_variant(self, step: int) -> str:
         return "refresh" if step % self.options["refresh_every"] == 0 else "default"
+
+    def extra_kv_tokens_read(self, mean_seq_lens: list[float]) -> list[float]:
+        return self.past.extra_tokens_read(mean_seq_lens)
 
     def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
         past, block_size = self.past, self.options["block_size"]
@@ -272,6 +296,14 @@ class LycheeLFPS(Lychee):
         super().plan(cache)
         self.past.plan(cache, self.config.num_heads, self.unit_lse)
         reserve_pool(cache, self.past.width + 1)
+
+    def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
+        super().after_prefill(layer, cache, batch_index, length)
+        if layer == 0:
+            self.past.reset_count(batch_index)
+
+    def extra_kv_tokens_read(self, mean_seq_lens: list[float]) -> list[float]:
+        return self.past.extra_tokens_read(mean_seq_lens)
 
     def step_variant(self, step: int) -> str:
         variant = super().step_variant(step)
