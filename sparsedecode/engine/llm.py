@@ -258,7 +258,8 @@ class LLM:
         for b, ids in enumerate(token_lists):
             decoded = decoded_counts[b]
             dense_rows = sum(self.config.num_layers * self.config.num_kv_heads * (len(ids) + s) for s in range(1, decoded + 1))
-            rows = sum(kv_rows[b][:decoded]) + extra_rows[b]  # steps after a sequence stopped do not count
+            # analytic rows of the steps before the sequence stopped, plus the rows only the device counted
+            rows = sum(kv_rows[b][:decoded]) + extra_rows[b]
             results.append(
                 Generation(
                     text=self._text(generated[b], stop),
