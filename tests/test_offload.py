@@ -123,8 +123,8 @@ def test_offloaded_decoding_matches_on_device(tiny: LLM, method: str, options: d
 
 
 def test_gpu_index_scores_resident_keys_without_moving_blocks(tiny: LLM, monkeypatch) -> None:
-    """index="gpu" keeps a copy of the keys on the device: an exact (full-row) index call reads it, the
-    host cache is never gathered into the pool for it, and the copy tracks prefill and decode writes."""
+    """index="gpu" keeps the keys on the device and only the values in host memory: an exact (full-row)
+    index call reads the keys there and gathers nothing into the pool."""
     fetched: list[int] = []
     original_fetch = OffloadedKVCache._fetch
     monkeypatch.setattr(OffloadedKVCache, "_fetch",
@@ -135,7 +135,7 @@ def test_gpu_index_scores_resident_keys_without_moving_blocks(tiny: LLM, monkeyp
     generate_recording(llm, PROMPT, 6)
     cache = llm.cache
     length = int(cache.lengths[0])
-    assert torch.equal(cache.k_index[:, :, :, :length], cache.k[:, :, :, :length])
+    assert cache.keys_on_device and cache.host_nbytes() == cache.v.numel() * cache.v.element_size()
     fetched.clear()
     q = torch.randn(1, llm.config.num_heads, llm.config.head_dim)
     lens = torch.tensor([length], dtype=torch.int32)
@@ -175,3 +175,15 @@ def test_bad_offload_input() -> None:
         cache.write(0, 0, 16, torch.zeros(2, 4, 16), torch.zeros(2, 4, 16))
     with pytest.raises(RuntimeError, match="layer by layer"):
         cache.prefix(0, 0, 16)
+
+
+def test_offload_benchmark_times_warm_steps_and_reports_where_the_cache_lives() -> None:
+    from sparsedecode.bench.lfps_bench import fit_table, run_offload
+    row = run_offload("random:tiny-llama", 1024, 17, "cpu", dict(budget=128, attend="selected"),
+                      OffloadConfig(index="gpu"), "random")
+    assert (row["refresh_steps"], row["default_steps"]) == (1, 16)  # steps 0-1 untimed; step 16 refreshes
+    assert row["gpu_keys_gib"] == pytest.approx(row["host_kv_gib"]) and row["gpu_keys_gib"] > 0
+    one_million = fit_table("llama-3.1-8b", [1 << 20], gpu_bytes=141 * 10**9, host_bytes=125 * 2**30)[0]
+    assert one_million["kv_gib"] == 128 and one_million["offload_gpu_index_host_gib"] == 64
+    assert not one_million["dense_fits"] and not one_million["offload_fits"]
+    assert one_million["offload_gpu_index_fits"]

@@ -259,7 +259,8 @@ def fit_table(shape: str, contexts: list[int], gpu_bytes: int, host_bytes: int, 
               ) -> list[dict[str, Any]]:
     """What a context needs at the prefill peak (bf16): dense on the GPU (weights, the whole KV) against
     offloaded (host: the whole KV; GPU: weights, layer-major prefill's hidden states and two layer K/V
-    buffers). Both also hold one chunk's K/V prefix expanded to the query heads (prefill_attention)."""
+    buffers) and offloaded with the index on the GPU (the keys move from host to GPU). All also hold one
+    chunk's K/V prefix expanded to the query heads (prefill_attention)."""
     s = SHAPES[shape]
     layers, hidden, heads = s["num_hidden_layers"], s["hidden_size"], s["num_attention_heads"]
     kv_heads, head_dim = s["num_key_value_heads"], s.get("head_dim", hidden // heads)
@@ -272,18 +273,20 @@ def fit_table(shape: str, contexts: list[int], gpu_bytes: int, host_bytes: int, 
         expanded = 2 * heads * head_dim * 2 * n  # one chunk's K/V prefix expanded to the query heads
         gpu_dense = weights + kv + expanded
         gpu_offload = weights + 2 * hidden * n + 2 * (2 * kv_heads * head_dim * 2 * n) + expanded
-        gpu_index = gpu_offload + kv // 2  # index="gpu" keeps the keys on the GPU
+        gpu_index = gpu_offload + kv // 2  # index="gpu": the keys live on the GPU, the values on the host
         rows.append(dict(shape=shape, context=n, kv_gib=kv / 2**30, dense_gpu_gib=gpu_dense / 2**30,
-                         offload_gpu_gib=gpu_offload / 2**30, offload_gpu_index_gib=gpu_index / 2**30,
-                         offload_host_gib=kv / 2**30, dense_fits=gpu_dense <= gpu_bytes,
+                         offload_gpu_gib=gpu_offload / 2**30, offload_host_gib=kv / 2**30,
+                         offload_gpu_index_gpu_gib=gpu_index / 2**30, offload_gpu_index_host_gib=kv / 2 / 2**30,
+                         dense_fits=gpu_dense <= gpu_bytes,
                          offload_fits=gpu_offload <= gpu_bytes and kv <= host_bytes,
-                         offload_gpu_index_fits=gpu_index <= gpu_bytes and kv <= host_bytes))
+                         offload_gpu_index_fits=gpu_index <= gpu_bytes and kv // 2 <= host_bytes))
     return rows
 
 
 def run_offload(model: str, context: int, steps: int, device: str | None, options: dict[str, Any],
-                config: OffloadConfig, fill: str) -> dict[str, Any]:
-    """`lfps` decoding from an offloaded cache of `context` tokens: the step time per step kind and the
+                config: OffloadConfig, fill: str, warmup: int = 2) -> dict[str, Any]:
+    """`lfps` decoding from an offloaded cache of `context` tokens: the median step time per step kind
+    over `steps` steps after `warmup` untimed ones (the first of each kind compiles kernels), and the
     memory it took. fill "prefill": a real (layer-major) prefill of a prompt; "random": random K/V
     written straight into the cache, as the end-to-end benchmark does for random-weight shapes (speed
     does not depend on the values; a prefill of 512K tokens of an 8B model takes minutes)."""
@@ -308,17 +311,19 @@ def run_offload(model: str, context: int, steps: int, device: str | None, option
     fill_seconds = time.perf_counter() - t0
     positions = torch.tensor([context], device=llm.device)
     times: dict[str, list[float]] = {}
-    for step in range(steps):
+    for step in range(warmup + steps):
         variant = llm.method.step_variant(step)
         t0 = time.perf_counter()
         token = llm._decode(variant, token, positions, cache).argmax(-1)
         sync()
-        times.setdefault(variant, []).append(time.perf_counter() - t0)
+        if step >= warmup:
+            times.setdefault(variant, []).append(time.perf_counter() - t0)
         positions += 1
     return dict(model=model, options=options, offload=vars(config), context=context, fill=fill,
                 fill_s=fill_seconds, **{f"{v}_step_ms": 1e3 * median(t) for v, t in times.items()},
-                host_kv_gib=cache.nbytes() / 2**30, pool_gib=cache.pool_nbytes() / 2**30,
-                index_keys_gib=0.0 if cache.k_index is None else cache.k_index.nbytes / 2**30,
+                **{f"{v}_steps": len(t) for v, t in times.items()},
+                host_kv_gib=cache.host_nbytes() / 2**30, pool_gib=cache.pool_nbytes() / 2**30,
+                gpu_keys_gib=cache.nbytes() / 2 / 2**30 if cache.keys_on_device else 0.0,
                 gpu_peak_gib=torch.cuda.max_memory_allocated(llm.device) / 2**30 if on_gpu else None,
                 weights_gib=sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**30)
 
@@ -433,7 +438,8 @@ def index_command(contexts, budget, repeats, out, tiny) -> None:
 @main.command("offload")
 @click.option("--model", default="random:llama-3.1-8b", show_default=True)
 @click.option("--context", default="512k", show_default=True)
-@click.option("--steps", default=20, show_default=True, help="decode steps (refresh every 16: step 0 and 16)")
+@click.option("--steps", default=32, show_default=True,
+              help="timed decode steps after 2 untimed ones (refresh every 16: steps 16 and 32 are timed)")
 @click.option("--fill", type=click.Choice(["random", "prefill"]), default="random", show_default=True)
 @click.option("--attend", default="selected", show_default=True)
 @click.option("--index", "index_side", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)

@@ -37,14 +37,15 @@ class KVCache:
         if capacity % block_size:
             raise ValueError(f"capacity {capacity} is not a multiple of block_size {block_size}")
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
-        self.k = self.storage(shape, dtype, device)
-        self.v = self.storage(shape, dtype, device)
+        self.k = self.storage("k", shape, dtype, device)
+        self.v = self.storage("v", shape, dtype, device)
         self.block_size = block_size
         # Tokens held per sequence; the engine updates it on the host after prefill and per step.
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
 
-    def storage(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """Where K or V lives (a subclass may keep it elsewhere)."""
+    def storage(self, part: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+                ) -> torch.Tensor:
+        """Where K (`part` "k") or V ("v") lives (a subclass may keep them elsewhere)."""
         return torch.zeros(shape, dtype=dtype, device=device)
 
     @property

@@ -1,9 +1,10 @@
 """KV cache in host memory for contexts larger than the GPU (`LLM(..., kv_offload="cpu")`).
 
-The full cache lives in pinned host memory; the GPU keeps a fixed pool of blocks per (layer, sequence,
-KV head). Offload-aware methods (`supports_kv_offload = True`: lfps, lychee+lfps) reach the cache
-through `cache_attention` / `cache_index`, which run the fused op directly on an on-device cache and go
-through the pool (or the CPU index) on an offloaded one.
+The cache lives in pinned host memory (the keys on the GPU instead when the index runs there); the GPU
+keeps a fixed pool of blocks per (layer, sequence, KV head). Offload-aware methods
+(`supports_kv_offload = True`: lfps, lychee+lfps) reach the cache through `cache_attention` /
+`cache_index`, which run the fused op directly on an on-device cache and go through the pool (or the CPU
+index) on an offloaded one.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""An offloaded KV cache: every token's K/V in pinned host memory, a fixed pool of blocks on the GPU.
+"""An offloaded KV cache: every token's V (and K, unless the index is on the GPU) in pinned host memory,
+a fixed pool of blocks on the GPU.
 
 Pool: per (layer, sequence, KV head) `pool_blocks` slots of `block_size` tokens. The last slot holds the
 sequence's newest block, which decode steps write into directly; the other slots cache complete blocks
@@ -14,9 +15,10 @@ side stream waits for the last op that read a layer's pool before overwriting it
 `prefetch` for the next layer's predicted blocks so that those copies overlap with compute.
 
 The index (`index`: exact block scores without an attention output) runs over the keys in host memory
-on the CPU (`OffloadConfig.index = "cpu"`), or on the GPU over a copy of the keys kept there ("gpu"): half
-the cache's bytes on the GPU, and no block crosses PCIe for scoring (before, an exact refresh streamed
-every block through the pool: 17 s a step at 512K tokens of the Llama-3.1-8B shape on an H100).
+on the CPU (`OffloadConfig.index = "cpu"`), or on the GPU ("gpu"), where the keys then live: only the
+values stay in host memory and cross PCIe, and pool keys are gathered on the device. That splits the
+cache between the two memories, so 1M tokens of the Llama-3.1-8B shape (128 GiB of K/V) fit a 141 GB
+GPU next to 128 GiB of host memory, which neither holds alone.
 On a CPU device, host and device are the same memory: no pinning and no streams (a mode for tests).
 """
 from __future__ import annotations
@@ -38,8 +40,8 @@ INDEX_SIDES = ("cpu", "gpu")
 class OffloadConfig:
     """Options of `kv_offload="cpu"`; pass an instance as `kv_offload` to change them."""
 
-    # where index-only scoring runs: "cpu" over the host keys; "gpu" over a copy of the keys kept on the
-    # GPU (half the cache's bytes on the GPU; no block moves for an exact refresh)
+    # where index-only scoring runs: "cpu" over the keys in host memory; "gpu" over the keys, which then
+    # live on the GPU (half the cache's bytes there; only values in host memory and over PCIe)
     index: str = "cpu"
     pool_blocks: int | None = None  # GPU slots per (layer, sequence, KV head), newest included; None: as the method asks
     prefetch: bool = True  # copy the next layer's predicted blocks while this layer computes
@@ -96,22 +98,31 @@ class OffloadedKVCache(KVCache):
         config: OffloadConfig,
     ) -> None:
         self.compute_device = torch.device(device)
-        super().__init__(num_layers, batch_size, num_kv_heads, capacity, head_dim, block_size, dtype, device)
         self.config = config
+        super().__init__(num_layers, batch_size, num_kv_heads, capacity, head_dim, block_size, dtype, device)
         on_gpu = self.compute_device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.compute_device) if on_gpu else None
         self.pool_blocks = 0
-        # The GPU index scores blocks from these keys; V and the chosen blocks still come from the host.
-        self.k_index = torch.empty_like(self.k, device=device) if config.index == "gpu" else None
 
-    def storage(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        # In host memory, pinned when a GPU computes; not cleared (clearing 100+ GB takes long): nothing
-        # past a sequence's length is ever used unmasked.
-        return host_tensor(shape, dtype, self.compute_device.type == "cuda")
+    @property
+    def keys_on_device(self) -> bool:
+        """Whether K lives on the compute device (index "gpu") rather than in host memory."""
+        return self.config.index == "gpu"
+
+    def storage(self, part: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+                ) -> torch.Tensor:
+        # Not cleared (clearing 100+ GB takes long): nothing past a sequence's length is used unmasked.
+        if part == "k" and self.keys_on_device:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return host_tensor(shape, dtype, self.compute_device.type == "cuda")  # pinned when a GPU computes
 
     @property
     def device(self) -> torch.device:
         return self.compute_device
+
+    def host_nbytes(self) -> int:
+        """Bytes of the cache in host memory (V, and K unless it lives on the device)."""
+        return self.nbytes() // 2 * (1 if self.keys_on_device else 2)
 
     def pool_nbytes(self) -> int:
         return 2 * self.k_pool.numel() * self.k_pool.element_size() if self.pool_blocks else 0
@@ -135,9 +146,10 @@ class OffloadedKVCache(KVCache):
         if self.copy_stream is not None:
             rows = batch * heads * (slots - 1)  # the most blocks one fetch moves
             width = self.block_size * self.head_dim
+            host_parts = 1 if self.keys_on_device else 2
             self.staging = [
-                (torch.empty(rows, width, dtype=self.k.dtype, pin_memory=True),
-                 torch.empty(rows, width, dtype=self.k.dtype, pin_memory=True), torch.cuda.Event())
+                ([torch.empty(rows, width, dtype=self.k.dtype, pin_memory=True) for _ in range(host_parts)],
+                 torch.cuda.Event())
                 for _ in range(2)
             ]
             self.turn = 0
@@ -151,20 +163,24 @@ class OffloadedKVCache(KVCache):
         pairs = ((self.k[layer].view(-1, width), self.k_pool[layer].view(-1, width)),
                  (self.v[layer].view(-1, width), self.v_pool[layer].view(-1, width)))
         if self.copy_stream is None:
-            for host, pool in pairs:
-                pool.index_copy_(0, dst_ids, host.index_select(0, src_ids))
+            for source, pool in pairs:
+                pool.index_copy_(0, dst_ids, source.index_select(0, src_ids))
             return
-        *stages, copied = self.staging[self.turn]
+        stages, copied = self.staging[self.turn]
         self.turn ^= 1
         copied.synchronize()  # the buffer's previous copy has left it
         n = len(src)
-        for (host, _), stage in zip(pairs, stages):
-            torch.index_select(host, 0, src_ids, out=stage[:n])
+        host_pairs = [(source, pool) for source, pool in pairs if not source.is_cuda]
+        for (source, _), stage in zip(host_pairs, stages):
+            torch.index_select(source, 0, src_ids, out=stage[:n])
         with torch.cuda.stream(self.copy_stream):
             if self.pool_read[layer] is not None:
                 self.copy_stream.wait_event(self.pool_read[layer])
-            dst_dev = dst_ids.to(self.device, non_blocking=True)
-            for (_, pool), stage in zip(pairs, stages):
+            src_dev, dst_dev = (ids.to(self.device, non_blocking=True) for ids in (src_ids, dst_ids))
+            for source, pool in pairs:
+                if source.is_cuda:  # keys on the device: gathered there, nothing crosses PCIe
+                    pool.index_copy_(0, dst_dev, source.index_select(0, src_dev))
+            for (_, pool), stage in zip(host_pairs, stages):
                 pool.index_copy_(0, dst_dev, stage[:n].to(self.device, non_blocking=True))
             copied.record(self.copy_stream)
 
@@ -296,8 +312,8 @@ class OffloadedKVCache(KVCache):
               unit_lists: torch.Tensor, unit_counts: torch.Tensor, full_rows: torch.Tensor | None,
               unit_lse: torch.Tensor) -> torch.Tensor:
         """Exact per-block scores of the visited blocks into unit_lse; returns lse [B, Hq]."""
-        if self.k_index is not None:
-            return block_lse(q, self.k_index[layer], seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
+        if self.keys_on_device:
+            return block_lse(q, self.k[layer], seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
                              unit_lse)
         host = torch.device("cpu")
         scores = torch.empty(unit_lse.shape, dtype=torch.float32)
@@ -318,8 +334,6 @@ class OffloadedKVCache(KVCache):
         for h in range(self.num_kv_heads):  # per head the host rows are contiguous: a truly asynchronous copy
             self.k[layer, batch_index, h, :n].copy_(k[h], non_blocking=True)
             self.v[layer, batch_index, h, :n].copy_(v[h], non_blocking=True)
-        if self.k_index is not None:
-            self.k_index[layer, batch_index, :, :n] = k
         self.slot_of[layer, batch_index] = -1
         self.block_at[layer, batch_index] = -1
         self.last_use[layer, batch_index] = -1
@@ -333,14 +347,15 @@ class OffloadedKVCache(KVCache):
                            "(sparsedecode.offload.prefill_layer_major)")
 
     def append(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one decoded token per sequence: in host memory and in the pool's newest-block slot."""
-        rows = torch.arange(positions.shape[0])
-        host_positions = positions.cpu()
-        self.k[layer, rows, :, host_positions] = k.cpu()
-        self.v[layer, rows, :, host_positions] = v.cpu()
+        """Store one decoded token per sequence: in the cache (keys on the device when they live there) and
+        in the pool's newest-block slot."""
+        host_rows, host_positions = torch.arange(positions.shape[0]), positions.cpu()
+        rows = host_rows.to(self.device)
+        if self.keys_on_device:
+            self.k[layer, rows, :, positions] = k
+        else:
+            self.k[layer, host_rows, :, host_positions] = k.cpu()
+        self.v[layer, host_rows, :, host_positions] = v.cpu()
         slot = (self.pool_blocks - 1) * self.block_size + positions % self.block_size
-        rows = rows.to(self.device)
         self.k_pool[layer, rows, :, slot] = k
         self.v_pool[layer, rows, :, slot] = v
-        if self.k_index is not None:
-            self.k_index[layer, rows, :, positions] = k
