@@ -443,9 +443,11 @@ def index_command(contexts, budget, repeats, out, tiny) -> None:
 @click.option("--fill", type=click.Choice(["random", "prefill"]), default="random", show_default=True)
 @click.option("--attend", default="selected", show_default=True)
 @click.option("--index", "index_side", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="copy the next layer's candidate blocks while this layer computes")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/lfps"), show_default=True)
 @click.option("--tiny", is_flag=True, help="random:tiny-llama on CPU, 2K context")
-def offload_command(model, context, steps, fill, attend, index_side, out, tiny) -> None:
+def offload_command(model, context, steps, fill, attend, index_side, prefetch, out, tiny) -> None:
     shape = "tiny-llama" if tiny else "llama-3.1-8b"
     gpu = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else 80 * 2**30
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -454,7 +456,8 @@ def offload_command(model, context, steps, fill, attend, index_side, out, tiny) 
     device = "cpu" if tiny else None
     model, context = ("random:tiny-llama", 2048) if tiny else (model, _tokens(context)[0])
     options = dict(attend=attend, budget=256 if tiny else 4096)
-    _save(out, "offload_run", run_offload(model, context, steps, device, options, OffloadConfig(index=index_side), fill))
+    config = OffloadConfig(index=index_side, prefetch=prefetch)
+    _save(out, "offload_run", run_offload(model, context, steps, device, options, config, fill))
 
 
 @main.command("check")

@@ -262,7 +262,6 @@ class LFPS(DecodeMethod):
             past.update(layer, lse, seq_lens, full)
             out, _ = cache_attention(cache, layer, q, seq_lens, self.scale, block_size, past.blocks[layer],
                                      past.counts[layer], sorted_lists=True)
-            return out  # the pool needs this step's top-k only, unknown before the index: nothing to prefetch
         if isinstance(cache, OffloadedKVCache) and layer + 1 < cache.num_layers:
             cache.prefetch(layer + 1, seq_lens, *past.candidates(layer + 1, seq_lens))
         return out
