@@ -262,6 +262,9 @@ class LFPS(DecodeMethod):
             past.update(layer, lse, seq_lens, full)
             out, _ = cache_attention(cache, layer, q, seq_lens, self.scale, block_size, past.blocks[layer],
                                      past.counts[layer], sorted_lists=True)
+            # Offloaded, the pool needs only this top-k, which the index finds: prefetching the candidates
+            # (3x the blocks) was slower at 512K on an H100 (docs/results.md, KV offload).
+            return out
         if isinstance(cache, OffloadedKVCache) and layer + 1 < cache.num_layers:
             cache.prefetch(layer + 1, seq_lens, *past.candidates(layer + 1, seq_lens))
         return out
