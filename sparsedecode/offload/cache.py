@@ -17,8 +17,8 @@ side stream waits for the last op that read a layer's pool before overwriting it
 The index (`index`: exact block scores without an attention output) runs over the keys in host memory
 on the CPU (`OffloadConfig.index = "cpu"`), or on the GPU ("gpu"), where the keys then live: only the
 values stay in host memory and cross PCIe, and pool keys are gathered on the device. That splits the
-cache between the two memories, so 1M tokens of the Llama-3.1-8B shape (128 GiB of K/V) fit a 141 GB
-GPU next to 128 GiB of host memory, which neither holds alone.
+cache between the two memories: 1M tokens of the Llama-3.1-8B shape (128 GiB of K/V) decode on one H200
+with 125 GiB of host memory, neither of which holds them alone (docs/results.md, KV offload).
 On a CPU device, host and device are the same memory: no pinning and no streams (a mode for tests).
 """
 from __future__ import annotations
