@@ -92,14 +92,21 @@ def _describe(identity: dict[str, Any]) -> str:
 
 def tidal_roles(config: ModelConfig, reselect_layer: int | None = None) -> HeadRoles:
     """TidalDecode's layer-level scheme: layers 0-1 dense, layer 2 selects, one re-selection layer
-    (13 of 32 for Llama-3-8B, scaled to the depth) selects again; every other layer reuses."""
+    selects again; every other layer reuses. The paper picks the re-selection layer per model by a sweep
+    (13 of 32 for Llama-3-8B); by default it is the middle layer: on qwen2.5-coder-1.5b (28 layers) the
+    needle at 16K-32K, budget 1024, is found at every depth with re-selection at 12, 14, 16 or 20, and
+    lost at some depths with 4, 6, 8, 10, 18 and 11, the paper's 13/32 scaled to the depth
+    (docs/results.md). Models of fewer than 6 layers get no re-selection layer by default."""
     n = config.num_layers
-    reselect = reselect_layer if reselect_layer is not None else round(13 * n / 32)
-    if not 2 < reselect < n:
+    reselect = reselect_layer if reselect_layer is not None else n // 2
+    if reselect_layer is not None and not 2 < reselect < n:
         raise ValueError(f"tidal re-selection layer must lie in 3..{n - 1}, not {reselect}")
     mask = torch.zeros(n, config.num_kv_heads, dtype=torch.bool)
-    mask[[0, 1, 2, reselect]] = True
-    return HeadRoles(mask, config.identity(), {"preset": f"tidal:{reselect}"})
+    mask[:3] = True  # layers 0-2 (fewer in a shallower model)
+    reselects = 2 < reselect < n
+    if reselects:
+        mask[reselect] = True
+    return HeadRoles(mask, config.identity(), {"preset": f"tidal:{reselect}" if reselects else "tidal"})
 
 
 def random_roles(config: ModelConfig, count: int, seed: int = 0) -> HeadRoles:
