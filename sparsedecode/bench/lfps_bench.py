@@ -323,7 +323,7 @@ def run_offload(model: str, context: int, steps: int, device: str | None, option
                 fill_s=fill_seconds, **{f"{v}_step_ms": 1e3 * median(t) for v, t in times.items()},
                 **{f"{v}_steps": len(t) for v, t in times.items()},
                 host_kv_gib=cache.host_nbytes() / 2**30, pool_gib=cache.pool_nbytes() / 2**30,
-                gpu_keys_gib=cache.nbytes() / 2 / 2**30 if cache.keys_on_device else 0.0,
+                gpu_keys_gib=(cache.nbytes() - cache.host_nbytes()) / 2**30,
                 gpu_peak_gib=torch.cuda.max_memory_allocated(llm.device) / 2**30 if on_gpu else None,
                 weights_gib=sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**30)
 
@@ -444,7 +444,8 @@ def index_command(contexts, budget, repeats, out, tiny) -> None:
 @click.option("--attend", default="selected", show_default=True)
 @click.option("--index", "index_side", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
-              help="copy the next layer's candidate blocks while this layer computes")
+              help="copy the next layer's candidate blocks while this layer computes (with --attend "
+                   "candidates; attend=selected never prefetches)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/lfps"), show_default=True)
 @click.option("--tiny", is_flag=True, help="random:tiny-llama on CPU, 2K context")
 def offload_command(model, context, steps, fill, attend, index_side, prefetch, out, tiny) -> None:

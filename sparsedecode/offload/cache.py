@@ -170,15 +170,17 @@ class OffloadedKVCache(KVCache):
         self.turn ^= 1
         copied.synchronize()  # the buffer's previous copy has left it
         n = len(src)
+        device_pairs = [(source, pool) for source, pool in pairs if source.is_cuda]  # keys kept on the device
         host_pairs = [(source, pool) for source, pool in pairs if not source.is_cuda]
         for (source, _), stage in zip(host_pairs, stages):
             torch.index_select(source, 0, src_ids, out=stage[:n])
         with torch.cuda.stream(self.copy_stream):
             if self.pool_read[layer] is not None:
                 self.copy_stream.wait_event(self.pool_read[layer])
-            src_dev, dst_dev = (ids.to(self.device, non_blocking=True) for ids in (src_ids, dst_ids))
-            for source, pool in pairs:
-                if source.is_cuda:  # keys on the device: gathered there, nothing crosses PCIe
+            dst_dev = dst_ids.to(self.device, non_blocking=True)
+            if device_pairs:  # gathered on the device: nothing crosses PCIe
+                src_dev = src_ids.to(self.device, non_blocking=True)
+                for source, pool in device_pairs:
                     pool.index_copy_(0, dst_dev, source.index_select(0, src_dev))
             for (_, pool), stage in zip(host_pairs, stages):
                 pool.index_copy_(0, dst_dev, stage[:n].to(self.device, non_blocking=True))
