@@ -333,6 +333,52 @@ def test_sorted_lists_skip_the_plan_with_the_same_bits(device, unit_size):
     check(results[1], (ref_out, ref, ref_lse), torch.bfloat16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("unit_size", [16, 64])
+def test_sorted_lists_are_visited_in_their_order(device, unit_size):
+    """Lists read as given are visited in their order: the same units copied to other places of
+    another cache (as a KV offload pool holds them) and listed in the same order give the same bits,
+    unit scores included; ragged lengths, a partial newest unit and a budget past the context."""
+    batch, kv_heads, group, head_dim, width = 2, 2, 4, 64, 6
+    capacity, slots = 20 * unit_size, 8
+    lens_list = [capacity - unit_size // 2 - 1, 3 * unit_size + 2]
+    q, k, v, lens, gen = make_inputs(device, torch.bfloat16, batch, kv_heads, group, head_dim, capacity,
+                                     lens_list, seed=23)
+    lists = torch.full((batch, kv_heads, width), capacity // unit_size, dtype=torch.int32)
+    counts = torch.zeros(batch, kv_heads, dtype=torch.int32)
+    pool_k = torch.zeros(batch, kv_heads, slots * unit_size, head_dim, dtype=torch.bfloat16, device=device)
+    pool_v = torch.zeros_like(pool_k)
+    pool_lists = torch.full((batch, kv_heads, slots), slots, dtype=torch.int32)
+    # the pool's length ends inside its last slot where the sequence ends inside its newest unit
+    pool_lens = torch.tensor([(slots - 1) * unit_size + (n - 1) % unit_size + 1 for n in lens_list],
+                             dtype=torch.int32, device=device)
+    for b, length in enumerate(lens_list):
+        held = triton.cdiv(length, unit_size)
+        for h in range(kv_heads):
+            n = min(width - 1, held - 1)
+            units = torch.cat([torch.randperm(held - 1, generator=gen)[:n].sort().values, torch.tensor([held - 1])])
+            places = torch.cat([torch.randperm(slots - 1, generator=gen)[:n], torch.tensor([slots - 1])])
+            lists[b, h, : n + 1], pool_lists[b, h, : n + 1], counts[b, h] = units, places, n + 1
+            for unit, place in zip(units.tolist(), places.tolist()):
+                src, dst = slice(unit * unit_size, (unit + 1) * unit_size), slice(place * unit_size, (place + 1) * unit_size)
+                pool_k[b, h, dst], pool_v[b, h, dst] = k[b, h, src], v[b, h, src]
+    lists, counts, pool_lists = lists.to(device), counts.to(device), pool_lists.to(device)
+    scale = head_dim**-0.5
+    unit_lse = torch.empty(batch, group * kv_heads, capacity // unit_size, device=device)
+    pool_lse = torch.empty(batch, group * kv_heads, slots, device=device)
+    out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, lists, counts, None, unit_lse,
+                                       backend="triton", work_items=3, sorted_lists=True)
+    pool_out, pool_total = sparse_decode_attention(q, pool_k, pool_v, pool_lens, scale, unit_size, pool_lists, counts,
+                                                   None, pool_lse, backend="triton", work_items=3, sorted_lists=True)
+    assert torch.equal(pool_out, out) and torch.equal(pool_total, lse)
+    heads = torch.arange(group * kv_heads, device=device) // group
+    for b in range(batch):
+        places, units = pool_lists[b, heads, :width].long(), lists[b, heads].long()  # [Hq, width]
+        listed = torch.arange(width, device=device) < counts[b, heads, None].to(device)
+        assert torch.equal(pool_lse[b].gather(1, places.clamp(max=slots - 1))[listed],
+                           unit_lse[b].gather(1, units.clamp(max=capacity // unit_size - 1))[listed])
+
+
 def test_auto_backend_on_cpu_is_the_reference():
     q, k, v, lens, _ = make_inputs("cpu", torch.float32, 2, 2, 2, 64, 128, [100, 3], seed=1)
     out, lse = sparse_decode_attention(q, k, v, lens, 0.125, 64)

@@ -1,5 +1,6 @@
-"""KV offload on CPU (host and device one memory): the CPU index and the block pool against the op,
-layer-major prefill against chunk-major, offloaded decoding against on-device decoding, bad input."""
+"""KV offload on CPU (host and device one memory) and, where there is one, on the GPU: the CPU index
+and the block pool against the op, layer-major prefill against chunk-major, offloaded decoding against
+on-device decoding, bad input."""
 from __future__ import annotations
 
 import pytest
@@ -122,6 +123,25 @@ def test_offloaded_decoding_matches_on_device(tiny: LLM, method: str, options: d
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, outputs2, strict=True))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("method,options,pool_blocks", [
+    ("lfps", dict(budget=128, attend="selected", refresh_every=4), None),
+    # full rows (refreshes) in one pool chunk: streamed in several, they merge in another order
+    ("lfps", dict(budget=128, expand=2, refresh_every=4), 64),
+    ("lychee+lfps", dict(budget=128, roles="random:3", refresh_every=4), 64),
+])
+def test_offloaded_decoding_on_cuda_gives_the_on_device_bits(method: str, options: dict, pool_blocks) -> None:
+    """On the GPU, with the GPU index: the scores are the on-device op's and the pool lists its blocks
+    in the same order, so every attention output is bit-identical (random weights, whose near-ties
+    flip on any rounding difference); the on-device run is eager, as offloaded decoding is."""
+    torch.manual_seed(0)
+    llm = LLM("random:tiny-llama", device="cuda", block_size=16, cuda_graphs=False)
+    (tokens, outputs), (tokens2, outputs2) = on_device_then_offloaded(
+        llm, OffloadConfig(index="gpu", pool_blocks=pool_blocks), PROMPT, 12, method, **options)
+    assert tokens2 == tokens
+    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs2, strict=True))
+
+
 def test_gpu_index_scores_resident_keys_without_moving_blocks(tiny: LLM, monkeypatch) -> None:
     """index="gpu" keeps the keys on the device and only the values in host memory: an exact (full-row)
     index call reads the keys there and gathers nothing into the pool."""
@@ -187,3 +207,11 @@ def test_offload_benchmark_times_warm_steps_and_reports_where_the_cache_lives() 
     assert one_million["kv_gib"] == 128 and one_million["offload_gpu_index_host_gib"] == 64
     assert not one_million["dense_fits"] and not one_million["offload_fits"]
     assert one_million["offload_gpu_index_fits"]
+
+
+def test_offload_check_reports_tokens_and_identical_outputs() -> None:
+    from sparsedecode.bench.lfps_bench import run_check
+    rows = run_check("random:tiny-llama", 1024, 10, "cpu", dict(budget=128, attend="selected", refresh_every=4),
+                     OffloadConfig(index="gpu", pool_blocks=6))
+    assert [row["passed"] for row in rows] == [True, True, True]
+    assert rows[2]["same_tokens"] == 10 and rows[2]["identical_outputs"] and rows[2]["max_rel_err"] == 0

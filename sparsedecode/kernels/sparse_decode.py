@@ -17,7 +17,8 @@ Three launches, none of which syncs with the host (so a call can be captured in 
    evenly, without a tail wave and without more partials than needed. The grid is an upper bound
    that depends only on shapes (items + rows); surplus programs exit at once. A program writes an
    unnormalised partial (acc, running max, running sum) and, on request, the log-sum-exp of every
-   unit it visits (same pass over K). With `sorted_lists` the lists are read as given (no launch 1).
+   unit it visits (same pass over K). With `sorted_lists` the lists are read as given (no launch 1),
+   and visited in their order.
 3. `_merge_kernel`, one program per (sequence, query head): log-sum-exp merge of the row's partials
    in chunk order, writing out [B, Hq, D] and lse [B, Hq].
 
@@ -448,10 +449,11 @@ def sparse_decode_attention(
     chunk_tokens fixes the work-item size (tests and tuning); by default it is sized on the device so
     that the units this call visits make about `work_items` items (default `launch.items_per_sm` per
     SM). `launch` sets the kernels' tiles, warps and pipelining (see `Launch`).
-    sorted_lists=True promises that the first `unit_counts` entries of every list are ascending, unique
-    and below ceil(len / unit_size) (what `select_blocks` and `lfps_candidates_into` write): the op then
-    reads the lists as given and skips its sorting launch. Lists that break the promise stay in
-    bounds but give another result than the reference.
+    sorted_lists=True promises that the first `unit_counts` entries of every list are unique and below
+    ceil(len / unit_size) (what `select_blocks` and `lfps_candidates_into` write, ascending): the op then
+    visits them in the given order and skips its sorting launch; the same units stored elsewhere and
+    listed in the same order (an offload pool) give the same bits. Lists that break the promise stay
+    in bounds but give another result than the reference.
     """
     if _read_observer is not None:  # a global test: nothing to pay when no diagnostic records
         if q.is_cuda and torch.cuda.is_current_stream_capturing():

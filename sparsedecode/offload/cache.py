@@ -19,6 +19,10 @@ on the CPU (`OffloadConfig.index = "cpu"`), or on the GPU ("gpu"), where the key
 values stay in host memory and cross PCIe, and pool keys are gathered on the device. That splits the
 cache between the two memories: 1M tokens of the Llama-3.1-8B shape (128 GiB of K/V) decode on one H200
 with 125 GiB of host memory, neither of which holds them alone (docs/results.md, KV offload).
+
+Parity: with the GPU index, the scores and the (one-chunk) pool attention are the on-device op's bits,
+so offloaded decoding gives the on-device tokens. The CPU index rounds differently, which can flip a
+near-tie in a top-k (random weights have many).
 On a CPU device, host and device are the same memory: no pinning and no streams (a mode for tests).
 """
 from __future__ import annotations
@@ -283,9 +287,11 @@ class OffloadedKVCache(KVCache):
             slot_lse = None
             if unit_lse is not None:
                 slot_lse = torch.empty(q.shape[0], q.shape[1], self.pool_blocks, dtype=torch.float32, device=self.device)
+            # The slots are listed in block order and read as given: the op visits the blocks in the
+            # order it visits them in an on-device cache, so a one-chunk call gives that call's bits.
             out, lse = sparse_decode_attention(
                 q, self.k_pool[layer], self.v_pool[layer], pool_lens, scale, bs, slot_lists.to(self.device),
-                counts.to(self.device), None, slot_lse,
+                counts.to(self.device), None, slot_lse, sorted_lists=True,
             )
             if self.copy_stream is not None:
                 self.pool_read[layer] = torch.cuda.Event()
@@ -315,8 +321,10 @@ class OffloadedKVCache(KVCache):
               unit_lse: torch.Tensor) -> torch.Tensor:
         """Exact per-block scores of the visited blocks into unit_lse; returns lse [B, Hq]."""
         if self.keys_on_device:
-            return block_lse(q, self.k[layer], seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                             unit_lse)
+            # The op an on-device cache scores with (its output, over K as values, is dropped): the same
+            # scores to the bit, so offloaded decoding selects the same blocks even at near-ties.
+            return sparse_decode_attention(q, self.k[layer], self.k[layer], seq_lens, scale, unit_size, unit_lists,
+                                           unit_counts, full_rows, unit_lse, sorted_lists=True)[1]
         host = torch.device("cpu")
         scores = torch.empty(unit_lse.shape, dtype=torch.float32)
         lse = block_lse(q.to(host), self.k[layer], seq_lens.to(host), scale, unit_size, unit_lists.to(host),
