@@ -67,14 +67,25 @@ def main() -> None:
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int)
 @click.option("--device")
-def generate(model, method, options, prompt, chat, max_new_tokens, temperature, top_p, seed, device) -> None:
+@click.option("--kv-offload", type=click.Choice(["cpu-index", "gpu-index"]), default=None,
+              help="KV cache in host memory (methods lfps, lychee+lfps): the index scores on the CPU over host "
+                   "keys, or on the GPU, where the keys then stay (only the values in host memory).")
+@click.option("--offload-threads", type=click.IntRange(min=1), default=None,
+              help="Threads of the CPU index (default: PyTorch's).")
+def generate(model, method, options, prompt, chat, max_new_tokens, temperature, top_p, seed, device, kv_offload,
+             offload_threads) -> None:
     """Generate a continuation, streamed to standard output."""
     from . import LLM
+    from .offload import OffloadConfig
 
     text = prompt if prompt is not None else sys.stdin.read()
     if not text.strip():
         raise click.UsageError("empty prompt: pass --prompt or pipe text on standard input")
-    llm = LLM(model, method=method, device=device, **parse_method_options(options))
+    if offload_threads is not None and kv_offload != "cpu-index":
+        raise click.UsageError("--offload-threads sets the CPU index's threads: it needs --kv-offload cpu-index")
+    offload = None if kv_offload is None else OffloadConfig(index=kv_offload.removesuffix("-index"),
+                                                            cpu_threads=offload_threads)
+    llm = LLM(model, method=method, device=device, kv_offload=offload, **parse_method_options(options))
     if chat:
         text = llm.apply_chat_template(text)
     for piece in llm.stream(text, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):

@@ -186,6 +186,8 @@ def test_bad_offload_input() -> None:
         OffloadConfig(index="tpu")
     with pytest.raises(ValueError, match="pool_blocks"):
         OffloadConfig(pool_blocks=1)
+    with pytest.raises(ValueError, match="cpu_threads"):
+        OffloadConfig(cpu_threads=0)
     llm = LLM("random:tiny-llama", device="cpu", method="dense", kv_offload="cpu")
     with pytest.raises(ValueError, match="lfps"):
         llm.generate([PROMPT[:20]], max_new_tokens=2)
@@ -217,3 +219,36 @@ def test_offload_check_reports_tokens_and_identical_outputs() -> None:
     # on CPU the layer-major prefill may round unlike the chunk-major one (thread splits): not bit-identical
     assert rows[2]["same_tokens"] == 10 and rows[2]["max_rel_err"] < 1e-5
     assert rows[2]["identical_outputs"] == (rows[2]["max_rel_err"] == 0)
+
+
+def test_cpu_index_runs_on_the_configured_threads(tiny: LLM, monkeypatch) -> None:
+    from sparsedecode.offload import cache as offload_cache
+    seen: list[int] = []
+    original = offload_cache.block_lse
+    monkeypatch.setattr(offload_cache, "block_lse", lambda *a: (seen.append(torch.get_num_threads()), original(*a))[1])
+    threads = torch.get_num_threads()
+    wanted = 3 if threads != 3 else 2
+    tiny.cache, tiny.kv_offload = None, OffloadConfig(cpu_threads=wanted)
+    tiny.use_method("lfps", budget=64, attend="selected")
+    generate_recording(tiny, PROMPT, 3)
+    tiny.cache, tiny.kv_offload = None, None
+    assert seen and set(seen) == {wanted} and torch.get_num_threads() == threads
+
+
+def test_generate_command_with_kv_offload_prints_the_on_device_text() -> None:
+    from click.testing import CliRunner
+
+    from sparsedecode.cli import main
+    text = "Alice was beginning to get very tired of sitting by her sister on the bank. " * 10
+    base = ["generate", "--model", "smollm2-135m", "--device", "cpu", "-n", "10", "--method", "lfps",
+            "-o", "budget=64", "-o", "attend=selected", "-o", "refresh_every=4",
+            "--prompt", f"{text}\nWho was tired, and where was she sitting?"]
+    on_device = CliRunner().invoke(main, base)
+    offloaded = CliRunner().invoke(main, [*base, "--kv-offload", "cpu-index", "--offload-threads", "1"])
+    assert on_device.exit_code == 0 and offloaded.exit_code == 0, offloaded.output
+    assert offloaded.stdout == on_device.stdout and len(on_device.stdout.strip()) > 5
+    misuse = CliRunner().invoke(main, [*base, "--offload-threads", "2"])
+    assert misuse.exit_code == 2 and "needs --kv-offload cpu-index" in misuse.output
+    dense = CliRunner().invoke(main, ["generate", "--model", "smollm2-135m", "--device", "cpu", "-n", "2",
+                                      "--prompt", "hi", "--kv-offload", "gpu-index"])  # the default method: dense
+    assert dense.exit_code != 0 and "works with the methods 'lfps' and 'lychee+lfps'" in str(dense.exception)

@@ -49,10 +49,13 @@ class OffloadConfig:
     index: str = "cpu"
     pool_blocks: int | None = None  # GPU slots per (layer, sequence, KV head), newest included; None: as the method asks
     prefetch: bool = True  # copy the next layer's predicted blocks while this layer computes
+    cpu_threads: int | None = None  # threads of the CPU index; None: PyTorch's (torch.get_num_threads())
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_SIDES:
             raise ValueError(f"OffloadConfig.index must be one of {INDEX_SIDES}, not {self.index!r}")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            raise ValueError(f"OffloadConfig.cpu_threads must be a positive integer or None, not {self.cpu_threads!r}")
         if self.pool_blocks is not None and self.pool_blocks < 2:
             raise ValueError(f"OffloadConfig.pool_blocks must be at least 2 (a block and the newest), not {self.pool_blocks}")
 
@@ -327,8 +330,13 @@ class OffloadedKVCache(KVCache):
                                            unit_counts, full_rows, unit_lse, sorted_lists=True)[1]
         host = torch.device("cpu")
         scores = torch.empty(unit_lse.shape, dtype=torch.float32)
-        lse = block_lse(q.to(host), self.k[layer], seq_lens.to(host), scale, unit_size, unit_lists.to(host),
-                        unit_counts.to(host), None if full_rows is None else full_rows.to(host), scores)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.config.cpu_threads or threads)  # for this call only: the setting is global
+        try:
+            lse = block_lse(q.to(host), self.k[layer], seq_lens.to(host), scale, unit_size, unit_lists.to(host),
+                            unit_counts.to(host), None if full_rows is None else full_rows.to(host), scores)
+        finally:
+            torch.set_num_threads(threads)
         unit_lse.copy_(scores)
         return lse.to(self.device)
 
