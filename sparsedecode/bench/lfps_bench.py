@@ -52,7 +52,7 @@ from ..methods.selection import BlockSelector, block_scores
 from ..models.config import ModelConfig
 from ..models.shapes import SHAPES
 from ..offload import OffloadConfig
-from ..offload.scoring import block_lse
+from ..offload.scoring import block_lse, torch_threads
 from .common import markdown_table, median_time, write_atomic
 
 REFRESH_INTERVALS = (1, 4, 8, 16, 32)
@@ -429,12 +429,8 @@ def index_command(contexts, budget, repeats, out, tiny) -> None:
     sizes = [8192] if tiny else _tokens(contexts)
     if torch.cuda.is_available() and not tiny:
         rows += run_index(sizes, "cuda", budget, repeats=repeats)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the paper's baseline: one CPU core
-    try:
+    with torch_threads(1):  # the paper's baseline: one CPU core
         rows += run_index(sizes, "cpu", budget if not tiny else 512, repeats=3 if tiny else max(3, repeats // 4))
-    finally:
-        torch.set_num_threads(threads)
     _save(out, "lfps_index", rows, ["device", "context", "candidate_tokens", "candidate_fraction", "case", "ms", "ratio"])
 
 

@@ -35,7 +35,7 @@ import torch
 
 from ..engine.kv_cache import KVCache
 from ..kernels import sparse_decode_attention
-from .scoring import block_lse
+from .scoring import block_lse, torch_threads
 
 INDEX_SIDES = ("cpu", "gpu")
 
@@ -330,13 +330,9 @@ class OffloadedKVCache(KVCache):
                                            unit_counts, full_rows, unit_lse, sorted_lists=True)[1]
         host = torch.device("cpu")
         scores = torch.empty(unit_lse.shape, dtype=torch.float32)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.config.cpu_threads or threads)  # for this call only: the setting is global
-        try:
+        with torch_threads(self.config.cpu_threads):
             lse = block_lse(q.to(host), self.k[layer], seq_lens.to(host), scale, unit_size, unit_lists.to(host),
                             unit_counts.to(host), None if full_rows is None else full_rows.to(host), scores)
-        finally:
-            torch.set_num_threads(threads)
         unit_lse.copy_(scores)
         return lse.to(self.device)
 

@@ -3,15 +3,33 @@
 `block_lse` fills the same `unit_lse` and returns the same `lse` as `sparse_decode_attention` with
 `unit_lse` (up to rounding), but reads only keys and writes no attention output. Plain vectorised torch
 on whatever device the keys are on: over keys in pinned host memory it is the CPU index of KV offload
-(threads: `torch.set_num_threads`); the index-time benchmark runs it on both sides.
+(threads: `OffloadConfig.cpu_threads`, through `torch_threads`); the index-time benchmark runs it on both sides.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from ..kernels.reference import visible_tokens
 
 FULL_SCAN_TOKENS = 1 << 14  # keys per slice of a full scan: bounds the float32 temporaries
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """PyTorch's CPU threads set to `count` inside the block and restored after (the setting is
+    global); nothing is changed when `count` is None or already the setting."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def block_lse(
