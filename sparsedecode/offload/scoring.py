@@ -3,7 +3,8 @@
 `block_lse` fills the same `unit_lse` and returns the same `lse` as `sparse_decode_attention` with
 `unit_lse` (up to rounding), but reads only keys and writes no attention output. Plain vectorised torch
 on whatever device the keys are on: over keys in pinned host memory it is the CPU index of KV offload
-(threads: `OffloadConfig.cpu_threads`, through `torch_threads`); the index-time benchmark runs it on both sides.
+(threads: `OffloadConfig.cpu_threads`, through `torch_threads`); the index-time benchmark runs it on
+both sides.
 """
 from __future__ import annotations
 
