@@ -1,9 +1,13 @@
-"""The interface every decode-attention method implements, and the registry that names them.
+"""The interface every decode-attention method implements.
 
-The engine owns the model, the KV cache and the decode loop; a method owns only the attention of a
-decode step. Plan once (`plan`), then per step: the engine asks for the step's `variant` on the host
-(e.g. "refresh" every R steps), and calls `attend` once per layer. `attend` must be capturable in a
-CUDA graph: fixed shapes, no host synchronisation. The engine captures one graph per variant.
+The engine owns the model, the paged KV pool and the decode loop; a method owns only the attention of a
+decode step. It plans its per-slot state once (`plan`), resets a slot when a new sequence takes it
+(`reset_slot`), and then `attend`s once per layer of every decode step. `begin_step` and `attend` must be
+capturable in a CUDA graph: fixed shapes, no host synchronisation. Everything a step decides per sequence
+(an exact refresh, a dense correction step) is decided on the device from `DecodeBatch.steps`, so a
+sequence decodes the same whether it joined the batch first or last.
+
+State lives per decode slot ([max_seqs, ...] tensors); a step of batch size B uses rows [:B].
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine.kv_cache import KVCache
+from ..core import DecodeBatch, KVPool
 from ..models.config import ModelConfig
 
 
@@ -19,59 +23,57 @@ class DecodeMethod:
     name: ClassVar[str]
     #: options this method accepts as keyword arguments of `LLM(...)`, with their defaults
     defaults: ClassVar[dict[str, Any]] = {}
+    #: whether the method reaches K/V only through the pool's attention / index / prefetch, so that a pool in
+    #: host memory can serve it
+    supports_kv_offload: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            raise TypeError(
-                f"method {self.name!r} got unknown option(s) {unknown}; it accepts: "
-                f"{sorted(self.defaults) or 'no options'}"
-            )
+        self.check_options(options)
         self.config = config
         self.options = {**self.defaults, **options}
         self.scale = config.head_dim**-0.5
 
-    def plan(self, cache: KVCache) -> None:
-        """Allocate per-batch state for `cache` (fixed shapes, reused across steps)."""
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse options the method does not accept (before any model is loaded)."""
+        unknown = sorted(set(options) - set(cls.defaults))
+        if unknown:
+            raise TypeError(f"method {cls.name!r} got unknown option(s) {unknown}; it accepts: "
+                            f"{sorted(cls.defaults) or 'no options'}")
 
-    def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
-        """Called once per layer after a sequence's prefill has filled its cache rows."""
+    def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
+        """Allocate per-slot state for `max_seqs` sequences of up to `max_blocks` pool blocks each."""
 
-    def step_variant(self, step: int) -> str:
-        """The kind of step `step` (0-based decode step) is; one CUDA graph is captured per kind."""
-        return "default"
+    def block_state_bytes(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of state the method keeps per pool block (all layers), besides its K/V."""
+        return 0
 
-    def set_variant(self, variant: str) -> None:
-        self.variant = variant
+    def reset_slot(self, slot: int) -> None:
+        """A new sequence takes decode slot `slot`: forget its previous occupant (host call, before its first
+        decode step)."""
 
-    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Decode attention of one layer. q: [batch, heads, head_dim], the new token's K/V already in
-        `cache`; seq_lens: [batch] int32 tokens per sequence including the new one."""
-        raise NotImplementedError
+    def after_prefill(self, layer: int, pool: KVPool, blocks: torch.Tensor, length: int) -> None:
+        """Called per layer once a sequence's prompt is in the pool: its block table `blocks` (int64) holds
+        `length` tokens."""
 
-    def kv_tokens_read(self, seq_len: int, variant: str) -> float:
-        """Token rows (K and V of one KV head of one layer) one step of a sequence reads, summed over
-        layers and KV heads; the analytic count behind `kv_bytes_per_token`."""
+    def begin_step(self, batch: DecodeBatch) -> None:
+        """Per-step work before layer 0 (inside the captured step)."""
+
+    def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
+        """Decode attention of one layer. q: [B, Hq, D], the new token's K/V already in the pool."""
+        raise NotImplementedError(f"method {self.name!r} defines no attend()")
+
+    def kv_tokens_read(self, seq_len: int, step: int) -> float:
+        """Token rows (K and V of one KV head of one layer) that decode step `step` (0-based) of a sequence
+        of `seq_len` tokens reads, summed over layers and KV heads; the count behind `kv_bytes_per_token`.
+        Every method must define it: a method that forgot would otherwise report dense reads."""
+        raise NotImplementedError(f"method {self.name!r} defines no kv_tokens_read()")
+
+    def dense_tokens_read(self, seq_len: int) -> float:
         return float(self.config.num_layers * self.config.num_kv_heads * seq_len)
 
-    def extra_kv_tokens_read(self, mean_seq_lens: list[float]) -> list[float]:
-        """Token rows read since the last prefill beyond the analytic `kv_tokens_read`, per sequence:
-        reads decided on the device inside the captured step (LFPS threshold refreshes), priced at each
-        sequence's mean length over the decode. One host sync; called once per generation."""
-        return [0.0] * len(mean_seq_lens)
-
-
-METHODS: dict[str, type[DecodeMethod]] = {}
-
-
-def register(cls: type[DecodeMethod]) -> type[DecodeMethod]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def make_method(name: str, config: ModelConfig, **options: Any) -> DecodeMethod:
-    from . import available  # noqa: F401  (imports every method module so each registers itself)
-
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name](config, **options)
+    def extra_kv_tokens_read(self, slot: int, mean_seq_len: float) -> float:
+        """Token rows the sequence in `slot` read since its `reset_slot` beyond `kv_tokens_read`: reads
+        decided on the device inside the captured step (LFPS threshold refreshes), priced at the
+        sequence's mean length. One host sync; called once per finished sequence."""
+        return 0.0

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.kv_cache import KVCache
-from ..kernels import sparse_decode_attention
-from .base import DecodeMethod, register
+from ..core import DecodeBatch, KVPool
+from .base import DecodeMethod
 
 
-@register
 class Dense(DecodeMethod):
     name = "dense"
 
-    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        out, _ = sparse_decode_attention(q, cache.k[layer], cache.v[layer], seq_lens, self.scale)
-        return out
+    def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
+        return pool.attention(layer, q, batch, self.scale)[0]
+
+    def kv_tokens_read(self, seq_len: int, step: int) -> float:
+        return self.dense_tokens_read(seq_len)

@@ -13,7 +13,8 @@ one per top-k (`kernels.select_blocks`: the new selection, and lychee+lfps's han
 buffers for CUDA graphs; a refresh threshold adds a few elementwise ops. Elsewhere their PyTorch
 references run.
 
-Refresh: step 0 and every `refresh_every`-th step make every row full (exact top-k over all blocks).
+Refresh: a sequence's decode step 0 and every `refresh_every`-th step after it make its rows full (exact
+top-k over all blocks); each sequence counts its own steps, on the device (`DecodeBatch.steps`).
 With `refresh_threshold` f, a row whose candidate score mass (sum of exp of the scaled scores, mean in
 the log domain over the group's query heads) falls below f times the full mass of its last exact step
 becomes full on the next step: a per-row flag tensor feeds the op's `full_rows`, so the decision stays
@@ -22,12 +23,9 @@ KV accounting adds their reads once at its end (`extra_kv_tokens_read`).
 
 Output (`attend`): "candidates" (default) returns the output of the scoring pass, over the candidates,
 a superset of the kept top-k; refresh steps are then dense. "selected" adds a second pass over the new
-top-k only, refresh steps included (their output is over the exact top-k). Measured (lfps_bench recall on
-CPU, qwen2.5-coder-1.5b at 8K and smollm2-135m at 4K, budget 2-5%, blocks of 64, expand 1): "candidates"
-is closer to dense (relative output error 0.19-0.25 against 0.33) and, on the GPU, reads less (one
-pass). "selected" is for KV offload, where the scoring runs on the CPU over host keys and the GPU needs
-only the top-k blocks. Same runs: block recall of the exact top-k 0.93-0.95 for R = 4..32 with the
-candidates 4-8% of the context; blocks of 16 recall 0.78-0.85 (but hold more of the top tokens).
+top-k only, refresh steps included (their output is over the exact top-k). "candidates" is closer to
+dense (docs/methods.md) and, on the GPU, reads less (one pass). "selected" is for KV offload, where the
+scoring runs over keys the GPU may not hold and the GPU needs only the top-k blocks.
 
 `lychee+lfps`: LycheeDecode whose retrieval heads run LFPS between exact refreshes instead of scanning
 everything; sparse heads still attend to the blocks handed on by the nearest earlier retrieval head.
@@ -39,10 +37,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..engine.kv_cache import KVCache
+from ..core import DecodeBatch, KVPool
 from ..kernels import lfps_candidates_into
-from ..offload import OffloadedKVCache, cache_attention, cache_index, reserve_pool
-from .base import DecodeMethod, register
+from .base import DecodeMethod
 from .lychee import Lychee
 from .selection import BlockSelector
 
@@ -106,38 +103,50 @@ def check_lfps_options(refresh_every: int, expand: int, refresh_threshold: float
 
 
 class PastSelection:
-    """The LFPS state of one cache and its rules: per (layer, sequence, KV head) the last selection,
-    the refresh flag and the log-mass of the last exact step. Fixed shapes, on the cache's device."""
+    """The LFPS state of every decode slot and its rules: per (layer, slot, KV head) the last selection,
+    the refresh flag and the log-mass of the last exact step. Fixed shapes, on the pool's device."""
 
-    def __init__(self, selector: BlockSelector, expand: int, aggregate: str, refresh_threshold: float | None) -> None:
+    def __init__(self, selector: BlockSelector, expand: int, aggregate: str, refresh_every: int,
+                 refresh_threshold: float | None) -> None:
         if aggregate not in ("max", "sum"):
             raise ValueError(f"aggregate must be 'max' or 'sum', not {aggregate!r}")
         self.selector = selector
         self.offsets = candidate_offsets(expand)
         self.aggregate = aggregate
+        self.refresh_every = refresh_every
         self.log_threshold = None if refresh_threshold is None else math.log(refresh_threshold)
 
-    def plan(self, cache: KVCache, num_heads: int, unit_lse: torch.Tensor | None = None) -> None:
-        layers, batch, heads, device = cache.num_layers, cache.batch_size, cache.num_kv_heads, cache.device
-        self.num_blocks = cache.capacity // self.selector.block_size
-        self.list_length = self.selector.list_length(cache.capacity)
-        shape = (layers, batch, heads, self.list_length)
-        self.blocks = torch.full(shape, self.num_blocks, dtype=torch.int32, device=device)
-        self.counts = torch.zeros(layers, batch, heads, dtype=torch.int32, device=device)
-        self.force_full = torch.zeros(layers, batch, heads, dtype=torch.bool, device=device)
-        self.exact_lse = torch.full((layers, batch, heads), float("inf"), device=device)
-        self.forced_rows = torch.zeros(batch, dtype=torch.int64, device=device)  # threshold-forced full rows
-        self.all_rows = torch.ones(batch, heads, dtype=torch.bool, device=device)
+    def plan(self, pool: KVPool, max_seqs: int, max_blocks: int, num_heads: int,
+             unit_lse: torch.Tensor | None = None) -> None:
+        layers, heads, device = pool.num_layers, pool.num_kv_heads, pool.device
+        capacity = max_blocks * pool.block_size
+        self.num_blocks = capacity // self.selector.block_size
+        self.list_length = self.selector.list_length(capacity)
+        self.blocks = torch.full((layers, max_seqs, heads, self.list_length), self.num_blocks, dtype=torch.int32,
+                                 device=device)
+        self.counts = torch.zeros(layers, max_seqs, heads, dtype=torch.int32, device=device)
+        self.force_full = torch.zeros(layers, max_seqs, heads, dtype=torch.bool, device=device)
+        self.exact_lse = torch.full((layers, max_seqs, heads), float("inf"), device=device)
+        self.forced_rows = torch.zeros(max_seqs, dtype=torch.int64, device=device)  # threshold-forced full rows
+        self.refresh_rows = torch.zeros(max_seqs, heads, dtype=torch.bool, device=device)  # this step's
+        self.all_rows = torch.ones(max_seqs, heads, dtype=torch.bool, device=device)
         self.offset_tensor = torch.tensor(self.offsets, device=device)
         self.use_kernel = self.uses_kernel(device)
         if self.use_kernel:  # the candidate kernel's output and scratch: fixed addresses for CUDA graphs
-            self.candidate_lists = torch.full((batch, heads, self.width), self.num_blocks, dtype=torch.int32,
+            self.candidate_lists = torch.full((max_seqs, heads, self.width), self.num_blocks, dtype=torch.int32,
                                               device=device)
-            self.candidate_counts = torch.zeros(batch, heads, dtype=torch.int32, device=device)
-            self.bitmap = torch.zeros(batch, heads, self.num_blocks, dtype=torch.int8, device=device)
+            self.candidate_counts = torch.zeros(max_seqs, heads, dtype=torch.int32, device=device)
+            self.bitmap = torch.zeros(max_seqs, heads, self.num_blocks, dtype=torch.int8, device=device)
         if unit_lse is None:
-            unit_lse = torch.empty(batch, num_heads, self.num_blocks, dtype=torch.float32, device=device)
+            unit_lse = torch.empty(max_seqs, num_heads, self.num_blocks, dtype=torch.float32, device=device)
         self.unit_lse = unit_lse
+
+    def reset_slot(self, slot: int) -> None:
+        self.blocks[:, slot] = self.num_blocks
+        self.counts[:, slot] = 0
+        self.force_full[:, slot] = False
+        self.exact_lse[:, slot] = float("inf")
+        self.forced_rows[slot] = 0
 
     @property
     def width(self) -> int:
@@ -149,38 +158,45 @@ class PastSelection:
         """Whether `candidates` runs the one-launch Triton kernel (CUDA) instead of the PyTorch reference."""
         return torch.device(device).type == "cuda"
 
+    def refresh_step(self, step: int | torch.Tensor) -> bool | torch.Tensor:
+        """Whether decode step `step` of a sequence is an exact refresh."""
+        return step % self.refresh_every == 0
+
+    def begin_step(self, batch: DecodeBatch) -> None:
+        rows = self.refresh_rows[: batch.size]
+        rows.copy_(self.refresh_step(batch.steps)[:, None].expand_as(rows))
+
     def candidates(self, layer: int, seq_lens: torch.Tensor, rows: torch.Tensor | None = None,
                    handed_blocks: torch.Tensor | None = None,
                    handed_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s candidate lists [B, H, width] and counts [B, H]; with `rows` and a handed
         selection, the rows outside `rows` get the handed list (see `lfps_candidates`). On CUDA one
         launch into the planned buffers (the next call overwrites them)."""
-        s = self.selector
-        args = (self.blocks[layer], self.counts[layer], seq_lens, s.block_size, self.offset_tensor, s.sink_blocks,
-                s.local_blocks, self.num_blocks, rows, handed_blocks, handed_counts)
+        s, size = self.selector, seq_lens.shape[0]
+        args = (self.blocks[layer, :size], self.counts[layer, :size], seq_lens, s.block_size, self.offset_tensor,
+                s.sink_blocks, s.local_blocks, self.num_blocks, rows, handed_blocks, handed_counts)
         if not self.use_kernel:
             return lfps_candidates(*args)
-        lfps_candidates_into(*args, out_blocks=self.candidate_lists, out_counts=self.candidate_counts,
-                             bitmap=self.bitmap)
-        return self.candidate_lists, self.candidate_counts
+        lists, counts = self.candidate_lists[:size], self.candidate_counts[:size]
+        lfps_candidates_into(*args, out_blocks=lists, out_counts=counts, bitmap=self.bitmap[:size])
+        return lists, counts
 
-    def full_rows(self, layer: int, refresh: bool) -> torch.Tensor:
-        """This step's full rows of `layer`; between refreshes the threshold's, which are also counted
-        (on the device) for the KV accounting."""
-        if refresh:
-            return self.all_rows
+    def full_rows(self, layer: int, size: int) -> torch.Tensor:
+        """This step's full rows of `layer`: the refreshing sequences', and the threshold's."""
+        return self.refresh_rows[:size] | self.force_full[layer, :size]
+
+    def count_forced_rows(self, layer: int, size: int) -> None:
+        """Count (on the device) the rows the threshold makes full outside a refresh, for the KV accounting."""
         if self.log_threshold is not None:
-            self.forced_rows += self.force_full[layer].sum(-1)
-        return self.force_full[layer]
+            self.forced_rows[:size] += (self.force_full[layer, :size] & ~self.refresh_rows[:size]).sum(-1)
 
-    def extra_tokens_read(self, mean_seq_lens: list[float]) -> list[float]:
-        """Tokens the threshold-forced full rows read beyond their candidate lists, per sequence since
-        `reset_count` (see `DecodeMethod.extra_kv_tokens_read`)."""
-        return [rows * max(0.0, length - self.candidate_tokens(round(length)))
-                for rows, length in zip(self.forced_rows.tolist(), mean_seq_lens, strict=True)]
-
-    def reset_count(self, batch_index: int) -> None:
-        self.forced_rows[batch_index] = 0
+    def extra_tokens_read(self, slot: int, mean_seq_len: float) -> float:
+        """Tokens the threshold-forced full rows of `slot` read beyond their candidate lists since its reset
+        (see `DecodeMethod.extra_kv_tokens_read`)."""
+        if self.log_threshold is None:
+            return 0.0
+        rows = int(self.forced_rows[slot])
+        return rows * max(0.0, mean_seq_len - self.candidate_tokens(round(mean_seq_len)))
 
     def update(self, layer: int, lse: torch.Tensor, seq_lens: torch.Tensor, full: torch.Tensor,
                rows: torch.Tensor | None = None,
@@ -188,16 +204,17 @@ class PastSelection:
         """Keep the top-k of the pass's scored blocks (`unit_lse`, `lse` [B, Hq]) as the new selection
         of `rows` (all when None), also written into `copy_to` (blocks, counts) when given, and set the
         refresh flags."""
-        self.selector.select_into(self.blocks[layer], self.counts[layer], self.all_rows if rows is None else rows,
-                                  seq_lens, unit_lse=self.unit_lse, lse=lse, aggregate=self.aggregate,
-                                  copy_to=copy_to)
+        size = seq_lens.shape[0]
+        self.selector.select_into(self.blocks[layer, :size], self.counts[layer, :size],
+                                  self.all_rows[:size] if rows is None else rows, seq_lens,
+                                  unit_lse=self.unit_lse[:size], lse=lse, aggregate=self.aggregate, copy_to=copy_to)
         if self.log_threshold is not None:
             heads = self.blocks.shape[2]
-            row_lse = lse.view(lse.shape[0], heads, -1).mean(-1)
-            exact = self.exact_lse[layer]
+            row_lse = lse.view(size, heads, -1).mean(-1)
+            exact = self.exact_lse[layer, :size]
             exact.copy_(torch.where(full, row_lse, exact))
             collapsed = ~full & (row_lse < exact + self.log_threshold)
-            self.force_full[layer].copy_(collapsed if rows is None else collapsed & rows)
+            self.force_full[layer, :size].copy_(collapsed if rows is None else collapsed & rows)
 
     def candidate_tokens(self, seq_len: int) -> int:
         """Tokens of a candidate list at `seq_len` at most (analytic, for the KV bytes accounting)."""
@@ -207,14 +224,13 @@ class PastSelection:
         return min(held, kept * len(self.offsets) + s.sink_blocks + s.local_blocks) * s.block_size
 
 
-@register
 class LFPS(DecodeMethod):
     name = "lfps"
     supports_kv_offload = True
     defaults = dict(
         budget=4096,  # tokens kept per (layer, KV head): the top-k
         block_size=64,
-        refresh_every=16,  # R: an exact (full-row) step every R steps, the first included
+        refresh_every=16,  # R: an exact (full-row) step every R steps of a sequence, its first included
         expand=1,  # neighbour blocks on each side of a selected block
         sink_blocks=1,
         local_blocks=1,
@@ -232,52 +248,50 @@ class LFPS(DecodeMethod):
             raise ValueError(f"attend must be one of {ATTEND_MODES}, not {o['attend']!r}")
         check_lfps_options(o["refresh_every"], o["expand"], o["refresh_threshold"])
         self.selector = BlockSelector("tokens", o["budget"], o["block_size"], o["sink_blocks"], o["local_blocks"])
-        self.past = PastSelection(self.selector, o["expand"], o["aggregate"], o["refresh_threshold"])
-        self.variant = "default"
+        self.past = PastSelection(self.selector, o["expand"], o["aggregate"], o["refresh_every"],
+                                  o["refresh_threshold"])
 
-    def plan(self, cache: KVCache) -> None:
-        self.past.plan(cache, self.config.num_heads)
-        reserve_pool(cache, self.past.width + 1)
+    def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
+        self.past.plan(pool, max_seqs, max_blocks, self.config.num_heads)
+        pool.reserve(self.past.width + 1)
 
-    def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
-        if layer == 0:
-            self.past.reset_count(batch_index)
+    def reset_slot(self, slot: int) -> None:
+        self.past.reset_slot(slot)
 
-    def step_variant(self, step: int) -> str:
-        return "refresh" if step % self.options["refresh_every"] == 0 else "default"
+    def begin_step(self, batch: DecodeBatch) -> None:
+        self.past.begin_step(batch)
 
-    def extra_kv_tokens_read(self, mean_seq_lens: list[float]) -> list[float]:
-        return self.past.extra_tokens_read(mean_seq_lens)
+    def extra_kv_tokens_read(self, slot: int, mean_seq_len: float) -> float:
+        return self.past.extra_tokens_read(slot, mean_seq_len)
 
-    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        past, block_size = self.past, self.options["block_size"]
-        full = past.full_rows(layer, self.variant == "refresh")
+    def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
+        past, block_size, size, seq_lens = self.past, self.options["block_size"], batch.size, batch.seq_lens
+        full = past.full_rows(layer, size)
+        past.count_forced_rows(layer, size)
         lists, counts = past.candidates(layer, seq_lens)
+        unit_lse = past.unit_lse[:size]
         if self.options["attend"] == "candidates":
-            out, lse = cache_attention(cache, layer, q, seq_lens, self.scale, block_size, lists, counts, full,
-                                       past.unit_lse, sorted_lists=True)
+            out, lse = pool.attention(layer, q, batch, self.scale, block_size, lists, counts, full, unit_lse,
+                                      sorted_lists=True)
             past.update(layer, lse, seq_lens, full)
-        else:
-            lse = cache_index(cache, layer, q, seq_lens, self.scale, block_size, lists, counts, full, past.unit_lse)
-            past.update(layer, lse, seq_lens, full)
-            out, _ = cache_attention(cache, layer, q, seq_lens, self.scale, block_size, past.blocks[layer],
-                                     past.counts[layer], sorted_lists=True)
-            # Offloaded, the pool needs only this top-k, which the index finds: prefetching the candidates
-            # (3x the blocks) was slower at 512K on an H100 (docs/results.md, KV offload).
+            if pool.prefetches and layer + 1 < pool.num_layers:
+                pool.prefetch(layer + 1, batch, *past.candidates(layer + 1, seq_lens))
             return out
-        if isinstance(cache, OffloadedKVCache) and layer + 1 < cache.num_layers:
-            cache.prefetch(layer + 1, seq_lens, *past.candidates(layer + 1, seq_lens))
-        return out
+        lse = pool.index(layer, q, batch, self.scale, block_size, lists, counts, full, unit_lse)
+        past.update(layer, lse, seq_lens, full)
+        # A pool in host memory needs only this top-k, which the index finds: prefetching the candidates
+        # (3x the blocks) was slower (docs/notes, KV offload).
+        return pool.attention(layer, q, batch, self.scale, block_size, past.blocks[layer, :size],
+                              past.counts[layer, :size], sorted_lists=True)[0]
 
-    def kv_tokens_read(self, seq_len: int, variant: str) -> float:
+    def kv_tokens_read(self, seq_len: int, step: int) -> float:
         rows = self.config.num_layers * self.config.num_kv_heads
-        scored = seq_len if variant == "refresh" else min(seq_len, self.past.candidate_tokens(seq_len))
+        scored = seq_len if self.past.refresh_step(step) else min(seq_len, self.past.candidate_tokens(seq_len))
         if self.options["attend"] == "candidates":
             return float(rows * scored)
         return float(rows * (scored + min(seq_len, self.selector.tokens_kept(seq_len))))
 
 
-@register
 class LycheeLFPS(Lychee):
     """LycheeDecode with LFPS retrieval heads: between exact refreshes a retrieval head attends to and
     scores its own candidates (a list row emitting per-block scores) instead of the whole cache."""
@@ -293,53 +307,58 @@ class LycheeLFPS(Lychee):
             raise ValueError(
                 f"lychee+lfps needs budget_mode 'tokens' or 'ratio' (a bounded top-k), not {o['budget_mode']!r}")
         check_lfps_options(o["refresh_every"], o["expand"], o["refresh_threshold"])
-        self.past = PastSelection(self.selector, o["expand"], o["aggregate"], o["refresh_threshold"])
+        self.past = PastSelection(self.selector, o["expand"], o["aggregate"], o["refresh_every"],
+                                  o["refresh_threshold"])
 
-    def plan(self, cache: KVCache) -> None:
-        super().plan(cache)
-        self.past.plan(cache, self.config.num_heads, self.unit_lse)
-        reserve_pool(cache, self.past.width + 1)
+    def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
+        super().plan(pool, max_seqs, max_blocks)
+        self.past.plan(pool, max_seqs, max_blocks, self.config.num_heads, self.unit_lse)
+        pool.reserve(self.past.width + 1)
 
-    def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
-        super().after_prefill(layer, cache, batch_index, length)
-        if layer == 0:
-            self.past.reset_count(batch_index)
+    def reset_slot(self, slot: int) -> None:
+        super().reset_slot(slot)
+        self.past.reset_slot(slot)
 
-    def extra_kv_tokens_read(self, mean_seq_lens: list[float]) -> list[float]:
-        return self.past.extra_tokens_read(mean_seq_lens)
+    def begin_step(self, batch: DecodeBatch) -> None:
+        super().begin_step(batch)
+        self.past.begin_step(batch)
+        self.dense_rows = self.dense_step(batch.steps)[:, None]
 
-    def step_variant(self, step: int) -> str:
-        variant = super().step_variant(step)
-        return "refresh" if variant == "default" and step % self.options["refresh_every"] == 0 else variant
+    def extra_kv_tokens_read(self, slot: int, mean_seq_len: float) -> float:
+        return self.past.extra_tokens_read(slot, mean_seq_len)
 
     def row_lists(self, layer: int, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Retrieval rows: their candidates; sparse rows: the handed blocks, padded to the same width."""
-        return self.past.candidates(layer, seq_lens, self.full_rows[layer], self.blocks, self.counts)
+        size = seq_lens.shape[0]
+        return self.past.candidates(layer, seq_lens, self.retrieval_rows[layer, :size], self.blocks[:size],
+                                    self.counts[:size])
 
-    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        if self.variant == "dense":
-            return cache_attention(cache, layer, q, seq_lens, self.scale)[0]
-        retrieval = self.full_rows[layer]
-        # Between refreshes only the collapsed rows are full, and those are retrieval rows (`update`).
-        full = retrieval if self.variant == "refresh" else self.past.full_rows(layer, False)
+    def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
+        size, seq_lens = batch.size, batch.seq_lens
+        retrieval = self.retrieval_rows[layer, :size]
+        # Retrieval rows of refreshing sequences, rows the threshold collapsed (retrieval rows, `update`), and
+        # every row of a sequence taking a dense correction step.
+        full = (retrieval & self.past.refresh_rows[:size]) | self.past.force_full[layer, :size] | self.dense_rows
+        self.past.count_forced_rows(layer, size)
         lists, counts = self.row_lists(layer, seq_lens)
-        out, lse = cache_attention(cache, layer, q, seq_lens, self.scale, self.options["block_size"], lists, counts,
-                                   full, self.past.unit_lse, sorted_lists=True)
+        unit_lse = self.past.unit_lse[:size]
+        out, lse = pool.attention(layer, q, batch, self.scale, self.options["block_size"], lists, counts, full,
+                                  unit_lse, sorted_lists=True)
         # The retrieval rows' own selection and the blocks handed to later layers come from the same scores,
         # rows and selector: one selection writes both (unless the heads share one, TidalDecode-style).
         hands_on = self.selects[layer]
         shared = self.options["share_heads"]
         self.past.update(layer, lse, seq_lens, full, rows=retrieval,
-                         copy_to=(self.blocks, self.counts) if hands_on and not shared else None)
+                         copy_to=(self.blocks[:size], self.counts[:size]) if hands_on and not shared else None)
         if hands_on and shared:
-            self.hand_on(layer, self.past.unit_lse, seq_lens, lse=lse)
-        if isinstance(cache, OffloadedKVCache) and layer + 1 < cache.num_layers:
-            cache.prefetch(layer + 1, seq_lens, *self.row_lists(layer + 1, seq_lens))
+            self.hand_on(layer, unit_lse, seq_lens, lse=lse)
+        if pool.prefetches and layer + 1 < pool.num_layers:
+            pool.prefetch(layer + 1, batch, *self.row_lists(layer + 1, seq_lens))
         return out
 
-    def kv_tokens_read(self, seq_len: int, variant: str) -> float:
-        if variant != "default":  # dense, or refresh: the retrieval rows are full as in LycheeDecode
-            return super().kv_tokens_read(seq_len, variant)
+    def kv_tokens_read(self, seq_len: int, step: int) -> float:
+        if self.dense_step(step) or self.past.refresh_step(step):  # the retrieval rows are full as in LycheeDecode
+            return super().kv_tokens_read(seq_len, step)
         retrieval = self.num_retrieval_units()
         sparse = self.roles.retrieval.numel() - retrieval
         candidates = min(seq_len, self.past.candidate_tokens(seq_len))

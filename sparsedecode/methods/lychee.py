@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.kv_cache import KVCache
-from ..kernels import sparse_decode_attention
+from ..core import DecodeBatch, KVPool
 from ..roles.head_roles import HeadRoles, resolve_roles
-from .base import DecodeMethod, register
+from .base import DecodeMethod
 from .selection import BlockSelector
 
 #: roles used when none are given and none are shipped for the model (chosen by measurement, see docs)
 DEFAULT_ROLES = "tidal"
 
 
-@register
 class Lychee(DecodeMethod):
     name = "lychee"
     defaults = dict(
@@ -53,33 +51,42 @@ class Lychee(DecodeMethod):
         hands_on = retrieval[:-1] & ~retrieval[1:]
         self.selects = [bool(hands_on[l].any()) for l in range(config.num_layers - 1)] + [False]
         self.all_full = [bool(retrieval[l].all()) for l in range(config.num_layers)]
-        self.variant = "default"
 
-    def plan(self, cache: KVCache) -> None:
-        batch, heads = cache.batch_size, cache.num_kv_heads
-        device = cache.device
-        self.list_length = self.selector.list_length(cache.capacity)
-        self.blocks = torch.zeros(batch, heads, self.list_length, dtype=torch.int32, device=device)
-        self.counts = torch.zeros(batch, heads, dtype=torch.int32, device=device)
-        num_blocks = cache.capacity // self.options["block_size"]
-        self.unit_lse = torch.empty(batch, self.config.num_heads, num_blocks, dtype=torch.float32, device=device)
-        self.full_rows = self.roles.retrieval.to(device)[:, None, :].expand(-1, batch, -1).contiguous()
+    def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
+        heads, device = pool.num_kv_heads, pool.device
+        capacity = max_blocks * pool.block_size
+        self.list_length = self.selector.list_length(capacity)
+        self.blocks = torch.zeros(max_seqs, heads, self.list_length, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(max_seqs, heads, dtype=torch.int32, device=device)
+        num_units = capacity // self.options["block_size"]
+        self.unit_lse = torch.empty(max_seqs, self.config.num_heads, num_units, dtype=torch.float32, device=device)
+        self.retrieval_rows = self.roles.retrieval.to(device)[:, None, :].expand(-1, max_seqs, -1).contiguous()
+        self.full_rows = torch.empty_like(self.retrieval_rows)  # this step's: retrieval, or every row of a dense step
 
-    def step_variant(self, step: int) -> str:
+    def reset_slot(self, slot: int) -> None:
+        self.blocks[slot] = 0
+        self.counts[slot] = 0
+
+    def dense_step(self, step: int | torch.Tensor) -> bool | torch.Tensor:
+        """Whether decode step `step` of a sequence is a cache-correction step (dense for every head)."""
         every = self.options["dense_every"]
-        return "dense" if every and (step + 1) % every == 0 else "default"
+        return (step + 1) % every == 0 if every else step < 0
 
-    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        k, v = cache.k[layer], cache.v[layer]
-        if self.variant == "dense" or (self.all_full[layer] and not self.selects[layer]):
-            return sparse_decode_attention(q, k, v, seq_lens, self.scale)[0]
-        selects = self.selects[layer]
-        out, lse = sparse_decode_attention(
-            q, k, v, seq_lens, self.scale, self.options["block_size"], self.blocks, self.counts,
-            self.full_rows[layer], self.unit_lse if selects else None, sorted_lists=True,  # from the selection
-        )
+    def begin_step(self, batch: DecodeBatch) -> None:
+        size = batch.size
+        dense = self.dense_step(batch.steps)[None, :, None]
+        torch.logical_or(self.retrieval_rows[:, :size], dense, out=self.full_rows[:, :size])
+
+    def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
+        size, selects = batch.size, self.selects[layer]
+        if self.all_full[layer] and not selects:
+            return pool.attention(layer, q, batch, self.scale)[0]
+        unit_lse = self.unit_lse[:size] if selects else None
+        out, lse = pool.attention(layer, q, batch, self.scale, self.options["block_size"], self.blocks[:size],
+                                  self.counts[:size], self.full_rows[layer, :size], unit_lse,
+                                  sorted_lists=True)  # lists from the selection
         if selects:
-            self.hand_on(layer, self.unit_lse, seq_lens, lse=lse)
+            self.hand_on(layer, unit_lse, batch.seq_lens, lse=lse)
         return out
 
     def hand_on(self, layer: int, scores: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor | None = None) -> None:
@@ -90,13 +97,14 @@ class Lychee(DecodeMethod):
         update of the retrieval rows are one kernel launch; elsewhere the PyTorch path.
         """
         source = dict(scores=scores) if lse is None else dict(unit_lse=scores, lse=lse)
-        self.selector.select_into(self.blocks, self.counts, self.full_rows[layer], seq_lens,
+        size = seq_lens.shape[0]
+        self.selector.select_into(self.blocks[:size], self.counts[:size], self.retrieval_rows[layer, :size], seq_lens,
                                   aggregate=self.options["aggregate"], share_heads=self.options["share_heads"],
                                   **source)
 
-    def kv_tokens_read(self, seq_len: int, variant: str) -> float:
-        if variant == "dense":
-            return super().kv_tokens_read(seq_len, variant)
+    def kv_tokens_read(self, seq_len: int, step: int) -> float:
+        if self.dense_step(step):
+            return self.dense_tokens_read(seq_len)
         retrieval = self.num_retrieval_units()
         sparse = self.roles.retrieval.numel() - retrieval
         return float(retrieval * seq_len + sparse * min(seq_len, self.selector.tokens_kept(seq_len)))
@@ -105,7 +113,6 @@ class Lychee(DecodeMethod):
         return self.roles.num_retrieval
 
 
-@register
 class Tidal(Lychee):
     """TidalDecode on the same engine: layer-level selection shared by all heads of the layer."""
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.kv_cache import KVCache
-from ..kernels import quest_page_scores, sparse_decode_attention
-from .base import DecodeMethod, register
+from ..core import DecodeBatch, KVPool
+from ..kernels import quest_page_scores
+from .base import DecodeMethod
 from .selection import BlockSelector
 
 
-@register
 class Quest(DecodeMethod):
     name = "quest"
     defaults = dict(budget=4096, page_size=16, dense_layers=2, aggregate="max")
@@ -25,45 +24,50 @@ class Quest(DecodeMethod):
         # Quest keeps no sink; the page being written is always attended.
         self.selector = BlockSelector("tokens", o["budget"], o["page_size"], sink_blocks=0, local_blocks=1)
 
-    def plan(self, cache: KVCache) -> None:
-        page = self.options["page_size"]
-        shape = (cache.num_layers, cache.batch_size, cache.num_kv_heads, cache.capacity // page, cache.head_dim)
-        self.k_min = torch.empty(shape, dtype=cache.k.dtype, device=cache.device)
-        self.k_max = torch.empty(shape, dtype=cache.k.dtype, device=cache.device)
-        rows = (cache.batch_size, cache.num_kv_heads)
-        list_length = self.selector.list_length(cache.capacity)
-        self.pages = torch.zeros(*rows, list_length, dtype=torch.int32, device=cache.device)
-        self.counts = torch.zeros(rows, dtype=torch.int32, device=cache.device)
-        self.all_rows = torch.ones(rows, dtype=torch.bool, device=cache.device)
-        self.scores = torch.empty(*rows, cache.capacity // page, dtype=torch.float32, device=cache.device)
+    def block_state_bytes(self, block_size: int, dtype: torch.dtype) -> int:
+        c = self.config  # min and max keys per page
+        return 2 * c.num_layers * c.num_kv_heads * (block_size // self.options["page_size"]) * c.head_dim * dtype.itemsize
 
-    def after_prefill(self, layer: int, cache: KVCache, batch_index: int, length: int) -> None:
+    def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
         page = self.options["page_size"]
-        k = cache.k[layer, batch_index].unflatten(1, (-1, page))  # [Hkv, pages, page, D]
-        filled = (torch.arange(cache.capacity, device=cache.device) < length).view(1, -1, page, 1)
+        if pool.block_size % page:
+            raise ValueError(f"quest page_size {page} must divide the engine's block_size {pool.block_size}")
+        # Page bounds live with the pool's blocks (a shared prefix block shares its bounds).
+        shape = (pool.num_layers, pool.num_blocks, pool.num_kv_heads, pool.block_size // page, pool.head_dim)
+        self.k_min = torch.zeros(shape, dtype=pool.dtype, device=pool.device)
+        self.k_max = torch.zeros(shape, dtype=pool.dtype, device=pool.device)
+        rows = (max_seqs, pool.num_kv_heads)
+        capacity = max_blocks * pool.block_size
+        self.pages = torch.zeros(*rows, self.selector.list_length(capacity), dtype=torch.int32, device=pool.device)
+        self.counts = torch.zeros(rows, dtype=torch.int32, device=pool.device)
+        self.all_rows = torch.ones(rows, dtype=torch.bool, device=pool.device)
+        self.scores = torch.empty(*rows, capacity // page, dtype=torch.float32, device=pool.device)
+
+    def after_prefill(self, layer: int, pool: KVPool, blocks: torch.Tensor, length: int) -> None:
+        page, block_size = self.options["page_size"], pool.block_size
+        held = blocks[: -(-length // block_size)]
+        k = pool.k[layer, held].unflatten(2, (-1, page))  # [blocks, Hkv, pages, page, D]
+        positions = torch.arange(len(held) * block_size, device=pool.device).view(len(held), 1, -1, page, 1)
+        filled = positions < length
         # Empty pages get 0 rather than +-inf, so page scores stay finite; the selector never picks them.
-        k_min = k.masked_fill(~filled, float("inf")).amin(dim=2)
-        k_max = k.masked_fill(~filled, float("-inf")).amax(dim=2)
-        self.k_min[layer, batch_index] = k_min.masked_fill(k_min.isinf(), 0)
-        self.k_max[layer, batch_index] = k_max.masked_fill(k_max.isinf(), 0)
+        k_min = k.masked_fill(~filled, float("inf")).amin(dim=3)
+        k_max = k.masked_fill(~filled, float("-inf")).amax(dim=3)
+        self.k_min[layer, held] = k_min.masked_fill(k_min.isinf(), 0)
+        self.k_max[layer, held] = k_max.masked_fill(k_max.isinf(), 0)
 
-    def page_scores(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Fold the new token's key into its page's min/max (a new page starts from that key), then score
-        every page: [B, Hkv, pages] float32 (one launch on CUDA)."""
-        return quest_page_scores(q, cache.k[layer], self.k_min[layer], self.k_max[layer], seq_lens,
-                                 self.options["page_size"], self.options["aggregate"], self.scores)
-
-    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        k, v = cache.k[layer], cache.v[layer]
+    def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         if layer < self.options["dense_layers"]:  # these layers never select: no page bounds to keep
-            return sparse_decode_attention(q, k, v, seq_lens, self.scale)[0]
-        scores = self.page_scores(layer, q, cache, seq_lens)
+            return pool.attention(layer, q, batch, self.scale)[0]
+        size, page = batch.size, self.options["page_size"]
+        # Fold the new key into its page's bounds, then score every page (one launch on CUDA).
+        scores = quest_page_scores(q, pool.k[layer], self.k_min[layer], self.k_max[layer], batch.seq_lens, page,
+                                   self.options["aggregate"], self.scores[:size], block_tables=batch.block_tables)
+        pages, counts = self.pages[:size], self.counts[:size]
         # One launch on CUDA (the selection kernel over the scores), the PyTorch path elsewhere.
-        self.selector.select_into(self.pages, self.counts, self.all_rows, seq_lens, scores)
-        return sparse_decode_attention(q, k, v, seq_lens, self.scale, self.options["page_size"], self.pages,
-                                       self.counts, sorted_lists=True)[0]
+        self.selector.select_into(pages, counts, self.all_rows[:size], batch.seq_lens, scores)
+        return pool.attention(layer, q, batch, self.scale, page, pages, counts, sorted_lists=True)[0]
 
-    def kv_tokens_read(self, seq_len: int, variant: str) -> float:
+    def kv_tokens_read(self, seq_len: int, step: int) -> float:
         c = self.config
         dense = min(self.options["dense_layers"], c.num_layers)
         pages = -(-seq_len // self.options["page_size"])  # min + max keys: one K/V row's worth per page

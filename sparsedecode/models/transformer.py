@@ -1,5 +1,5 @@
-"""One decoder for Llama, Qwen2, Qwen3 and Mistral: static KV cache, chunked prefill, and a decode step
-whose attention is delegated to a decode method.
+"""One decoder for Llama, Qwen2, Qwen3 and Mistral. It owns no KV cache: each layer's attention is a callable
+the caller passes (`AttentionFn`), which stores the new K/V wherever its cache lives and attends.
 
 The arithmetic follows transformers' modeling code operation for operation (RMSNorm in float32, RoPE
 tables cast to the model dtype) so that greedy decoding matches `generate` token for token.
@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import importlib
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from ..engine.kv_cache import KVCache, store_token
-from ..methods.base import DecodeMethod
 from .config import ModelConfig
+
+#: attention(layer, q [n, Hq, D], k [n, Hkv, D], v [n, Hkv, D]) -> [n, Hq, D], for the n tokens of one call
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -100,27 +103,10 @@ class DecoderLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def decode_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, layer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`attention_input` of one decoded token per sequence that also stores its K/V in the cache
-        tensors (at `positions`, layer `layer`: a 1-element tensor, so one compiled graph serves all layers)
-        and returns q. Compiled, the store is one kernel fused with the RoPE of k."""
-        q, k, v = self.attention_input(x, cos, sin)
-        store_token(k_cache, v_cache, layer, positions, k, v)
-        return q
-
     def attention_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual stream after this layer, from its attention output attn: [tokens, Hq, D]."""
         x = x + self.o_proj(attn.reshape(x.shape[0], -1))
         return x + self.mlp(self.post_attention_layernorm(x))
-
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store_kv) -> torch.Tensor:
-        """One layer over a chunk of prompt tokens x: [n, hidden]. `store_kv(k, v)` keeps the chunk's
-        K/V ([kv_heads, n, head_dim]) and returns the K/V of every position up to the chunk's end."""
-        q, k, v = self.attention_input(x, cos, sin)
-        keys, values = store_kv(k.transpose(0, 1), v.transpose(0, 1))
-        attn = prefill_attention(q.transpose(0, 1), keys, values)
-        return self.attention_output(x, attn.transpose(0, 1))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -138,11 +124,10 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
-        # What decode_step runs around each layer's attention; compile_decode swaps in compiled versions.
+        # What a fixed-shape (decode) forward runs around each layer's attention; compile_decode swaps in
+        # compiled versions.
         self.attention_input = DecoderLayer.attention_input
-        self.decode_input = DecoderLayer.decode_input
         self.attention_output = DecoderLayer.attention_output
-        self.register_buffer("layer_index", torch.arange(config.num_layers), persistent=False)
 
     def compile_decode(self) -> None:
         """Fuse the element-wise work around each layer's GEMMs in the decode step (norms, RoPE, SiLU,
@@ -150,7 +135,6 @@ class Transformer(nn.Module):
         microseconds even inside a CUDA graph: ~2 ms of an 8B step. One compiled graph serves every
         layer (the layer's weights are its inputs); the attention itself stays the method's."""
         self.attention_input = torch.compile(DecoderLayer.attention_input, fullgraph=True)
-        self.decode_input = torch.compile(DecoderLayer.decode_input, fullgraph=True)
         self.attention_output = torch.compile(DecoderLayer.attention_output, fullgraph=True)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -185,41 +169,20 @@ class Transformer(nn.Module):
             raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
 
     @torch.inference_mode()
-    def prefill_chunk(self, token_ids: torch.Tensor, start: int, cache: KVCache, batch_index: int) -> torch.Tensor:
-        """Run tokens at positions [start, start + n) of sequence `batch_index` through the model,
-        writing their K/V into the cache; dense causal attention over everything cached before them.
-        Returns the final hidden state of the last token, normalised: [hidden]."""
-        n = token_ids.shape[0]
-        end = start + n
-        positions = torch.arange(start, end, device=token_ids.device)
-        cos, sin = self.rope(positions, cache.k.dtype)
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
+                fused: bool = False) -> torch.Tensor:
+        """The residual stream after the last layer [n, hidden] for tokens `token_ids` [n] at `positions` [n].
+        `fused`: run the compiled element-wise work of `compile_decode` (fixed-shape calls: decode steps).
+        Capturable in a CUDA graph when `attention` is."""
+        cos, sin = self.rope(positions, self.embed_tokens.weight.dtype)
+        attention_input = self.attention_input if fused else DecoderLayer.attention_input
+        attention_output = self.attention_output if fused else DecoderLayer.attention_output
         x = self.embed_tokens(token_ids)
         for i, layer in enumerate(self.layers):
+            q, k, v = attention_input(layer, x, cos, sin)
+            x = attention_output(layer, x, attention(i, q, k, v))
+        return x
 
-            def store_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                cache.write(i, batch_index, start, k, v)
-                return cache.prefix(i, batch_index, end)
-
-            x = layer.prefill(x, cos, sin, store_kv)
-        return self.norm(x[-1])
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
-
-    @torch.inference_mode()
-    def decode_step(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, method: DecodeMethod
-    ) -> torch.Tensor:
-        """One new token per sequence at `positions` (= tokens already cached). Fixed shapes and no host
-        synchronisation: the caller may capture it in a CUDA graph. Returns float32 logits [batch, vocab]."""
-        seq_lens = (positions + 1).to(torch.int32)
-        cos, sin = self.rope(positions, cache.k.dtype)
-        x = self.embed_tokens(token_ids)
-        for i, layer in enumerate(self.layers):
-            if cache.writable_on_device:
-                q = self.decode_input(layer, x, cos, sin, cache.k, cache.v, self.layer_index[i : i + 1], positions)
-            else:
-                q, k, v = self.attention_input(layer, x, cos, sin)
-                cache.append(i, positions, k, v)
-            x = self.attention_output(layer, x, method.attend(i, q, cache, seq_lens))
-        return self.logits(self.norm(x))
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits [n, vocab] of residual-stream rows x [n, hidden]."""
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,106 @@
+"""The paged KV pool: every layer's keys and values in blocks of `block_size` tokens, shared by all sequences.
+
+Layout `[layers, num_blocks, kv_heads, block_size, head_dim]`: one (block, KV head) is a contiguous
+`block_size * head_dim` slab, so kernels read whole blocks with unit-stride loads. A sequence owns a
+block table (its logical blocks -> physical block ids); selections stay in logical block indices and only
+the kernels that read K/V translate them. Block 0 is the null block: no sequence owns it, and rows of a
+decode batch without a sequence point there.
+
+The pool is also the interface through which methods reach K/V: `attention`, `index`, `reserve` and
+`prefetch` act on the device here; a pool that keeps its blocks elsewhere (host memory) overrides them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import sparse_decode_attention, store_kv
+from .batch import DecodeBatch
+
+NULL_BLOCK = 0
+
+
+class KVPool:
+    #: whether `prefetch` does anything (methods skip computing the next layer's lists otherwise)
+    prefetches = False
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"a KV pool needs at least 2 blocks (the null block and one more), not {num_blocks}")
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        # Zeros, not empty: the reference path multiplies masked positions by probability 0, and 0 * NaN is NaN.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * block_size * head_dim * dtype.itemsize
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[4]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def store(self, layer: int | torch.Tensor, block_ids: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Write token i's k[i], v[i] ([n, kv_heads, head_dim]) at (block_ids[i], offsets[i]) of `layer`."""
+        store_kv(self.k, self.v, layer, block_ids, offsets, k, v)
+
+    def gather(self, layer: int, blocks: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0 .. end of one sequence whose block table starts with `blocks` (int64, at least
+        ceil(end / block_size) entries): K and V as [kv_heads, end, head_dim] copies."""
+        n = -(-end // self.block_size)
+        ids = blocks[:n]
+        k = self.k[layer, ids].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, :end]
+        v = self.v[layer, ids].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, :end]
+        return k, v
+
+    # -- what methods call: on-device defaults ------------------------------------------------------
+    def attention(self, layer: int, q: torch.Tensor, batch: DecodeBatch, scale: float, unit_size: int = 64,
+                  unit_lists: torch.Tensor | None = None, unit_counts: torch.Tensor | None = None,
+                  full_rows: torch.Tensor | None = None, unit_lse: torch.Tensor | None = None,
+                  sorted_lists: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kernels.sparse_decode_attention` of q [B, Hq, D] over this pool's layer `layer` (same unit lists,
+        full rows and per-unit scores); returns (out [B, Hq, D], lse [B, Hq])."""
+        return sparse_decode_attention(q, self.k[layer], self.v[layer], batch.seq_lens, scale, unit_size,
+                                       unit_lists, unit_counts, full_rows, unit_lse,
+                                       block_tables=batch.block_tables, sorted_lists=sorted_lists)
+
+    def index(self, layer: int, q: torch.Tensor, batch: DecodeBatch, scale: float, unit_size: int,
+              unit_lists: torch.Tensor, unit_counts: torch.Tensor, full_rows: torch.Tensor | None, unit_lse: torch.Tensor) -> torch.Tensor:
+        """Exact per-unit scores of the listed units into `unit_lse`; returns lse [B, Hq]. On the device the
+        fused op is the cheapest way (its output is dropped)."""
+        return self.attention(layer, q, batch, scale, unit_size, unit_lists, unit_counts, full_rows, unit_lse,
+                              sorted_lists=True)[1]
+
+    def reserve(self, blocks_per_row: int) -> None:
+        """How many blocks one (sequence, KV head) visits per step at most: sizes a staging pool elsewhere."""
+
+    def prefetch(self, layer: int, batch: DecodeBatch, unit_lists: torch.Tensor, unit_counts: torch.Tensor) -> None:
+        """These lists will be read by layer `layer` next: a pool in host memory starts moving them."""

@@ -1,0 +1,271 @@
+"""Runs the model over the paged KV pool: prefill chunks, and decode steps captured as CUDA graphs.
+
+The runner owns the model, the pool and the decode method. A decode step covers the first `bucket`
+decode slots (1, 2, 4, 8, ... up to `max_num_seqs`): rows whose slot holds no decoding sequence point at
+the null block and are discarded. Each (bucket, greedy or sampling) step is captured once as a CUDA
+graph over fixed buffers: tokens, positions, per-sequence step counters, block tables and sampling
+parameters. A graph replay feeds its sampled tokens back as the next input, so `decode` runs several
+steps with one host synchronisation at the end.
+
+Prefill chunks of several sequences go through the weights as one batch of tokens; each chunk stores
+its K/V in the pool and attends causally to its sequence's prefix (gathered from the pool when the
+chunk does not start the sequence).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..core import DecodeBatch, KVPool
+from ..methods.base import DecodeMethod
+from ..models.config import ModelConfig
+from ..models.transformer import Transformer, prefill_attention
+from .sampling import sample_tokens
+
+CPU_KV_BYTES = 2 * 2**30  # default pool size on a CPU device (a GPU's is sized from its free memory)
+GPU_MARGIN_BYTES = 2**30  # left free on a GPU for graphs, kernel scratch and the allocator's slack
+
+
+@dataclass
+class DecodeRow:
+    """One decoding sequence of a `decode` call."""
+
+    slot: int
+    token: int  # the last sampled token: this step's input
+    position: int  # its position (tokens before it)
+    step: int  # decode steps since the slot was reset
+    block_table: list[int]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+@dataclass
+class PrefillRequest:
+    """Tokens [start, start + len(token_ids)) of one sequence whose blocks are `block_table`."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    wants_logits: bool  # the chunk ends the sequence's prefill: return its last token's logits
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    buckets, b = [], 1
+    while b < max_num_seqs:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_num_seqs]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, config: ModelConfig, method: DecodeMethod, *, max_num_seqs: int,
+                 max_model_len: int, block_size: int, max_num_batched_tokens: int, num_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True, fused: bool = False) -> None:
+        self.model, self.config = model, config
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks = -(-max_model_len // block_size)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.fused = fused
+        self.buckets = graph_buckets(max_num_seqs)
+        seqs, device = max_num_seqs, self.device
+        self.tokens = torch.zeros(seqs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(seqs, dtype=torch.int64, device=device)
+        self.steps = torch.zeros(seqs, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(seqs, self.max_blocks, dtype=torch.int32, device=device)
+        self.temperature = torch.zeros(seqs, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(seqs, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(seqs, dtype=torch.int64, device=device)
+        self.seeds = torch.zeros(seqs, dtype=torch.int64, device=device)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.method = method
+        if num_blocks is None:
+            num_blocks = self.pool_blocks_for_memory(method, gpu_memory_utilization)
+        self.pool = KVPool(config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim,
+                           self.dtype, device)
+        self.use_method(method)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def block_bytes(self, method: DecodeMethod) -> int:
+        c = self.config
+        kv = KVPool.bytes_per_block(c.num_layers, c.num_kv_heads, self.block_size, c.head_dim, self.dtype)
+        return kv + method.block_state_bytes(self.block_size, self.dtype)
+
+    @torch.inference_mode()
+    def pool_blocks_for_memory(self, method: DecodeMethod, utilization: float) -> int:
+        """Blocks that fit: on a GPU, `utilization` of its memory less the weights, a prefill's peak
+        activations, the method's per-slot state and a margin; on a CPU, `CPU_KV_BYTES`, or what every
+        slot at full length needs if less."""
+        per_block = self.block_bytes(method)
+        wanted = self.max_num_seqs * self.max_blocks + 1
+        if self.device.type != "cuda":
+            return max(2, min(wanted, CPU_KV_BYTES // per_block))
+        if not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {utilization}")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        probe = KVPool(self.config.num_layers, 2, self.config.num_kv_heads, self.block_size, self.config.head_dim,
+                       self.dtype, self.device)
+        method.plan(probe, self.max_num_seqs, self.max_blocks)  # per-slot state, measured
+        tokens = torch.zeros(self.max_num_batched_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.arange(self.max_num_batched_tokens, device=self.device)
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return prefill_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+
+        self.model.logits(self.model.forward(tokens, positions, attention)[-1:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del probe, tokens, positions
+        c = self.config
+        # The last prefill chunk of a full-length prompt gathers its prefix and expands it to every query head.
+        prefix = self.max_blocks * self.block_size * (c.num_heads + c.num_kv_heads) * c.head_dim * 2 * self.dtype.itemsize
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * utilization - before - outside_torch - peak - prefix - GPU_MARGIN_BYTES
+        blocks = int(budget // per_block)
+        if blocks < 2:
+            raise RuntimeError(
+                f"no GPU memory left for the KV pool at gpu_memory_utilization={utilization} "
+                f"({budget / 2**30:.1f} GiB after the weights and activations): raise it, lower max_model_len "
+                "or max_num_seqs, or give num_blocks")
+        return min(blocks, wanted)
+
+    @torch.inference_mode()
+    def use_method(self, method: DecodeMethod) -> None:
+        """Decode with `method` from now on (the pool's K/V are kept)."""
+        self.method = method
+        self.graphs.clear()
+        method.plan(self.pool, self.max_num_seqs, self.max_blocks)
+
+    def bucket_for(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def batch(self, size: int) -> DecodeBatch:
+        return DecodeBatch(self.block_tables[:size], self.seq_lens[:size], self.steps[:size])
+
+    # -- prefill --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, requests: list[PrefillRequest]) -> torch.Tensor:
+        """Compute and store the K/V of every request's tokens; returns float32 logits [n, vocab] of the last
+        token of each request that `wants_logits`, in order."""
+        bs, device = self.block_size, self.device
+        ids = [t for r in requests for t in r.token_ids]
+        positions = np.concatenate([np.arange(r.start, r.start + len(r.token_ids)) for r in requests])
+        tables = [np.asarray(r.block_table, dtype=np.int64) for r in requests]
+        blocks = np.concatenate([t[np.arange(r.start, r.start + len(r.token_ids)) // bs] for r, t in zip(requests, tables)])
+        spans = np.cumsum([0] + [len(r.token_ids) for r in requests])
+        block_ids = torch.from_numpy(blocks).to(device)
+        offsets = torch.from_numpy(positions % bs).to(device)
+        device_tables = [torch.from_numpy(t).to(device) for t in tables]
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.pool.store(layer, block_ids, offsets, k, v)
+            outs = []
+            for r, table, lo, hi in zip(requests, device_tables, spans[:-1], spans[1:]):
+                if r.start == 0:  # the chunk is the whole prefix
+                    keys, values = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
+                else:
+                    keys, values = self.pool.gather(layer, table, r.start + len(r.token_ids))
+                outs.append(prefill_attention(q[lo:hi].transpose(0, 1), keys, values).transpose(0, 1))
+            return torch.cat(outs)
+
+        x = self.model.forward(torch.tensor(ids, device=device), torch.from_numpy(positions).to(device), attention)
+        last = [int(hi) - 1 for r, hi in zip(requests, spans[1:]) if r.wants_logits]
+        return self.model.logits(x[last])
+
+    @torch.inference_mode()
+    def start_decoding(self, slot: int, block_table: list[int], length: int) -> None:
+        """A sequence whose first `length` tokens are in the pool takes decode slot `slot`."""
+        self.method.reset_slot(slot)
+        blocks = torch.tensor(block_table, dtype=torch.int64, device=self.device)
+        for layer in range(self.config.num_layers):
+            self.method.after_prefill(layer, self.pool, blocks, length)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[DecodeRow]) -> list[int]:
+        """Tokens for logits [n, vocab] with each row's sampling parameters (its `position`: the token's)."""
+        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=self.device)
+
+        tokens = sample_tokens(logits, column("temperature", torch.float32), column("top_p", torch.float32),
+                               column("top_k", torch.int64), column("seed", torch.int64),
+                               column("position", torch.int64))
+        return tokens.tolist()
+
+    # -- decode ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, rows: list[DecodeRow], num_steps: int) -> list[list[int]]:
+        """Run `num_steps` decode steps for `rows`; returns per row its `num_steps` sampled tokens (one host
+        synchronisation)."""
+        size = self.bucket_for(max(r.slot for r in rows) + 1)
+        self._load(rows, size)
+        greedy = all(r.temperature == 0 for r in rows)
+        out = torch.empty(num_steps, size, dtype=torch.int64, device=self.device)
+        for i in range(num_steps):
+            self._run_step(size, greedy)
+            out[i].copy_(self.tokens[:size])
+        host = out.T.tolist()
+        return [host[r.slot] for r in rows]
+
+    def _load(self, rows: list[DecodeRow], size: int) -> None:
+        """Fill the first `size` rows of the step buffers: the given rows, the rest idle (null block)."""
+        tables = np.zeros((size, self.max_blocks), dtype=np.int32)
+        for r in rows:
+            tables[r.slot, : len(r.block_table)] = r.block_table
+        self.block_tables[:size].copy_(torch.from_numpy(tables))
+        slots = [r.slot for r in rows]
+        for buffer, name, idle in ((self.tokens, "token", 0), (self.positions, "position", 0), (self.steps, "step", 0),
+                                   (self.temperature, "temperature", 0.0), (self.top_p, "top_p", 1.0),
+                                   (self.top_k, "top_k", 0), (self.seeds, "seed", 0)):
+            values = torch.full((size,), idle, dtype=buffer.dtype)
+            values[slots] = torch.tensor([getattr(r, name) for r in rows], dtype=buffer.dtype)
+            buffer[:size].copy_(values)
+
+    def _run_step(self, size: int, greedy: bool) -> None:
+        if not self.cuda_graphs:
+            self._step(size, greedy)
+            return
+        graph = self.graphs.get((size, greedy))
+        if graph is not None:
+            graph.replay()
+            return
+        # The first step of a bucket runs eagerly (it compiles kernels and is a real step); the capture
+        # afterwards only records, so stateful methods see each step once.
+        self._step(size, greedy)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            self._step(size, greedy)
+        self.graphs[(size, greedy)] = graph
+
+    def _step(self, size: int, greedy: bool) -> None:
+        """One decode step of the first `size` slots, in place on the step buffers (capturable)."""
+        batch, positions, pool, method = self.batch(size), self.positions[:size], self.pool, self.method
+        self.seq_lens[:size].copy_(positions + 1)
+        method.begin_step(batch)
+        store_blocks = batch.block_tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1)
+        offsets = positions % self.block_size
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            pool.store(layer, store_blocks, offsets, k, v)
+            return method.attend(layer, q, pool, batch)
+
+        logits = self.model.logits(self.model.forward(self.tokens[:size], positions, attention, fused=self.fused))
+        if greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = sample_tokens(logits, self.temperature[:size], self.top_p[:size], self.top_k[:size],
+                                   self.seeds[:size], positions + 1)
+        self.tokens[:size].copy_(tokens)
+        positions += 1
+        self.steps[:size] += 1

@@ -1,0 +1,46 @@
+"""How one request samples and when it stops."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling and stopping, named as vLLM names them.
+
+    Greedy when `temperature` is 0. `top_k` 0 keeps every token. Sampling with a `seed` gives the same
+    tokens whatever else shares the batch; without one the engine draws a seed. `stop_token_ids` end the
+    request besides the model's end-of-sequence tokens, which `ignore_eos` disables. `stop` strings are
+    cut from the text.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer of at least 1, not {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: no limit), not {self.top_k!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, not {self.seed!r}")
+        if self.stop is not None and (not all(isinstance(s, str) and s for s in self.stop)):
+            raise ValueError(f"stop must be a list of non-empty strings, not {self.stop!r}")
+        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of integers, not {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
