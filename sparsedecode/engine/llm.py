@@ -94,12 +94,11 @@ class LLM:
         return options
 
     def use_method(self, method: str, **options: Any) -> None:
-        """Switch the decode method in place; the weights and the cached KV are kept."""
-        if self.engine.has_unfinished_requests():
-            raise RuntimeError("cannot switch methods while requests are running; finish or abort them first")
+        """Switch the decode method in place; the weights and the cached KV are kept, and running requests
+        continue with the new method."""
         self.method = make_method(method, self.config, **self._method_options(method, options))
         self.method_name = method
-        self.engine.runner.use_method(self.method)
+        self.engine.use_method(self.method)
 
     @property
     def cuda_graphs(self) -> bool:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..methods.base import DecodeMethod
 from .block_manager import BlockManager
 from .model_runner import DecodeRow, ModelRunner, PrefillRequest
 from .sampling_params import SamplingParams
@@ -101,6 +102,15 @@ class LLMEngine:
         seq = self.sequences.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
+
+    def use_method(self, method: DecodeMethod) -> None:
+        """Decode with `method` from the next step on. Running sequences keep their KV and restart the new
+        method's per-sequence state as if their prompt had just been prefilled."""
+        self.runner.use_method(method)
+        for seq in self.scheduler.running:
+            if not seq.in_prefill:
+                self.runner.start_decoding(seq.slot, seq.block_table, seq.num_computed_tokens)
+                seq.steps_since_reset = 0
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
