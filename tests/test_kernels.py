@@ -51,6 +51,20 @@ def random_lists(gen, batch, kv_heads, width, num_units, device):
     return lists.to(device), counts.to(device)
 
 
+def sorted_lists_of(gen, lens, kv_heads, width, unit_size, num_units, device):
+    """Lists that keep the `sorted_lists` promise (unique, ascending, below ceil(len / unit_size)), padded
+    with the sentinel `num_units`, and their counts."""
+    lists = torch.full((len(lens), kv_heads, width), num_units, dtype=torch.int32)
+    counts = torch.zeros(len(lens), kv_heads, dtype=torch.int32)
+    for b, length in enumerate(lens):
+        held = triton.cdiv(length, unit_size)
+        for h in range(kv_heads):
+            n = min(width, held, int(torch.randint(1, width + 1, (1,), generator=gen)))
+            lists[b, h, :n] = torch.randperm(held, generator=gen)[:n].sort().values
+            counts[b, h] = n
+    return lists.to(device), counts.to(device)
+
+
 @contextlib.contextmanager
 def poisoned():
     """Cached scratch and every tensor the call allocates start as NaN (or -7): nothing stale passes."""
@@ -69,18 +83,19 @@ def poisoned():
 
 
 def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_lse=True, chunk_tokens=None,
-             work_items=None, launch=LAUNCH):
+             work_items=None, launch=LAUNCH, sorted_lists=False, block_tables=None):
     """Kernel and reference on the same inputs; unit_lse poisoned with NaN before the kernel."""
     scale = q.shape[-1] ** -0.5
-    num_units = k.shape[2] // unit_size
-    shape = (q.shape[0], q.shape[1], num_units)
+    capacity = k.shape[2] * (1 if block_tables is None else block_tables.shape[1])
+    shape = (q.shape[0], q.shape[1], capacity // unit_size)
     unit_lse = torch.full(shape, float("nan"), device=q.device) if with_lse else None
     ref_lse = torch.empty(shape, device=q.device) if with_lse else None
     with poisoned():
         out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, lists, counts, full, unit_lse,
                                            backend="triton", chunk_tokens=chunk_tokens, work_items=work_items,
-                                           launch=launch)
-    ref_out, ref = sparse_decode_attention_ref(q, k, v, lens, scale, unit_size, lists, counts, full, ref_lse)
+                                           launch=launch, sorted_lists=sorted_lists, block_tables=block_tables)
+    ref_out, ref = sparse_decode_attention_ref(q, k, v, lens, scale, unit_size, lists, counts, full, ref_lse,
+                                               block_tables=block_tables)
     return (out, lse, unit_lse), (ref_out, ref, ref_lse)
 
 
@@ -309,15 +324,7 @@ def test_sorted_lists_skip_the_plan_with_the_same_bits(device, unit_size):
     lens_list = [capacity - 3, 5 * unit_size + 1, unit_size // 2]
     q, k, v, lens, gen = make_inputs(device, torch.bfloat16, batch, kv_heads, group, head_dim, capacity,
                                      lens_list, seed=19)
-    lists = torch.full((batch, kv_heads, width), capacity // unit_size, dtype=torch.int32)  # sentinel padding
-    counts = torch.zeros(batch, kv_heads, dtype=torch.int32)
-    for b, length in enumerate(lens_list):
-        held = triton.cdiv(length, unit_size)
-        for h in range(kv_heads):
-            n = min(width, held, int(torch.randint(1, width + 1, (1,), generator=gen)))
-            lists[b, h, :n] = torch.randperm(held, generator=gen)[:n].sort().values
-            counts[b, h] = n
-    lists, counts = lists.to(device), counts.to(device)
+    lists, counts = sorted_lists_of(gen, lens_list, kv_heads, width, unit_size, capacity // unit_size, device)
     full = torch.tensor([[True, False], [False, False], [False, True]], device=device)
     scale = head_dim**-0.5
     results = []
@@ -377,6 +384,100 @@ def test_sorted_lists_are_visited_in_their_order(device, unit_size):
         listed = torch.arange(width, device=device) < counts[b, heads, None].to(device)
         assert torch.equal(pool_lse[b].gather(1, places.clamp(max=slots - 1))[listed],
                            unit_lse[b].gather(1, units.clamp(max=capacity // unit_size - 1))[listed])
+
+
+def random_block_tables(gen, lens, page, max_blocks, spare=3):
+    """Block tables [B, max_blocks] int32 and the pool's block count: physical blocks shuffled, every
+    sequence of more than one block starting with the shared block 0 (a common prefix), which every
+    entry past a sequence's length also names; a sequence's last block is its own; `spare` unused."""
+    need = [triton.cdiv(n, page) for n in lens]
+    own = [n - (n > 1) for n in need]
+    num_blocks = 1 + sum(own) + spare
+    ids = iter((torch.randperm(num_blocks - 1, generator=gen) + 1).tolist())
+    tables = torch.zeros(len(lens), max_blocks, dtype=torch.int32)
+    for b, n in enumerate(need):
+        for j in range(n > 1, n):
+            tables[b, j] = next(ids)
+    return tables, num_blocks
+
+
+def logical_layout(pool, tables):
+    """[B, Hkv, MB * P, D]: token t of sequence b from pool[tables[b, t // P], :, t % P]."""
+    page = pool.shape[2]
+    t = torch.arange(tables.shape[1] * page, device=pool.device)
+    return pool[tables[:, t // page].long(), :, t % page].transpose(1, 2).contiguous()
+
+
+def make_paged_inputs(device, dtype, batch, kv_heads, group, head_dim, page, max_blocks, lens, seed):
+    """q, pools k / v [NB, Hkv, P, D] over random block tables, the tables, lengths and the generator."""
+    gen = torch.Generator().manual_seed(seed)
+    tables, num_blocks = random_block_tables(gen, lens, page, max_blocks)
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(num_blocks, kv_heads, page, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(num_blocks, kv_heads, page, head_dim, generator=gen).to(device, dtype)
+    return q, k, v, tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device), gen
+
+
+# (page, unit_size, max_blocks): units smaller than, equal to and larger than the page.
+PAGED = [(16, 8, 9), (32, 32, 5), (16, 64, 8), (64, 16, 3)]
+
+
+@pytest.mark.parametrize("page,unit_size,max_blocks", PAGED)
+def test_paged_reference_is_the_static_one_on_the_logical_layout(page, unit_size, max_blocks):
+    """Dense, hybrid and list-only calls on a paged cache give exactly the static reference's bits on
+    the gathered cache (ragged lengths inside a page, an empty sequence, a full one)."""
+    capacity = page * max_blocks
+    lens = [capacity - page // 2 - 1, page + 3, 0, capacity]
+    q, k, v, tables, lens, gen = make_paged_inputs("cpu", torch.float32, 4, 2, 2, 32, page, max_blocks, lens, seed=page)
+    num_units = capacity // unit_size
+    lists, counts = random_lists(gen, 4, 2, num_units + 1, num_units, "cpu")
+    full = torch.rand(4, 2, generator=gen) < 0.4
+    static_k, static_v = logical_layout(k, tables), logical_layout(v, tables)
+    for args in [(None, None, None), (lists, counts, full), (lists, counts, None)]:
+        paged_lse, static_lse = torch.full((2, 4, 4, num_units), float("nan")).unbind(0)
+        paged = sparse_decode_attention_ref(q, k, v, lens, 0.2, unit_size, *args, paged_lse, block_tables=tables)
+        static = sparse_decode_attention_ref(q, static_k, static_v, lens, 0.2, unit_size, *args, static_lse)
+        assert torch.equal(paged[0], static[0]) and torch.equal(paged[1], static[1])
+        assert torch.equal(paged_lse, static_lse)
+        auto = sparse_decode_attention(q, k, v, lens, 0.2, unit_size, *args, block_tables=tables)
+        assert torch.equal(auto[0], static[0]) and torch.equal(auto[1], static[1])
+    seen = []  # an observer of the reads sees the logical layout
+    with sd.record_attention_reads(lambda *call: seen.append(call)):
+        sparse_decode_attention(q, k, v, lens, 0.2, unit_size, block_tables=tables)
+    assert torch.equal(seen[0][1], static_k) and torch.equal(seen[0][2], static_v)
+
+
+# (page, unit_size, max_blocks, dtype, launch): units inside a page, a page each, over several pages,
+# and over several tiles of the partial kernel (32-token tiles at d=32).
+PAGED_TRITON = [(16, 8, 9, torch.bfloat16, LAUNCH), (32, 32, 5, torch.float32, LAUNCH),
+                (16, 64, 8, torch.bfloat16, Launch(tile_elements=1024, min_chunk_tokens=16)),
+                (64, 16, 3, torch.float32, LAUNCH)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page,unit_size,max_blocks,dtype,launch", PAGED_TRITON)
+def test_paged_cache_matches_the_reference_and_the_static_bits(device, page, unit_size, max_blocks, dtype, launch):
+    """Through shuffled, partly shared block tables the kernel computes the paged reference, and gives
+    exactly the bits of the static kernel on the gathered cache: dense, hybrid, list-only and sorted
+    lists; ragged lengths inside a page, an empty sequence, a full one; several chunks per row."""
+    batch, kv_heads, group, head_dim = 4, 2, 2, 32
+    capacity = page * max_blocks
+    num_units = capacity // unit_size
+    lens_list = [capacity - page // 2 - 1, page + 3, 0, capacity]
+    q, k, v, tables, lens, gen = make_paged_inputs(device, dtype, batch, kv_heads, group, head_dim, page,
+                                                   max_blocks, lens_list, seed=page + unit_size)
+    lists, counts = random_lists(gen, batch, kv_heads, num_units + 1, num_units, device)
+    given, given_counts = sorted_lists_of(gen, lens_list, kv_heads, 4, unit_size, num_units, device)
+    full = (torch.rand(batch, kv_heads, generator=gen) < 0.4).to(device)
+    static_k, static_v = logical_layout(k, tables), logical_layout(v, tables)
+    for args, sorted_lists in [((), False), ((lists, counts, full), False), ((lists, counts), False),
+                               ((given, given_counts, full), True)]:
+        kwargs = dict(work_items=5, launch=launch, sorted_lists=sorted_lists)
+        got, want = run_both(q, k, v, lens, unit_size, *args, block_tables=tables, **kwargs)
+        check(got, want, dtype)
+        static, _ = run_both(q, static_k, static_v, lens, unit_size, *args, **kwargs)
+        for paged_result, static_result in zip(got, static):
+            assert torch.equal(paged_result, static_result)
 
 
 def test_auto_backend_on_cpu_is_the_reference():

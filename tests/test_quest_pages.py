@@ -13,6 +13,7 @@ from triton_cpu import devices, fix_interpreter, interpreted, run_in_fresh_proce
 import pytest  # noqa: E402
 
 from sparsedecode.kernels import quest_page_scores, quest_page_scores_ref  # noqa: E402
+from test_kernels import logical_layout, random_block_tables  # noqa: E402
 
 INTERPRET = interpreted(importlib.import_module("sparsedecode.kernels.quest_pages")._quest_page_scores_kernel)
 NEEDS_FRESH_PROCESS = not INTERPRET and not torch.cuda.is_available()
@@ -35,6 +36,49 @@ def make_case(seed, batch, kv_heads, group, dim, num_pages, page, dtype):
     return q, k, k_min, k_max, torch.tensor(lens, dtype=torch.int32)
 
 
+def make_paged_case(seed, batch, kv_heads, group, dim, block, max_blocks, page, dtype):
+    """A key pool [NB, Hkv, block, D] and bounds per physical block [NB, Hkv, block // page, D] over
+    random block tables (see test_kernels.random_block_tables); ragged lengths as in make_case, plus a
+    key starting a block."""
+    gen = torch.Generator().manual_seed(seed)
+    capacity = block * max_blocks
+    others = [page * 2 + 5, capacity, 0, capacity - page + 1, block + 1]
+    lens = [page * 3 + 1] + [others[(seed + i) % len(others)] for i in range(batch - 1)]
+    tables, num_blocks = random_block_tables(gen, lens, block, max_blocks)
+    q = torch.randn(batch, kv_heads * group, dim, generator=gen).to(dtype)
+    k = torch.randn(num_blocks, kv_heads, block, dim, generator=gen).to(dtype)
+    k_min = torch.randn(num_blocks, kv_heads, block // page, dim, generator=gen).to(dtype)
+    k_max = k_min + torch.rand(num_blocks, kv_heads, block // page, dim, generator=gen).to(dtype)
+    return q, k, k_min, k_max, torch.tensor(lens, dtype=torch.int32), tables
+
+
+def written_pages(lens, tables, block, page, num_blocks):
+    """[NB, block // page] bool: the physical page that holds each row's newest key."""
+    written = torch.zeros(num_blocks, block // page, dtype=torch.bool)
+    for b, n in enumerate(lens.tolist()):
+        if n:
+            written[tables[b, (n - 1) // block], (n - 1) % block // page] = True
+    return written
+
+
+@pytest.mark.parametrize("block,page,max_blocks", [(16, 16, 5), (32, 8, 3), (64, 16, 4)])
+def test_paged_reference_is_the_static_one_on_the_logical_layout(block, page, max_blocks):
+    """The paged reference folds each new key into the page of its physical block (and nowhere else),
+    and scores exactly as the static reference on the gathered keys and bounds."""
+    q, k, k_min, k_max, lens, tables = make_paged_case(block + page, 5, 2, 3, 16, block, max_blocks, page,
+                                                       torch.float32)
+    paged_min, paged_max = k_min.clone(), k_max.clone()
+    got = quest_page_scores_ref(q, k, paged_min, paged_max, lens, page, "sum", block_tables=tables)
+    static_min, static_max = logical_layout(k_min, tables), logical_layout(k_max, tables)
+    want = quest_page_scores_ref(q, logical_layout(k, tables), static_min, static_max, lens, page, "sum")
+    assert got.shape == (5, 2, block * max_blocks // page) and torch.equal(got, want)
+    assert torch.equal(logical_layout(paged_min, tables), static_min)
+    assert torch.equal(logical_layout(paged_max, tables), static_max)
+    changed = ((paged_min != k_min) | (paged_max != k_max)).any(-1).any(1)
+    written = written_pages(lens, tables, block, page, k.shape[0])
+    assert changed.any() and not (changed & ~written).any()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("aggregate", ["max", "sum"])
@@ -43,11 +87,29 @@ def make_case(seed, batch, kv_heads, group, dim, num_pages, page, dtype):
 def test_matches_reference(device, dtype, aggregate, shape):
     batch, kv_heads, group, dim, num_pages, page = shape
     q, k, k_min, k_max, lens = make_case(sum(shape), batch, kv_heads, group, dim, num_pages, page, dtype)
+    check_kernel(device, q, k, k_min, k_max, lens, page, aggregate)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block,page,max_blocks,aggregate", [(16, 16, 5, "max"), (32, 8, 3, "sum"),
+                                                             (128, 16, 2, "max"), (32, 4, 20, "sum")])
+def test_paged_matches_reference(device, dtype, block, page, max_blocks, aggregate):
+    """Through shuffled, partly shared block tables: the new keys land in the right physical block and
+    the scores of every logical page (more than one program's tile in the last case) are the reference's."""
+    q, k, k_min, k_max, lens, tables = make_paged_case(block * page + max_blocks, 4, 2, 3, 32, block, max_blocks,
+                                                       page, dtype)
+    check_kernel(device, q, k, k_min, k_max, lens, page, aggregate, tables)
+
+
+def check_kernel(device, q, k, k_min, k_max, lens, page, aggregate, tables=None):
+    """The kernel (bounds poisoned copies of k_min / k_max, scores poisoned) against the reference."""
     ref_min, ref_max = k_min.clone(), k_max.clone()
-    expected = quest_page_scores_ref(q, k, ref_min, ref_max, lens, page, aggregate)
+    expected = quest_page_scores_ref(q, k, ref_min, ref_max, lens, page, aggregate, block_tables=tables)
     got_min, got_max = k_min.clone().to(device), k_max.clone().to(device)
-    got = quest_page_scores(q.to(device), k.to(device), got_min, got_max, lens.to(device), page, aggregate,
-                            backend="triton").cpu()
+    scores = torch.full(expected.shape, float("nan"), device=device)
+    got = quest_page_scores(q.to(device), k.to(device), got_min, got_max, lens.to(device), page, aggregate, scores,
+                            backend="triton", block_tables=None if tables is None else tables.to(device)).cpu()
     assert torch.equal(got_min.cpu(), ref_min) and torch.equal(got_max.cpu(), ref_max)
     assert not torch.equal(ref_min, k_min) or not torch.equal(ref_max, k_max)  # some page was updated
     scale = expected.abs().max()
@@ -79,6 +141,12 @@ def test_rejects_bad_arguments():
         quest_page_scores(q, k, k_min[:, :1], k_max, lens, 4, "max")
     with pytest.raises(ValueError, match="dtype"):
         quest_page_scores(q, k, k_min.double(), k_max.double(), lens, 4, "max")
+    q, k, k_min, k_max, lens, tables = make_paged_case(1, 2, 2, 2, 16, 16, 3, 4, torch.float32)
+    with pytest.raises(ValueError, match="bad shapes"):  # bounds per logical page, not per physical block
+        quest_page_scores(q, k, k_min[:2].repeat(1, 1, 3, 1), k_max[:2].repeat(1, 1, 3, 1), lens, 4, "max",
+                          block_tables=tables)
+    with pytest.raises(ValueError, match="bad shapes"):  # pages that straddle blocks
+        quest_page_scores(q, k, k_min, k_max, lens, 5, "max", block_tables=tables)
 
 
 @pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="the CPU cases ran in this process")

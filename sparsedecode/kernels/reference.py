@@ -1,5 +1,13 @@
 """Plain PyTorch references of the decode-attention ops. They define what the Triton kernels compute,
 and they are the CPU path of the engine.
+
+The KV cache is either static, one layer's keys `[B, Hkv, T, D]`, or paged: a pool `[NB, Hkv, P, D]` of
+physical blocks of P tokens with per-sequence block tables `[B, MB]` int32, token t of sequence b at
+`pool[block_tables[b, t // P], :, t % P]` (logical capacity T = MB * P). Every op takes units, pages
+and lengths in logical (per-sequence) positions; only the reads of K/V and of per-block metadata go
+through the block table. A static cache is the paged one with P = T and block table arange(B)[:, None].
+Entries past a sequence's last block are never read by the kernels, but must be block ids all the same
+(0, say): the references gather whole tables.
 """
 from __future__ import annotations
 
@@ -40,6 +48,13 @@ def visible_tokens(
     return selected & in_sequence
 
 
+def gather_blocks(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """The logical layout `[B, Hkv, MB * X, D]` of a pool `[NB, Hkv, X, D]` of per-block rows (tokens,
+    or pages of bounds) read through `block_tables` [B, MB]: a copy."""
+    blocks = pool[block_tables.long()]  # [B, MB, Hkv, X, D]
+    return blocks.transpose(1, 2).flatten(2, 3)
+
+
 def sparse_decode_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,10 +66,13 @@ def sparse_decode_attention_ref(
     unit_counts: torch.Tensor | None = None,
     full_rows: torch.Tensor | None = None,
     unit_lse: torch.Tensor | None = None,
+    *,
+    block_tables: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one new query per sequence over a (block-)sparse set of cached tokens.
 
-    q: [B, Hq, D]; k, v: [B, Hkv, T, D]; seq_lens: [B] int32.
+    q: [B, Hq, D]; k, v: [B, Hkv, T, D]; seq_lens: [B] int32. With `block_tables` [B, MB] int32, k and
+    v are pools [NB, Hkv, P, D] and T = MB * P (see the module docstring); unit_size need not relate to P.
     unit_lists: [B, Hkv, K] int32 unit (block of `unit_size` tokens) indices, unit_counts: [B, Hkv];
     full_rows: [B, Hkv] bool, rows that ignore their list and attend to everything (None with a list:
     no full rows; no list at all: dense attention).
@@ -62,6 +80,8 @@ def sparse_decode_attention_ref(
     scores of each visited unit (-inf for units not visited): the block scores of the pass.
     Returns out [B, Hq, D] in q's dtype and lse [B, Hq] float32.
     """
+    if block_tables is not None:
+        k, v = gather_blocks(k, block_tables), gather_blocks(v, block_tables)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -86,6 +106,8 @@ def quest_page_scores_ref(
     seq_lens: torch.Tensor,
     page_size: int,
     aggregate: str,
+    *,
+    block_tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quest's page scores, after folding each row's newest key into its page's bounds.
 
@@ -95,23 +117,52 @@ def quest_page_scores_ref(
     seq_len 0 are left alone). Returns [B, Hkv, NP] float32: per query head the upper bound of q . k
     over the page, sum over d of max(q_d * min_d, q_d * max_d) = relu(q) . max + min(q, 0) . min, from
     products of the cache-dtype values summed in float32, then the max or the sum over the G query heads
-    of the KV head."""
+    of the KV head.
+
+    With `block_tables` [B, MB] int32, k is a pool [NB, Hkv, P, D] and the bounds are kept per physical
+    block, k_min / k_max [NB, Hkv, P // page_size, D]: logical page p of sequence b is page p % (P //
+    page_size) of block block_tables[b, p // (P // page_size)]. The fold writes the bounds of the block
+    holding position seq_len - 1, which must be the row's own (no other entry of any block table names
+    it: a block being appended to is never shared). Returns [B, Hkv, MB * P // page_size], over the
+    logical pages."""
     batch, heads, dim = q.shape
     kv_heads = k.shape[1]
-    rows = torch.arange(batch, device=q.device)
-    pos = seq_lens.long() - 1
-    at = pos.clamp(min=0)
-    page = at // page_size
-    writes = (pos >= 0)[:, None, None]
-    starts = writes & (at % page_size == 0)[:, None, None]
-    new_key = k[rows, :, at]  # [B, Hkv, D]
-    old_min, old_max = k_min[rows, :, page], k_max[rows, :, page]
-    k_min[rows, :, page] = torch.where(starts, new_key, torch.where(writes, torch.minimum(old_min, new_key), old_min))
-    k_max[rows, :, page] = torch.where(starts, new_key, torch.where(writes, torch.maximum(old_max, new_key), old_max))
+    if block_tables is None:  # a static cache: one block of T tokens per sequence
+        block_tables = torch.arange(batch, device=q.device)[:, None]
+    block = k.shape[2]
+    # Only rows holding a key fold it: an empty row's table may name a block that another row writes.
+    writers = torch.nonzero(seq_lens > 0).squeeze(1)
+    at = seq_lens[writers].long() - 1
+    phys = block_tables.long()[writers, at // block]
+    page = at % block // page_size
+    starts = (at % page_size == 0)[:, None, None]
+    new_key = k[phys, :, at % block]  # [writers, Hkv, D]
+    k_min[phys, :, page] = torch.where(starts, new_key, torch.minimum(k_min[phys, :, page], new_key))
+    k_max[phys, :, page] = torch.where(starts, new_key, torch.maximum(k_max[phys, :, page], new_key))
+    page_min, page_max = gather_blocks(k_min, block_tables), gather_blocks(k_max, block_tables)
     qg = q.to(k.dtype).float().view(batch, kv_heads, heads // kv_heads, dim)
-    scores = qg.clamp(min=0) @ k_max.float().transpose(-1, -2) + qg.clamp(max=0) @ k_min.float().transpose(-1, -2)
+    scores = (qg.clamp(min=0) @ page_max.float().transpose(-1, -2)
+              + qg.clamp(max=0) @ page_min.float().transpose(-1, -2))
     if aggregate == "max":
         return scores.amax(dim=2)
     if aggregate == "sum":
         return scores.sum(dim=2)
     raise ValueError(f"page score aggregation must be 'max' or 'sum', not {aggregate!r}")
+
+
+def store_kv_ref(
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    layer: int | torch.Tensor,
+    block_ids: torch.Tensor,
+    offsets: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """Write the keys and values of n tokens into a paged KV pool of all layers.
+
+    k_pool, v_pool [L, NB, Hkv, P, D]; layer an int or a 1-element integer tensor; block_ids, offsets [n]
+    integers; k, v [n, Hkv, D] in the pool's dtype. Token i goes to pool[layer, block_ids[i], :,
+    offsets[i]]; two tokens at the same place leave either one."""
+    k_pool[layer, block_ids, :, offsets] = k
+    v_pool[layer, block_ids, :, offsets] = v

@@ -5,6 +5,12 @@ one (sequence b, KV head h). A full row attends to every unit [0, ceil(len_b / U
 units of its list (entries < 0 or >= ceil(len_b / U) skipped, duplicates counted once). All query
 heads of the GQA group are processed together, so every K/V tile is read from memory once per row.
 
+Units, lists and lengths are logical (per sequence); K/V are read through a block table: token t of
+sequence b at slot t % P of block block_tables[b, t // P] of a pool [NB, Hkv, P, D] (P a constexpr, so
+the split is two shifts for the engine's power-of-two pages). A static cache [B, Hkv, T, D] is the
+pool of B blocks with P = T and table arange(B)[:, None]: one code path for both layouts, in which the
+layout only moves addresses, so a paged cache gives the bits of the static cache holding its tokens.
+
 Three launches, none of which syncs with the host (so a call can be captured in a CUDA graph):
 
 1. `_plan_kernel` (only with unit lists not promised sorted), one program per row: sorts the row's
@@ -47,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import sparse_decode_attention_ref
+from .reference import gather_blocks, sparse_decode_attention_ref
 
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -127,15 +133,15 @@ def _unit_at(list_row, slot, end, use_list, stride, HAS_LIST: tl.constexpr, SORT
 
 
 @triton.jit
-def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
+def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
                     part_acc, part_m, part_l, unit_lse,
                     qk_scale, R, HKV, T, K, ITEMS, C_FIXED,
-                    stride_qb, stride_qh,
+                    stride_qb, stride_qh, stride_tb, stride_tm,
                     stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt,
                     stride_lb, stride_lh, stride_lk, stride_cb, stride_ch,
                     stride_fb, stride_fh, stride_eb, stride_eh,
-                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
+                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, U: tl.constexpr, P: tl.constexpr,
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
@@ -172,8 +178,9 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, unit_lists, unit
     head_ok = g < G
     qt = tl.load(q + b.to(tl.int64) * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
                  mask=head_ok[:, None], other=0.0)
-    k_row = k + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_row = v + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_head = k + h.to(tl.int64) * stride_kh
+    v_head = v + h.to(tl.int64) * stride_vh
+    table_row = block_tables + b.to(tl.int64) * stride_tb
     if SORTED:
         list_row = unit_lists + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
         list_stride = stride_lk
@@ -193,7 +200,11 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, unit_lists, unit
             unit = _unit_at(list_row, i + pos // U, end, use_list, list_stride, HAS_LIST, SORTED)
             tok = unit * U + pos % U
             ok = (unit >= 0) & (tok < seq_len)
-            kt = tl.load(k_row + tok[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0)
+            # logical token -> (physical block, slot): every token below seq_len has a table entry
+            block = tl.load(table_row + (tok // P) * stride_tm, mask=ok, other=0).to(tl.int64)
+            slot = tok % P
+            kt = tl.load(k_head + block[:, None] * stride_kb + slot[:, None] * stride_kt + d[None, :],
+                         mask=ok[:, None], other=0.0)
             s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale  # log2 units
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -201,7 +212,8 @@ def _partial_kernel(q, k, v, seq_lens, row_units, sorted_units, unit_lists, unit
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_row + tok[:, None] * stride_vt + d[None, :], mask=ok[:, None], other=0.0)
+            vt = tl.load(v_head + block[:, None] * stride_vb + slot[:, None] * stride_vt + d[None, :],
+                         mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
             if WRITE_LSE:
@@ -276,10 +288,10 @@ _read_observer: Callable[..., None] | None = None
 def record_attention_reads(callback: Callable[..., None]) -> Iterator[None]:
     """Within the block, every `sparse_decode_attention` call first calls `callback(q, k, v, seq_lens,
     scale, unit_size, unit_lists, unit_counts, full_rows)` with its own arguments (`reference.
-    visible_tokens` turns them into the tokens read; an offloaded cache calls with its GPU block pool,
-    whose units are pool slots). For eager diagnostics only: a call being captured into a CUDA graph
-    raises (the callback would run once at capture, never on replay). Process-wide, not per thread;
-    one recorder at a time."""
+    visible_tokens` turns them into the tokens read; a paged cache is given as a copy in the logical
+    layout [B, Hkv, T, D]; an offloaded cache calls with its GPU block pool, whose units are pool
+    slots). For eager diagnostics only: a call being captured into a CUDA graph raises (the callback
+    would run once at capture, never on replay). Process-wide, not per thread; one recorder at a time."""
     global _read_observer
     if _read_observer is not None:
         raise RuntimeError("record_attention_reads is already active; nesting is not supported")
@@ -292,6 +304,8 @@ def record_attention_reads(callback: Callable[..., None]) -> Iterator[None]:
 
 # Scratch per (device, work items, G, D, rows, list width): reused by every call of that shape.
 _SCRATCH: dict[tuple, dict[str, torch.Tensor]] = {}
+# The block table of a static cache, arange(B)[:, None], per (device, B): read-only, never scratch.
+_STATIC_TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}
 _NUM_SMS: dict[torch.device, int] = {}
 
 
@@ -343,12 +357,28 @@ def _scratch(device: torch.device, work: int, group: int, head_dim: int, rows: i
     return _SCRATCH[key]
 
 
+def static_block_tables(device: torch.device, batch: int) -> torch.Tensor:
+    """The block tables [B, 1] int32 of a static cache [B, Hkv, T, D], read as a pool of B blocks of T
+    tokens, block b held by sequence b (cached, never to be written)."""
+    key = (device, batch)
+    if key not in _STATIC_TABLES:
+        _STATIC_TABLES[key] = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    return _STATIC_TABLES[key]
+
+
 def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                          unit_lse, chunk_tokens, work_items, launch, sorted_lists):
+                          unit_lse, chunk_tokens, work_items, launch, sorted_lists, block_tables):
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, capacity = k.shape[1], k.shape[2]
+    num_kv_heads, page = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    if num_heads != group * num_kv_heads or k.shape != v.shape or k.shape[0] != batch:
+    if block_tables is None:
+        if k.shape[0] != batch:
+            raise ValueError(f"a static cache needs one sequence per q row, not k {tuple(k.shape)}")
+        block_tables = static_block_tables(q.device, batch)
+    elif block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.is_floating_point():
+        raise ValueError(f"block_tables must be [{batch}, max_blocks] integers, not {tuple(block_tables.shape)}")
+    capacity = block_tables.shape[1] * page
+    if num_heads != group * num_kv_heads or k.shape != v.shape:
         raise ValueError(f"bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
     if capacity % unit_size or head_dim & (head_dim - 1) or unit_size & (unit_size - 1):
         raise ValueError("capacity must be a multiple of unit_size; head_dim, unit_size powers of 2")
@@ -405,12 +435,12 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     if work > 0:
         two_byte = q.element_size() == 2
         _partial_kernel[(work,)](
-            q, k, v, seq_lens, buf["row_units"], buf["sorted"], unit_lists, unit_counts, full_rows,
+            q, k, v, block_tables, seq_lens, buf["row_units"], buf["sorted"], unit_lists, unit_counts, full_rows,
             buf["acc"], buf["m"], buf["l"], lse_buf,
             scale * LOG2E, rows, num_kv_heads, capacity, list_width, items, fixed_chunk,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+            q.stride(0), q.stride(1), *block_tables.stride(), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *lstride, *cstride, *fstride, *lse_stride,
-            G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size,
+            G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size, P=page,
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee",
@@ -441,8 +471,10 @@ def sparse_decode_attention(
     work_items: int | None = None,
     launch: Launch = LAUNCH,
     sorted_lists: bool = False,
+    block_tables: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse decode attention; same arguments and results as `sparse_decode_attention_ref`.
+    """Sparse decode attention; same arguments and results as `sparse_decode_attention_ref` (with
+    `block_tables`, k and v are paged pools; see there).
 
     backend "auto" runs Triton on CUDA tensors and the PyTorch reference on CPU ones; "triton" on CPU
     tensors needs TRITON_INTERPRET=1 set before triton was imported (the tests do this).
@@ -458,13 +490,14 @@ def sparse_decode_attention(
     if _read_observer is not None:  # a global test: nothing to pay when no diagnostic records
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("record_attention_reads needs eager decoding; turn CUDA graphs off")
-        _read_observer(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows)
+        logical = (k, v) if block_tables is None else (gather_blocks(k, block_tables), gather_blocks(v, block_tables))
+        _read_observer(q, *logical, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
         return sparse_decode_attention_ref(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts,
-                                           full_rows, unit_lse)
+                                           full_rows, unit_lse, block_tables=block_tables)
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 before importing triton")
     return _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                                 unit_lse, chunk_tokens, work_items, launch, sorted_lists)
+                                 unit_lse, chunk_tokens, work_items, launch, sorted_lists, block_tables)
