@@ -1,4 +1,5 @@
-"""The eval runner and CLI on a fake LLM: files written, batching, reproducible prompts, input errors."""
+"""The eval runner and CLI on a fake LLM: files written, batching, reproducible prompts, intervals in the report,
+resuming and merging results folders, input errors."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from sparsedecode.evals import build_samples, run_eval
-from sparsedecode.evals import report as report_module
+from sparsedecode.evals import build_samples, merge_results, run_eval
 from sparsedecode.evals.cli import eval_command, method_runs, parse_length
 from sparsedecode.evals.report import write_json_atomic
+from sparsedecode.utils import files as files_module
 from test_evals_support import FakeLLM, fake_llm_class, smollm2_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +42,10 @@ def test_ruler_run_writes_json_markdown_and_plot(tmp_path):
     assert len(records) == 3 * 2 * 2 * 2  # tasks (qa_1 skipped) x lengths x samples x methods
     assert {r["score"] for r in records if r["method"] == "dense"} == {1.0}
     assert {r["score"] for r in records if r["method"] != "dense"} == {0.0}
-    assert {"task", "length", "method", "prediction", "score", "depths", "references"} <= set(records[0])
+    assert {"task", "length", "index", "method", "prediction", "score", "depths", "references"} <= set(records[0])
+    lychee = next(r for r in records if r["method"] == "lychee(budget=64)")
+    assert (lychee["method_name"], lychee["options"], lychee["seed"]) == ("lychee", {"budget": 64}, 11)
+    assert len(lychee["prompt_hash"]) == 16
     assert results["skipped"] == report.skipped and "SQuAD" in report.skipped["qa_1"]
     assert {(row["task"], row["length"], row["method"], row["score"]) for row in results["summary"]} >= {
         ("vt", 1024, "dense", 100.0), ("cwe", 2048, "lychee(budget=64)", 0.0)}
@@ -58,6 +62,12 @@ def test_ruler_run_writes_json_markdown_and_plot(tmp_path):
     assert "| niah_single_1 | 1K | 100.0 | 0.0 |" in markdown
     assert "| **Average** |  | 100.0 | 0.0 |" in markdown
     assert "- qa_1: no SQuAD v2 dev file given" in markdown
+    # every method's average with its interval; the sparse one also paired with dense, prompt by prompt
+    assert "## Averages with 95% intervals" in markdown and "stratified by task and length" in markdown
+    assert "| dense | 100.0 | [100.0, 100.0] | 12 |  |  |  |" in markdown
+    assert "| lychee(budget=64) | 0.0 | [0.0, 0.0] | 12 | -100.0 | [-100.0, -100.0] | 12 |" in markdown
+    assert results["statistics"]["resamples"] == 10_000 and results["statistics"]["methods"] == report.statistics
+    assert report.statistics[1]["difference"] == {"mean": -100.0, "low": -100.0, "high": -100.0, "prompts": 12}
     assert_png(tmp_path / "accuracy_vs_length.png")
 
     # the prompts are on disk and a second build with the same seed reproduces them exactly
@@ -108,11 +118,112 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk went away")
 
-    monkeypatch.setattr(report_module.os, "replace", broken_replace)
+    monkeypatch.setattr(files_module.os, "replace", broken_replace)
     with pytest.raises(OSError):
         write_json_atomic(path, {"version": 2})
     assert json.loads(path.read_text()) == {"version": 1}
     assert os.listdir(tmp_path) == ["results.json"]
+
+
+TASKS = ["niah_single_2", "vt"]
+LENGTHS = [1024, 2048]
+
+
+def ruler_run(out_dir, llm, lengths=LENGTHS, methods=METHODS, seed=3, model_name="fake", **options):
+    return run_eval(llm, "ruler", methods, lengths, 2, seed, 2, out_dir, tasks=TASKS, model_name=model_name,
+                    progress=False, **options)
+
+
+def results_of(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_interrupted_run_resumes_to_the_records_of_one_run(tmp_path):
+    ruler_run(tmp_path / "once", oracle("ruler", LENGTHS, 2, 3, tasks=TASKS))
+    expected = results_of(tmp_path / "once")
+
+    dying = oracle("ruler", LENGTHS, 2, 3, tasks=TASKS)
+    dying.fail_after = 3  # dies on the 4th batch
+    with pytest.raises(RuntimeError, match="went away"):
+        ruler_run(tmp_path / "split", dying)
+    checkpoint = results_of(tmp_path / "split")  # written as the run died
+    assert not checkpoint["complete"] and len(checkpoint["records"]) == 3 * 2
+
+    resumed = oracle("ruler", LENGTHS, 2, 3, tasks=TASKS)
+    report = ruler_run(tmp_path / "split", resumed)
+    assert sum(resumed.batches) == len(expected["records"]) - 6  # only what was missing
+    assert "6 of 16 generations were there already" in report.notes[0]
+    assert results_of(tmp_path / "split") == expected
+    assert (tmp_path / "split" / "results.md").read_text() == (tmp_path / "once" / "results.md").read_text()
+
+    again = oracle("ruler", LENGTHS, 2, 3, tasks=TASKS)
+    ruler_run(tmp_path / "split", again)  # nothing left to do
+    assert again.batches == [] and results_of(tmp_path / "split") == expected
+
+
+def test_calls_split_by_length_and_budget_fill_one_folder(tmp_path):
+    both_budgets = [*METHODS, ("lychee", {"budget": 128})]
+    ruler_run(tmp_path / "once", oracle("ruler", LENGTHS, 2, 3, tasks=TASKS), methods=both_budgets)
+
+    ruler_run(tmp_path / "split", oracle("ruler", [1024], 2, 3, tasks=TASKS), lengths=[1024])
+    second = oracle("ruler", [2048], 2, 3, tasks=TASKS)
+    ruler_run(tmp_path / "split", second, lengths=[2048])
+    assert sum(second.batches) == 2 * 4  # both methods at 2K only
+    third = oracle("ruler", LENGTHS, 2, 3, tasks=TASKS)
+    report = ruler_run(tmp_path / "split", third, methods=[("dense", {}), ("lychee", {"budget": 128})])
+    assert third.switches == [("lychee", {"budget": 128})] * 4  # dense was done: only the new budget ran
+    assert results_of(tmp_path / "split")["records"] == results_of(tmp_path / "once")["records"]
+    assert [row["method"] for row in report.statistics] == ["dense", "lychee(budget=64)", "lychee(budget=128)"]
+
+
+def test_merge_of_folders_equals_one_run(tmp_path):
+    ruler_run(tmp_path / "once", oracle("ruler", LENGTHS, 2, 3, tasks=TASKS))
+    ruler_run(tmp_path / "short", oracle("ruler", [1024], 2, 3, tasks=TASKS), lengths=[1024])
+    ruler_run(tmp_path / "long", oracle("ruler", [2048], 2, 3, tasks=TASKS), lengths=[2048])
+    ruler_run(tmp_path / "dense", oracle("ruler", LENGTHS, 2, 3, tasks=TASKS), methods=[("dense", {})])
+
+    report = merge_results(tmp_path / "merged", [tmp_path / "long", tmp_path / "short", tmp_path / "dense"])
+    merged = results_of(tmp_path / "merged")
+    assert merged["records"] == results_of(tmp_path / "once")["records"]
+    assert merged["complete"] and report.notes == ["merged 16 records of 2 method runs"]
+    samples = json.loads((tmp_path / "merged" / "samples.json").read_text())["samples"]
+    assert len(samples) == 2 * 2 * 2
+
+    result = CliRunner().invoke(eval_command, ["merge", str(tmp_path / "cli"), str(tmp_path / "short"),
+                                               str(tmp_path / "long")])
+    assert result.exit_code == 0, result.output
+    assert "| lychee(budget=64) | 0.0 | [0.0, 0.0] | 8 | -100.0 |" in result.output
+    assert results_of(tmp_path / "cli")["records"] == merged["records"]
+
+
+def test_mismatched_results_are_not_merged(tmp_path):
+    ruler_run(tmp_path / "a", FakeLLM(), lengths=[1024])
+    for key, settings in [("seed", {"seed": 4}), ("model", {"model_name": "other"})]:
+        ruler_run(tmp_path / key, FakeLLM(), lengths=[1024], **settings)
+        with pytest.raises(ValueError, match=f"has {key} .* cannot be merged"):
+            merge_results(tmp_path / "merged", [tmp_path / "a", tmp_path / key])
+        with pytest.raises(ValueError, match=f"has {key} .* cannot be merged"):  # nor resumed into
+            ruler_run(tmp_path / "a", FakeLLM(), lengths=[1024], **settings)
+    with pytest.raises(ValueError, match="has suite 'needle'"):
+        run_eval(FakeLLM(), "needle", METHODS, [1024], 1, 3, 2, tmp_path / "a", model_name="fake", progress=False)
+
+    haystack = tmp_path / "haystack.txt"
+    haystack.write_text("Other text fills this haystack. It has a few sentences. " * 40)
+    ruler_run(tmp_path / "other-text", FakeLLM(), lengths=[1024], haystack=haystack)
+    with pytest.raises(ValueError, match="the prompt of niah_single_2 at length 1024, sample 0 differs"):
+        merge_results(tmp_path / "merged", [tmp_path / "a", tmp_path / "other-text"])
+
+    legacy = results_of(tmp_path / "a")
+    for record in legacy["records"]:
+        del record["prompt_hash"]
+    write_json_atomic(tmp_path / "a" / "results.json", legacy)
+    with pytest.raises(ValueError, match="before records carried their keys"):
+        merge_results(tmp_path / "merged", [tmp_path / "a"])
+    assert not (tmp_path / "merged").exists()  # nothing written by a refused merge
+
+    result = CliRunner().invoke(eval_command, ["merge", str(tmp_path / "merged"), str(tmp_path / "seed"),
+                                               str(tmp_path / "model")])
+    assert result.exit_code != 0 and "results of a different model cannot be merged" in result.output
 
 
 def test_bad_arguments_are_refused(tmp_path):

@@ -40,6 +40,7 @@ class FakeLLM:
     switches: list[tuple[str, dict]] = field(default_factory=list)
     batches: list[int] = field(default_factory=list)
     constructed_with: dict[str, Any] = field(default_factory=dict)
+    fail_after: int | None = None  # generate calls that succeed before one raises (a run that dies)
 
     def use_method(self, name: str, **options: Any) -> None:
         self.method = name
@@ -49,6 +50,8 @@ class FakeLLM:
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[FakeGeneration]:
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
         assert temperature == 0.0 and len(limits) == len(prompts) and min(limits) > 0
+        if self.fail_after is not None and len(self.batches) == self.fail_after:
+            raise RuntimeError("the device went away")
         self.batches.append(len(prompts))
         texts = [" ".join(self.answers.get(p, [])) if self.method == "dense" else "no idea" for p in prompts]
         return [FakeGeneration(text, [1] * max(len(text.split()), 1), len(self.tokenizer(p)["input_ids"]),

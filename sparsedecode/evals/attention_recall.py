@@ -100,13 +100,12 @@ def trace_recall(llm: Any, prompts: Sequence[str] | Sequence[Sequence[int]], ste
     _check_steps(steps)
     if llm.cuda_graphs:
         raise ValueError("attention recall needs eager decoding: construct the LLM with cuda_graphs=False")
-    if llm.kv_offload is not None:
+    if getattr(llm, "kv_offload", None) is not None:
         raise ValueError("attention recall needs an on-device KV cache (an offloaded one reads a block pool)")
     method, config = llm.method, llm.config
     shape = (steps, config.num_layers, len(prompts), config.num_kv_heads)
     recall = torch.full(shape, float("nan"), device=llm.device)
     topk = torch.full(shape, float("nan"), device=llm.device)
-    step = -1
     last: list[tuple] = []  # the layer's latest read
 
     def observe(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows) -> None:
@@ -116,14 +115,17 @@ def trace_recall(llm: Any, prompts: Sequence[str] | Sequence[Sequence[int]], ste
 
     attend = method.attend
 
-    def attend_and_score(layer: int, q: torch.Tensor, cache: Any, seq_lens: torch.Tensor) -> torch.Tensor:
-        nonlocal step
-        step += layer == 0
+    def attend_and_score(layer: int, q: torch.Tensor, pool: Any, batch: Any) -> torch.Tensor:
         last.clear()
-        out = attend(layer, q, cache, seq_lens)
+        out = attend(layer, q, pool, batch)
         if not last:
             raise RuntimeError(f"method {method.name!r} attended layer {layer} without sparse_decode_attention")
-        recall[step, layer], topk[step, layer] = read_recall(*last[0])
+        row_recall, row_topk = read_recall(*last[0])
+        # Row b is decode slot b (these prompts hold slots 0..n-1); a row that is not decoding has length 1,
+        # and each sequence is scored at its own decode step.
+        for b, (length, step) in enumerate(zip(batch.seq_lens.tolist(), batch.steps.tolist())):
+            if b < len(prompts) and length > 1 and step < steps:
+                recall[step, layer, b], topk[step, layer, b] = row_recall[b], row_topk[b]
         return out
 
     method.attend = attend_and_score

@@ -1,5 +1,5 @@
-"""`sparsedecode eval ruler|needle|reasoning`: the quality suites from the command line; `eval recall`:
-the attention-recall diagnostic of the decode methods."""
+"""`sparsedecode eval ruler|needle|reasoning`: the quality suites from the command line; `eval merge`: one
+report from several results folders; `eval recall`: the attention-recall diagnostic of the decode methods."""
 from __future__ import annotations
 
 import re
@@ -17,8 +17,14 @@ from .needle import DEFAULT_DEPTHS
 from .reasoning import generate_problems, write_problems
 from .report import safe_name
 from .ruler import RULER_TASKS
-from .runner import context_needed, run_eval
+from .runner import context_needed, merge_results, run_eval
 
+# Default samples per cell. RULER: 25 per task and length, so that a method's average (11 tasks x 4 lengths =
+# 1,100 prompts) has a 95% interval of at most about +-2.5 points, and its paired difference to dense (where
+# most prompts agree) a narrower one; at 2 samples every cell was 0, 50 or 100.
+RULER_SAMPLES = 25
+NEEDLE_SAMPLES = 5  # per depth and length: 220 prompts on the default 11 x 4 grid
+REASONING_SAMPLES = 100  # one cell per budget: +-10 points at 100 problems (+-18 at the earlier 30)
 _LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([kKmM]?)$")
 _UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
 
@@ -73,8 +79,7 @@ def method_runs(methods: list[str], budgets: list[int], method_options: tuple[st
     goes to every method that accepts `key`, `method:key=value` to that method only. A variant
     `method:key=value[,key=value]` adds one more run of `method` with these options on top of its own
     (e.g. roles files side by side), also once per budget."""
-    from sparsedecode.methods import available  # noqa: F401  (registers every method)
-    from sparsedecode.methods.base import METHODS
+    from sparsedecode.methods import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -103,7 +108,7 @@ def method_runs(methods: list[str], budgets: list[int], method_options: tuple[st
 
 
 def _variant(text: str, options: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    from sparsedecode.methods.base import METHODS
+    from sparsedecode.methods import METHODS
 
     method, _, pairs = text.partition(":")
     items = tuple(item.strip() for item in pairs.split(",") if item.strip())
@@ -138,7 +143,9 @@ def _common_options(default_lengths: str, lengths_help: str, default_samples: in
         click.option("--seed", type=int, default=42, show_default=True,
                      help="Seed of the prompts; the same seed and tokenizer give the same prompts."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Output folder [default: out/eval/<suite>-<model>]."),
+                     help="Output folder [default: out/eval/<suite>-<model>]. A folder with results of the same "
+                          "suite, model and seed is resumed: the records it has are kept and only the missing "
+                          "ones generated; other settings are refused."),
         click.option("--device", default=None, help="torch device, e.g. cuda or cpu [default: the best one]."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype [default: the model loader's choice]."),
@@ -174,8 +181,14 @@ def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples
             report = run_eval(llm, suite, runs, lengths, samples, seed, batch_size, out, **common)
     except (ValueError, ImportError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
-    click.echo(report.markdown)
-    click.echo("wrote " + ", ".join(str(p) for p in report.files))
+    _show(report.markdown, report.files, [] if recall else report.notes)
+
+
+def _show(markdown: str, files: list[Path], notes: list[str]) -> None:
+    click.echo(markdown)
+    for note in notes:
+        click.echo(note)
+    click.echo("wrote " + ", ".join(str(p) for p in files))
 
 
 @click.group("eval")
@@ -185,7 +198,7 @@ def eval_command() -> None:
 
 
 @eval_command.command("ruler")
-@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", 20)
+@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", RULER_SAMPLES)
 @click.option("--tasks", default=None, callback=_tasks,
               help=f"Comma-separated RULER tasks [default: all: {', '.join(RULER_TASKS)}].")
 @click.option("--squad", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -193,12 +206,22 @@ def eval_command() -> None:
 @click.option("--hotpotqa", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="HotpotQA dev JSON (hotpot_dev_distractor_v1.json); without it qa_2 is skipped.")
 def ruler_command(**options: Any) -> None:
-    """RULER's synthetic tasks (NIAH variants, variable tracking, common/frequent words, QA)."""
+    """RULER's synthetic tasks (NIAH variants, variable tracking, common/frequent words, QA).
+
+    \b
+    Duration (an estimate, not a measurement): the 2-sample run of docs/results.md (11 tasks x 4 lengths,
+    dense + 5 sparse methods x 2 budgets = 11 method runs, --batch-size 8, qwen2.5-coder-1.5b) took 507 s
+    on an H100. Scaled linearly in the samples, 25 samples take ~12.5x that: ~6,300 s (1 h 45 min) for
+    those 11 runs, ~10 min per method run at --batch-size 8 (longer at the default batch size of 1),
+    x13/11 with both QA tasks. Model loading does not grow with the samples and batches are fuller now,
+    so expect somewhat less. Split a long run by --lengths / --budget over calls into the same --out
+    (or merge folders with `eval merge`). See docs/evals.md.
+    """
     _run("ruler", **options)
 
 
 @eval_command.command("needle")
-@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", 5)
+@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", NEEDLE_SAMPLES)
 @click.option("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS), show_default=True,
               callback=_depths, help="Comma-separated needle depths, 0 (start) to 1 (end).")
 def needle_command(**options: Any) -> None:
@@ -207,7 +230,8 @@ def needle_command(**options: Any) -> None:
 
 
 @eval_command.command("reasoning")
-@_common_options("2k", "Comma-separated generation budgets (max new tokens) of the chain of thought.", 30)
+@_common_options("2k", "Comma-separated generation budgets (max new tokens) of the chain of thought.",
+                 REASONING_SAMPLES)
 @click.option("--problems", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="JSON Lines of problems from `eval export-problems` (no reasoning-gym needed) "
                    "[default: generate them with reasoning-gym from the seed].")
@@ -217,7 +241,8 @@ def reasoning_command(**options: Any) -> None:
 
 
 @eval_command.command("export-problems")
-@click.option("--samples", type=click.IntRange(min=1), default=30, show_default=True, help="Problems to write.")
+@click.option("--samples", type=click.IntRange(min=1), default=REASONING_SAMPLES, show_default=True,
+              help="Problems to write.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the problems (as in `eval reasoning`).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON Lines file.")
 def export_problems_command(samples: int, seed: int, out: Path) -> None:
@@ -228,6 +253,20 @@ def export_problems_command(samples: int, seed: int, out: Path) -> None:
     except ImportError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {samples} problems to {out}")
+
+
+@eval_command.command("merge")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+def merge_command(out_dir: Path, sources: tuple[Path, ...]) -> None:
+    """Merge the results folders SOURCES into OUT_DIR (with the results OUT_DIR holds already) and write one
+    report with the intervals. The folders must be of the same suite, model and seed and agree on the prompts
+    they share; a (method run, prompt) record in several of them is taken from the first."""
+    try:
+        report = merge_results(out_dir, list(sources))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    _show(report.markdown, report.files, report.notes)
 
 
 @eval_command.command("recall")

@@ -6,10 +6,10 @@ reasons, which is what a sparse decode method has to survive.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from sparsedecode.utils.files import atomic_write_text
 
 from .samples import EvalResources, Sample
 
@@ -35,15 +35,7 @@ def generate_problems(count: int, seed: int) -> list[dict[str, str]]:
 
 def write_problems(path: str | Path, problems: list[dict[str, str]]) -> None:
     """Problems as JSON Lines, for machines without reasoning-gym; replaced atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        try:
-            f.writelines(json.dumps(problem) + "\n" for problem in problems)
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+    atomic_write_text(path, "".join(json.dumps(problem) + "\n" for problem in problems))
 
 
 def read_problems(path: str | Path, count: int) -> list[dict[str, str]]:

@@ -1,12 +1,10 @@
-"""Results on disk: atomic JSON / markdown / PNG writes, the score table and the plots."""
+"""Results on disk: atomic JSON / markdown / PNG writes, the score table with its intervals, and the plots."""
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from statistics import fmean
@@ -14,33 +12,30 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from sparsedecode.utils.files import atomic_write_bytes, atomic_write_text
+
 from .needle import NEEDLE_TASK, needle_matrix
+from .records import prompt_key
+from .stats import CONFIDENCE, RESAMPLES, SEED, Interval, bootstrap_ci, paired_difference_ci
 
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+BASELINE = "dense"  # the method every other one is compared with, prompt by prompt
+write_bytes_atomic = atomic_write_bytes  # the name the attention-recall report imports
+STATISTICS_NOTE = (
+    f"Intervals: {CONFIDENCE:.0%} percentile bootstrap, {RESAMPLES:,} resamples (seed {SEED}), over prompts, "
+    "stratified by task and length: each resample redraws, within every task x length cell, as many prompts as "
+    "the cell holds, with replacement, and averages the cell means, as the Average row does. The difference to "
+    f"{BASELINE} is paired: it resamples the prompts both methods decoded, the same ones for both."
+)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_bytes_atomic(path, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def save_figure_atomic(figure: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    write_bytes_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def format_length(tokens: int) -> str:
@@ -71,6 +66,56 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for (task, length), by_method in score_table(records).items() for method, score in by_method.items()]
 
 
+def _interval(interval: Interval) -> dict[str, Any]:
+    def rounded(value: float) -> float:
+        return round(value, 2) + 0.0  # + 0.0: no "-0.0" in the tables
+
+    return {"mean": rounded(interval.mean), "low": rounded(interval.low), "high": rounded(interval.high),
+            "prompts": interval.count}
+
+
+def _cell(record: dict[str, Any]) -> tuple[str, int]:
+    """The stratum of the bootstrap: a cell of the score table."""
+    return record["task"], record["length"]
+
+
+def method_statistics(records: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per method: its average score (%) with its interval and, for each method but the baseline, the paired
+    difference to the baseline (method - baseline, points) over the prompts both decoded (see STATISTICS_NOTE)."""
+    by_method: dict[str, dict[tuple, dict[str, Any]]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], {})[prompt_key(r)] = r
+    baseline = by_method.get(BASELINE, {})
+    rows = []
+    for method in methods:
+        mine = list(by_method.get(method, {}).values())
+        if not mine:
+            continue
+        average = bootstrap_ci([r["score"] for r in mine], [_cell(r) for r in mine])
+        row = {"method": method, **_interval(average.scaled(100))}
+        paired = [(r, baseline[prompt_key(r)]) for r in mine if prompt_key(r) in baseline]
+        if method != BASELINE and paired:
+            difference = paired_difference_ci([r["score"] for r, _ in paired], [b["score"] for _, b in paired],
+                                              [_cell(r) for r, _ in paired])
+            row.update(versus=BASELINE, difference=_interval(difference.scaled(100)))
+        rows.append(row)
+    return rows
+
+
+def statistics_table(rows: list[dict[str, Any]]) -> str:
+    """`method_statistics` rows as markdown: average [interval] and difference to the baseline [interval]."""
+    def interval(values: dict[str, Any], signed: bool = False) -> list[str]:
+        sign = "+" if signed else ""
+        return [f"{values['mean']:{sign}.1f}", f"[{values['low']:{sign}.1f}, {values['high']:{sign}.1f}]",
+                str(values["prompts"])]
+
+    body = [[row["method"], *interval(row),
+             *(interval(row["difference"], signed=True) if "difference" in row else ["", "", ""])] for row in rows]
+    confidence = f"{CONFIDENCE:.0%}"
+    return markdown_table(["method", "average", f"{confidence} interval", "prompts", f"vs {BASELINE}",
+                           f"{confidence} interval", "paired prompts"], body)
+
+
 def _sorted_rows(table: dict[tuple[str, int], dict[str, float]], task_order: list[str]) -> list[tuple[str, int]]:
     rank = {task: i for i, task in enumerate(task_order)}
     return sorted(table, key=lambda row: (rank.get(row[0], len(rank)), row[1]))
@@ -87,8 +132,9 @@ def format_cell(value: float | None, digits: int = 1) -> str:
 
 
 def markdown_report(title: str, facts: dict[str, Any], methods: list[str], task_order: list[str],
-                    records: list[dict[str, Any]], skipped: dict[str, str]) -> str:
-    """Methods side by side: one row per task and length, an Average row, then speed and KV read per method."""
+                    records: list[dict[str, Any]], skipped: dict[str, str], statistics: list[dict[str, Any]]) -> str:
+    """Methods side by side: one row per task and length, an Average row, the averages with their intervals
+    (`method_statistics` rows), then speed and KV read per method."""
     table = score_table(records)
     rows = _sorted_rows(table, task_order)
     body = [[task, format_length(length), *(format_cell(table[(task, length)].get(m)) for m in methods)]
@@ -96,7 +142,8 @@ def markdown_report(title: str, facts: dict[str, Any], methods: list[str], task_
     body.append(["**Average**", "", *(format_cell(_mean(table[row].get(m) for row in rows)) for m in methods)])
     parts = [f"# {title}", "", " · ".join(f"{k}: {v}" for k, v in facts.items()), "",
              "Scores in % (RULER string match; exact final number for reasoning).", "",
-             markdown_table(["task", "length", *methods], body)]
+             markdown_table(["task", "length", *methods], body),
+             "", f"## Averages with {CONFIDENCE:.0%} intervals", "", STATISTICS_NOTE, "", statistics_table(statistics)]
     if skipped:
         parts += ["", "Skipped:", *(f"- {task}: {reason}" for task, reason in skipped.items())]
     if any(r["task"] == NEEDLE_TASK for r in records):

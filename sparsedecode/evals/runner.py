@@ -1,9 +1,10 @@
-"""Run a quality suite over several decode methods of one model and write the results."""
+"""Run a quality suite over several decode methods of one model and write the results; resume a run and merge
+the results of several runs (`results.py`)."""
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -12,21 +13,14 @@ from tqdm.auto import tqdm
 
 from .needle import DEFAULT_DEPTHS, needle_samples
 from .reasoning import reasoning_samples
-from .report import (markdown_report, plot_accuracy_vs_length, plot_needle_heatmaps, summary_rows,
-                     write_bytes_atomic, write_json_atomic)
+from .records import make_record, sample_entry, sample_key
+from .results import EvalReport, merge_folders, open_results, write_checkpoint, write_results, write_samples
 from .ruler import NIAH_NEW_TOKENS, RULER_TASKS, load_qa_sets, ruler_samples
 from .samples import EvalResources, Sample
-from .scoring import score
 
 SUITES = ("ruler", "needle", "reasoning")
-CHECKPOINT_SECONDS = 30.0  # results.json is rewritten at most this often within a method (and after each one)
+CHECKPOINT_SECONDS = 30.0  # results.json is rewritten at most this often during a run (and when it stops)
 REASONING_PROMPT_ALLOWANCE = 1024  # tokens of a reasoning prompt (its length is the generation budget)
-
-SAMPLES_FILE = "samples.json"
-RESULTS_FILE = "results.json"
-REPORT_FILE = "results.md"
-ACCURACY_PLOT = "accuracy_vs_length.png"
-NEEDLE_PLOT = "needle_heatmap.png"
 
 
 @dataclass(frozen=True)
@@ -39,15 +33,6 @@ class MethodRun:
         if not self.options:
             return self.name
         return f"{self.name}({','.join(f'{k}={v}' for k, v in sorted(self.options.items()))})"
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    out_dir: Path
-    files: list[Path]  # samples.json, results.json, results.md and the plots
-    summary: list[dict[str, Any]]  # rows: task, length, method, score (%), samples
-    skipped: dict[str, str]  # task -> why it did not run
-    markdown: str
 
 
 def context_needed(suite: str, lengths: Sequence[int]) -> int:
@@ -96,17 +81,6 @@ def prompt_batches(samples: list[Sample], batch_size: int) -> Iterator[list[Samp
             yield group[start:start + batch_size]
 
 
-def _record(sample: Sample, method: str, generation: Any) -> dict[str, Any]:
-    return {
-        "task": sample.task, "length": sample.length, "index": sample.index, "depths": sample.depths,
-        "method": method, "prediction": generation.text,
-        "score": score(sample.metric, generation.text, sample.references), "references": sample.references,
-        "prompt_tokens": generation.prompt_tokens, "output_tokens": len(generation.token_ids),
-        "prefill_seconds": generation.prefill_seconds, "decode_tokens_per_s": generation.decode_tokens_per_s,
-        "kv_fraction_read": generation.kv_fraction_read,
-    }
-
-
 def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], lengths: list[int], samples: int,
              seed: int, batch_size: int, out_dir: Path, *, tasks: list[str] | None = None,
              squad: str | Path | None = None, hotpotqa: str | Path | None = None,
@@ -114,14 +88,16 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
              problems: str | Path | None = None, model_name: str | None = None,
              progress: bool = True) -> EvalReport:
     """Generate the suite's prompts once, run every method on them in batches (greedy), and write
-    `samples.json` (prompts, references, depths), `results.json` (one record per sample and method, plus a
-    summary), `results.md` (methods side by side) and the plots into `out_dir`.
+    `samples.json` (prompts, references, depths), `results.json` (one record per sample and method, a summary
+    and the averages with their intervals), `results.md` (methods side by side) and the plots into `out_dir`.
 
     For the reasoning suite `lengths` are generation budgets (max new tokens); otherwise prompt lengths.
-    Every file is replaced atomically; results.json is checkpointed during the run (`"complete": false`).
+    A folder that already holds results of the same suite, model and seed is resumed: the (method run, prompt)
+    records it has are kept, not generated again, and the new ones are added (other settings are refused).
+    Every file is replaced atomically; results.json is checkpointed during the run and when it stops
+    (`"complete": false`), so an interrupted run loses at most CHECKPOINT_SECONDS of work.
     """
     runs = planned_runs(methods, lengths, samples, batch_size)
-    labels = [run.label for run in runs]
     prompts, skipped = build_samples(suite, llm.tokenizer, sorted(set(lengths)), samples, seed, tasks=tasks,
                                      squad=squad, hotpotqa=hotpotqa, haystack=haystack, depths=depths,
                                      problems=problems)
@@ -129,43 +105,54 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
         raise ValueError("no task left to run; skipped: "
                          + "; ".join(f"{task}: {reason}" for task, reason in skipped.items()))
     out_dir = Path(out_dir)
-    header = {"suite": suite, "model": model_name, "seed": seed, "samples_per_cell": samples,
-              "lengths": sorted(set(lengths)), "methods": [{"name": r.name, "options": r.options, "label": r.label}
-                                                           for r in runs], "skipped": skipped}
-    write_json_atomic(out_dir / SAMPLES_FILE, {**header, "samples": [asdict(s) for s in prompts]})
+    results = open_results(out_dir, {"suite": suite, "model": model_name, "seed": seed})
+    this_run = f"this run into {out_dir}"
+    results.add_samples([sample_entry(s) for s in prompts], this_run)
+    results.add_methods([{"name": r.name, "options": r.options, "label": r.label} for r in runs])
+    results.skipped.update(skipped)
+    write_samples(out_dir, results)
 
-    records: list[dict[str, Any]] = []
-    results_path = out_dir / RESULTS_FILE
+    def missing(batch: list[Sample], run: MethodRun) -> list[Sample]:
+        return [s for s in batch if not results.has(run.label, sample_key(s))]
+
+    todo = [s for s in prompts if any(not results.has(run.label, sample_key(s)) for run in runs)]
+    generations_left = sum(len(missing(todo, run)) for run in runs)
+    done_before = len(prompts) * len(runs) - generations_left
     last_checkpoint = time.monotonic()
+    try:
+        with tqdm(total=generations_left, unit="prompt", disable=not progress) as bar:
+            # Batches outside, methods inside: the engine reuses a batch's prefill for every method.
+            for batch in prompt_batches(todo, batch_size):
+                for run in runs:
+                    pending = missing(batch, run)
+                    if not pending:
+                        continue
+                    llm.use_method(run.name, **run.options)
+                    bar.set_description(f"{run.label} {pending[0].task} {pending[0].length}")
+                    generations = llm.generate([s.prompt for s in pending], temperature=0.0, seed=seed,
+                                               max_new_tokens=[s.max_new_tokens for s in pending])
+                    for s, g in zip(pending, generations):
+                        results.add_record(make_record(s, run.name, run.options, run.label, seed, g), this_run)
+                    bar.update(len(pending))
+                if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                    write_checkpoint(out_dir, results)
+                    last_checkpoint = time.monotonic()
+    except BaseException:
+        write_checkpoint(out_dir, results)  # keep what was generated: the next call resumes from it
+        raise
+    results.complete = True
+    notes = [f"resumed {out_dir}: {done_before} of {len(prompts) * len(runs)} generations were there already "
+             "(delete the folder to start over)"] if done_before else []
+    return write_results(out_dir, results, notes)
 
-    def checkpoint() -> None:
-        nonlocal last_checkpoint
-        write_json_atomic(results_path, {**header, "complete": False, "records": records})
-        last_checkpoint = time.monotonic()
 
-    with tqdm(total=len(prompts) * len(runs), unit="prompt", disable=not progress) as bar:
-        # Batches outside, methods inside: the engine reuses a batch's prefill for every method.
-        for batch in prompt_batches(prompts, batch_size):
-            for run in runs:
-                llm.use_method(run.name, **run.options)
-                bar.set_description(f"{run.label} {batch[0].task} {batch[0].length}")
-                generations = llm.generate([s.prompt for s in batch], temperature=0.0, seed=seed,
-                                           max_new_tokens=[s.max_new_tokens for s in batch])
-                records.extend(_record(s, run.label, g) for s, g in zip(batch, generations))
-                bar.update(len(batch))
-            if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                checkpoint()
-
-    summary = summary_rows(records)
-    write_json_atomic(results_path, {**header, "complete": True, "summary": summary, "records": records})
-    task_order = list(dict.fromkeys(s.task for s in prompts))
-    facts = {"model": model_name or "-", "seed": seed, "samples per cell": samples}
-    markdown = markdown_report(f"{suite} results", facts, labels, task_order, records, skipped)
-    write_bytes_atomic(out_dir / REPORT_FILE, markdown.encode("utf-8"))
-    files = [out_dir / SAMPLES_FILE, results_path, out_dir / REPORT_FILE, out_dir / ACCURACY_PLOT]
-    x_label = "generation budget (max new tokens)" if suite == "reasoning" else "prompt length (tokens)"
-    plot_accuracy_vs_length(records, labels, out_dir / ACCURACY_PLOT, x_label)
-    if suite == "needle":
-        plot_needle_heatmaps(records, labels, out_dir / NEEDLE_PLOT)
-        files.append(out_dir / NEEDLE_PLOT)
-    return EvalReport(out_dir, files, summary, skipped, markdown)
+def merge_results(out_dir: Path, sources: list[Path]) -> EvalReport:
+    """Merge the results folders `sources` into `out_dir` (with what `out_dir` holds already) and write the
+    report of the union. The folders must share suite, model and seed and agree on every prompt they share;
+    a record in several of them is taken from the first (out_dir, then sources in order)."""
+    results = merge_folders(out_dir, sources)
+    notes = [f"merged {len(results.records)} records of {len(results.methods)} method runs"]
+    if results.differing:
+        notes.append(f"{results.differing} records were in more than one folder with another prediction "
+                     "(kept the first)")
+    return write_results(out_dir, results, notes)
