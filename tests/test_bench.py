@@ -1,9 +1,12 @@
-"""The benchmark machinery on CPU: the end-to-end run on a tiny random model, the bytes arithmetic,
-the transformers baseline model, the shared helpers and the command line."""
+"""The benchmark machinery on CPU: the end-to-end run on the serving engine (a tiny random model, and real
+weights), the bytes arithmetic, the transformers baseline model, the LFPS and offload measurements, the
+engine check's parity run, the shared helpers and the command line."""
 import json
 import os
 import sys
+import time
 import types
+from collections import Counter
 
 import pytest
 import torch
@@ -11,13 +14,16 @@ from click.testing import CliRunner
 
 from sparsedecode import LLM
 from sparsedecode.bench import cli as bench_cli
-from sparsedecode.bench import common, e2e
-from sparsedecode.engine.kv_cache import KVCache
-from sparsedecode.methods.base import make_method
+from sparsedecode.bench import common, e2e, engine_check, lfps_bench
+from sparsedecode.core import DecodeBatch, KVPool
+from sparsedecode.engine.model_runner import PrefillRequest
+from sparsedecode.methods import make_method
 from sparsedecode.models.config import model_config_from_hf
 from sparsedecode.models.shapes import SHAPES, random_shape_config
+from sparsedecode.offload import OffloadConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = model_config_from_hf(random_shape_config("random:tiny-llama"))
 
 
 @pytest.fixture
@@ -30,19 +36,20 @@ def one_thread():
 
 
 def test_e2e_tiny_model_writes_table_json_and_plots(tmp_path, one_thread):
+    # 24 blocks hold two sequences of 512 + the 43 tokens the run decodes (9 blocks each): `max` is 2
     opts = e2e.E2EOptions(
-        models=["random:tiny-llama"], contexts=[128, 256], batches=[1, 2],
+        models=["random:tiny-llama"], contexts=[512], batches=[1, e2e.MAX_BATCH],
         methods=["sdpa", "lychee", "quest", "lfps", "lychee+lfps", "no-such-method"], budget=64, roles="random:2",
-        steps=2, warmup=1, hf_modes=("eager",), hf_context=128, hf_random_shapes=True, device="cpu",
+        steps=2, warmup=1, hf_modes=("eager",), hf_context=512, hf_random_shapes=True, device="cpu", num_blocks=24,
     )
     logged = []
     results = e2e.run_e2e(opts, tmp_path, log=logged.append)
 
     rows = results["rows"]
     methods = ["dense", "sdpa", "lychee", "quest", "lfps", "lychee+lfps"]
-    assert [(r["context"], r["batch"], r["method"]) for r in rows] == [
-        (c, b, m) for c in (128, 256) for b in (1, 2) for m in methods
-    ]
+    assert [(r["context"], r["batch"], r["method"]) for r in rows] == [(512, b, m) for b in (2, 1) for m in methods]
+    assert results["pools"] == [dict(model="random:tiny-llama", context=512, blocks=23, block_size=64,
+                                     decode_tokens=43, sequences=2)]
     for r in rows:
         assert r["ms"] > 0 and r["p10_ms"] <= r["p90_ms"] and r["floor_ms"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms"] * 1e3)
@@ -50,76 +57,96 @@ def test_e2e_tiny_model_writes_table_json_and_plots(tmp_path, one_thread):
         assert sum(v["weight"] for v in r["variants"].values()) == pytest.approx(1.0)
         if r["method"] in ("dense", "sdpa"):
             assert r["ceiling"] == pytest.approx(1.0)
+        # sdpa attends to a fixed length: no engine step at growing positions
+        assert (r["engine_ms"] is None) == (r["method"] == "sdpa") and (r["engine_ms"] is None) == (r["host_ms"] is None)
     assert all(r["speedup"] == 1.0 for r in rows if r["method"] == "dense")
     # lfps refreshes every 16th step: both kinds of step timed, weighted 1/16 and 15/16
     lfps = next(r for r in rows if r["method"] == "lfps")
-    assert lfps["variants"]["refresh"]["weight"] == pytest.approx(1 / 16)
+    assert {k: v["weight"] for k, v in lfps["variants"].items()} == {"step 0": 1 / 16, "step 1": 15 / 16}
+    assert lfps["variants"]["step 0"]["kv_rows"] > lfps["variants"]["step 1"]["kv_rows"]
     assert next(r for r in rows if r["method"] == "lychee")["options"] == "budget=64 roles=random:2"
     assert any("no-such-method" in n for n in results["notes"])
 
     hf_rows = [r for r in rows if "vs_hf_eager" in r]
-    assert {(r["context"], r["batch"]) for r in hf_rows} == {(128, 1)} and len(hf_rows) == len(methods)
-    assert results["hf"][0]["mode"] == "eager" and results["hf"][0]["ms"] > 0
+    assert {(r["context"], r["batch"]) for r in hf_rows} == {(512, 1)} and len(hf_rows) == len(methods)
+    hf = results["hf"][0]  # a difference of two wall-clock times: its sign is noise on a busy CPU
+    assert hf["mode"] == "eager" and all(r["vs_hf_eager"] == pytest.approx(hf["ms"] / r["ms"]) for r in hf_rows)
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["copy_bandwidth"] > 0
     markdown = (tmp_path / "results.md").read_text()
-    assert "| model | ctx | B | method | ms/step |" in markdown and "## transformers generate" in markdown
+    assert "| model | ctx | B | method | ms/step | p10-p90 ms | engine ms | host ms |" in markdown
+    assert "## transformers generate" in markdown and "## KV pool" in markdown
     for png in ("speedup_vs_context.png", "time_vs_floor.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
     assert any("transformers generate (eager)" in line for line in logged)
 
 
-def test_e2e_real_weight_path_prefills_the_haystack(tmp_path, monkeypatch, one_thread):
-    """A model with a tokenizer takes the real-weight path: a real prefill of the haystack prompt, its
-    trained length as the longest context, and the prompt for the transformers baseline."""
-    haystack = tmp_path / "essay.txt"
-    haystack.write_text("The quick brown fox jumps over the lazy dog. " * 10)
-
-    def tiny_with_tokenizer(spec, method, device, **engine_options):
-        llm = LLM("random:tiny-llama", method=method, device=device, **engine_options)
-        llm.tokenizer = lambda text, add_special_tokens: types.SimpleNamespace(input_ids=[ord(c) for c in text])
-        return llm
-
-    monkeypatch.setattr(e2e, "LLM", tiny_with_tokenizer)
-    opts = e2e.E2EOptions(models=["real-tiny"], contexts=[128, 8192], batches=[1], methods=["quest"], budget=64,
-                          steps=2, warmup=1, hf_modes=("eager",), hf_context=128, haystack=str(haystack),
-                          device="cpu")
+def test_e2e_skips_a_batch_the_pool_does_not_hold(one_thread):
+    opts = e2e.E2EOptions(models=["random:tiny-llama"], contexts=[512], batches=[3], methods=["dense"], steps=2,
+                          warmup=1, hf_modes=(), device="cpu", num_blocks=20)
     results = e2e.run_e2e(opts, log=lambda message: None)
-    assert [(r["context"], r["method"]) for r in results["rows"]] == [(128, "dense"), (128, "quest")]
-    assert "real-tiny: contexts above its trained 4096 skipped" in results["notes"]
-    assert all(r["vs_hf_eager"] > 0 for r in results["rows"])
+    assert results["rows"] == []
+    assert any("batch=3: skipped, the KV pool holds 2 such sequences" in n for n in results["notes"])
 
 
-def test_fill_cache(one_thread):
-    llm = LLM("random:tiny-llama", device="cpu")
-    cache = llm._cache_for(3, 256)
-    prompt = list(range(1, 200))
-    tokens = e2e._fill_cache(llm, cache, 150, prompt)
-    assert torch.equal(cache.k[:, 2], cache.k[:, 0]) and torch.equal(cache.v[:, 1], cache.v[:, 0])
-    assert cache.k[:, 0, :, :150].abs().amin(dim=-1).gt(0).all() and not cache.k[:, 0, :, 150:].any()
-    assert tokens.tolist() == llm.generate([prompt[:150]], max_new_tokens=1)[0].token_ids * 3
+@pytest.mark.slow
+def test_e2e_real_weights_prefill_the_haystack(tmp_path, one_thread):
+    """A model with a tokenizer: prompts from the haystack text, its trained length as the longest context."""
+    haystack = tmp_path / "essay.txt"
+    haystack.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    opts = e2e.E2EOptions(models=["smollm2-135m"], contexts=[256, 16384], batches=[1], methods=["quest"], budget=64,
+                          steps=2, warmup=1, hf_modes=(), haystack=str(haystack), device="cpu")
+    results = e2e.run_e2e(opts, log=lambda message: None)
+    assert [(r["context"], r["method"]) for r in results["rows"]] == [(256, "dense"), (256, "quest")]
+    assert "smollm2-135m: contexts above its trained 8192 skipped" in results["notes"]
+    assert all(r["engine_ms"] > 0 for r in results["rows"])
 
-    cache = llm._cache_for(2, 256)
-    tokens = e2e._fill_cache(llm, cache, 150, None)  # random-weight shapes: random values, no prefill
-    assert cache.k.ne(0).float().mean() > 0.99 and tokens.shape == (2,)
+
+def test_pool_fit_by_hand(one_thread):
+    llm = LLM("random:tiny-llama", device="cpu", max_context=2048, max_num_seqs=4, num_blocks=40)
+    # at most 39 // 16 = 2 prompts of 1024: their prefill takes ceil(2048 / 2046) + 2 = 4 steps; then
+    # 1 (the prefill's token) + 4 + 2 (START_STEPS) + 36 + 1 (spare) = 44 tokens, 17 blocks a sequence
+    assert e2e.pool_fit(llm.engine, 1024, 36) == (44, 2)
+    # 4 slots bound the prefill's steps: ceil(800 / 2044) + 4 = 5; 1 + 5 + 2 + 10 + 1 = 19 tokens, 4 blocks
+    assert e2e.pool_fit(llm.engine, 200, 10) == (19, 9)
 
 
-def test_prompt_ids_repeat_a_short_text(tmp_path):
+def test_sdpa_attends_like_dense_through_a_block_table():
+    pool = KVPool(1, 8, TINY.num_kv_heads, 16, TINY.head_dim, torch.float32, "cpu")
+    pool.k.normal_()
+    pool.v.normal_()
+    tables = torch.tensor([[5, 2, 7], [1, 6, 3]], dtype=torch.int32)  # scattered blocks
+    batch = DecodeBatch(tables, torch.tensor([40, 40], dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+    q = torch.randn(2, TINY.num_heads, TINY.head_dim)
+    sdpa = e2e.SdpaDense(TINY, length=40).attend(0, q, pool, batch)
+    torch.testing.assert_close(sdpa, make_method("dense", TINY).attend(0, q, pool, batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="for benchmarks only"):
+        e2e.SdpaDense(TINY)
+
+
+def test_step_kinds():
+    lfps = make_method("lfps", TINY, budget=64)
+    kinds = common.step_kinds(lfps, 1025, 64)
+    assert kinds[:18] == [0] + [1] * 15 + [0, 1] and Counter(kinds) == {0: 4, 1: 60}
+    assert set(common.step_kinds(make_method("dense", TINY), 1025, 64)) == {0}
+    lychee = make_method("lychee", TINY, roles="random:2", budget=64, dense_every=4)
+    assert common.step_kinds(lychee, 1025, 8) == [0, 0, 0, 3, 0, 0, 0, 3]
+
+
+def test_prompts_are_distinct():
+    random_ids = common.prompts(None, 100, 50, 3)
+    assert len({tuple(p) for p in random_ids}) == 3 and all(len(p) == 50 and 0 < min(p) and max(p) < 100
+                                                             for p in random_ids)
+    assert random_ids == common.prompts(None, 100, 50, 3)  # seeded
+
+
+def test_prompts_rotate_the_haystack(tmp_path):
     text = tmp_path / "short.txt"
-    text.write_text("abc")
-    llm = types.SimpleNamespace(tokenizer=lambda t, add_special_tokens: types.SimpleNamespace(input_ids=list(t)))
-    assert e2e._prompt_ids(llm, 7, str(text)) == list("abcabca")
-
-
-def test_method_options():
-    opts = e2e.E2EOptions(models=[], contexts=[], batches=[], methods=[], budget=1024, roles="random:24")
-    assert e2e._options_for("lychee", opts, real=False) == {"budget": 1024, "roles": "random:24"}
-    assert e2e._options_for("lychee", opts, real=True) == {"budget": 1024}  # its own (learned) roles
-    assert e2e._options_for("tidal", opts, real=False) == {"budget": 1024}  # tidal's roles define it
-    assert e2e._options_for("lychee+lfps", opts, real=False)["roles"] == "random:24"
-    assert e2e._options_for("dense", opts, real=False) == {}
+    text.write_text("abcdef")
+    tokenizer = lambda t, add_special_tokens: types.SimpleNamespace(input_ids=list(t))  # noqa: E731
+    assert common.prompts(tokenizer, 0, 8, 2, str(text)) == [list("abcdefab"), list("defabcde")]
 
 
 def test_derive_by_hand():
@@ -149,8 +176,8 @@ def test_llama_128k_ceiling_by_hand():
     dense_rows = 32 * 8 * seq_len
     lychee_rows = 32 * seq_len + (256 - 32) * 4096  # 32 full units, 224 reading the 4096-token budget
     lychee = make_method("lychee", config, roles="random:24", budget=4096)
-    assert make_method("dense", config).kv_tokens_read(seq_len, "default") == dense_rows
-    assert lychee.kv_tokens_read(seq_len, "default") == lychee_rows
+    assert make_method("dense", config).kv_tokens_read(seq_len, 0) == dense_rows
+    assert lychee.kv_tokens_read(seq_len, 0) == lychee_rows
     row_bytes = 2 * 128 * 2
     ceiling = e2e.step_bytes(weights, dense_rows, row_bytes, 1) / e2e.step_bytes(weights, lychee_rows, row_bytes, 1)
     assert ceiling == pytest.approx((15_009_849_344 + 17_180_000_256) / (15_009_849_344 + 2_617_262_080))
@@ -167,22 +194,63 @@ TINY_QWEN2_TIED = dict(
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2-tied"])
 def test_hf_model_shares_the_engine_weights(monkeypatch, shape, one_thread):
     monkeypatch.setitem(SHAPES, "tiny-qwen2-tied", TINY_QWEN2_TIED)
-    llm = LLM(f"random:{shape}", device="cpu")
-    hf = e2e.hf_model_like(llm)
+    llm = LLM(f"random:{shape}", device="cpu", max_context=64, max_num_seqs=1)
+    hf = e2e.hf_model_like(llm.model)
     ids = list(range(3, 40))
-    cache = llm._cache_for(1, KVCache.capacity_for(len(ids), 128))
+    ours = llm.engine.runner.prefill([PrefillRequest(ids, 0, [1], wants_logits=True)])[0]  # the engine holds no block
     with torch.inference_mode():
-        ours = llm.model.logits(llm._prefill(ids, 0, cache))
         theirs = hf(torch.tensor([ids])).logits[0, -1].float()
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     q_proj = hf.model.layers[0].self_attn.q_proj.weight
     assert q_proj.data_ptr() == llm.model.layers[0].qkv_proj.weight.data_ptr()  # a view: no copy
 
 
+def test_recall_is_one_when_every_step_is_exact(one_thread):
+    rows = lfps_bench.run_recall("random:tiny-llama", [512], 6, 64, (16,), (1,), refresh=(1, 3), device="cpu")
+    by_r = {r["R"]: r for r in rows}
+    assert by_r[1]["block_recall"] == 1.0 and by_r[1]["out_err_candidates"] == 0.0
+    assert by_r[1]["block_recall_predicted"] is None and by_r[1]["read_fraction"] == 1.0  # no predicted steps
+    assert 0.0 < by_r[3]["block_recall_predicted"] <= 1.0
+    assert 0.0 < by_r[3]["candidate_fraction"] < 1.0 and by_r[3]["read_fraction"] < 1.0
+    assert by_r[3]["token_recall"] <= by_r[3]["token_recall_ceiling"] + 1e-9
+
+
+def test_lfps_check_passes_with_and_without_offload(one_thread):
+    options = dict(budget=128, attend="selected", refresh_every=4)
+    on_device = lfps_bench.run_check("random:tiny-llama", 512, 6, "cpu", options, None)
+    assert [r["passed"] for r in on_device] == [True, True]
+    rows = lfps_bench.run_check("random:tiny-llama", 512, 6, "cpu", options, OffloadConfig(index="gpu", pool_blocks=6))
+    assert rows[2]["passed"] and rows[2]["same_tokens"] == 6 and rows[2]["identical_outputs"]
+
+
+def test_offload_run_of_a_prefilled_prompt(one_thread):
+    row = lfps_bench.run_offload("random:tiny-llama", 700, 15, "cpu", dict(budget=128), OffloadConfig(), "prefill")
+    assert (row["refresh_steps"], row["default_steps"]) == (1, 14)  # steps 0-1 untimed; step 16 refreshes
+    assert row["refresh_step_ms"] > 0 and row["default_step_ms"] > 0
+    assert row["gpu_keys_gib"] == 0 and row["host_kv_gib"] > 0  # the CPU index: K and V in host memory
+
+
+def test_parity_of_continuous_batching(one_thread):
+    opts = engine_check.ParityOptions(requests=5, min_len=64, max_len=500, min_new_tokens=3, max_new_tokens=10,
+                                      arrival_gap=1, max_num_seqs=3, decode_steps=2, sparse_budget=64, device="cpu")
+    rows = engine_check.run_parity(opts, log=lambda message: None)
+    summary = engine_check.parity_summary(rows)
+    assert [s["method"] for s in summary] == ["dense", "lychee, roles all", "lychee+lfps"]
+    assert all(s["requests"] == s["same_tokens"] == 5 for s in summary)
+    assert all(s["ran_together"] == 3 for s in summary)  # every slot taken, the rest waiting
+    assert sorted({r["prompt_tokens"] for r in rows}) == sorted(r["prompt_tokens"] for r in rows[:5])
+
+
 def test_common_helpers(tmp_path):
     calls = []
     timing = common.median_time(lambda: calls.append(1), repeats=7, warmup=2, device="cpu")
     assert len(calls) == 9 and timing.calls == 7 and timing.p10 <= timing.median <= timing.p90
+    order = []
+    difference = common.paired_difference(lambda: (order.append("long"), time.sleep(0.004)),
+                                          lambda: (order.append("short"), time.sleep(0.001)), repeats=5, warmup=1,
+                                          device="cpu")
+    assert order == ["long", "short"] * 6 and difference.calls == 5
+    assert 0.001 < difference.median < 0.03
     assert common.measure_copy_bandwidth("cpu", nbytes=1 << 20, repeats=3) > 0
     table = common.markdown_table([{"a": 1, "b": 0.012345, "c": None}, {"a": 2, "b": 1234.5, "c": "x"}])
     assert table.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1 | 0.0123 |  |", "| 2 | 1234 | x |"]
@@ -203,14 +271,15 @@ def test_parse_tokens():
 @pytest.mark.parametrize("args, message", [
     (["--contexts", "4k,4q"], "bad token count '4q'"),
     (["--contexts", ","], "give at least one context"),
-    (["--batches", "1,x"], "positive batch sizes"),
-    (["--batches", "0"], "positive batch sizes"),
+    (["--batches", "1,x"], "positive batch sizes and/or max"),
+    (["--batches", "0"], "positive batch sizes and/or max"),
     (["--methods", "dense,foo"], "unknown method(s) foo; known: dense, lfps"),
     (["--models", "random:nope"], "unknown random-weight shape 'random:nope'"),
     (["--models", "no-such-model"], "neither a random-weight shape"),
     (["--hf-modes", "fast"], "one or both of eager, compiled"),
     (["--contexts", "4k", "--hf-context", "32k"], "32768 is not one of the contexts"),
     (["--steps", "1"], "--steps"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
 ])
 def test_e2e_cli_rejects_bad_arguments(args, message):
     result = CliRunner().invoke(bench_cli.bench_group, ["e2e", *args])
@@ -228,13 +297,15 @@ def test_e2e_cli_parses_into_options(monkeypatch, tmp_path):
     monkeypatch.setattr(e2e, "run_e2e", fake_run)
     monkeypatch.setattr(e2e, "results_markdown", lambda results: "TABLE")
     result = CliRunner().invoke(bench_cli.bench_group, [
-        "e2e", "--models", "random:tiny-llama", "--contexts", "32k,4k,4096", "--batches", "8,1",
-        "--methods", "lychee,dense,lychee", "--no-hf-baseline", "--out", str(tmp_path),
+        "e2e", "--models", "random:tiny-llama", "--contexts", "32k,4k,4096", "--batches", "8,max,1",
+        "--methods", "lychee,dense,lychee", "--no-hf-baseline", "--gpu-memory-utilization", "0.8",
+        "--num-blocks", "100", "--out", str(tmp_path),
     ])
     assert result.exit_code == 0, result.output
     opts = seen["opts"]
-    assert (opts.contexts, opts.batches, opts.hf_modes) == ([4096, 32768], [1, 8], ())
+    assert (opts.contexts, opts.batches, opts.hf_modes) == ([4096, 32768], [1, 8, "max"], ())
     assert opts.methods == ["lychee", "dense"]
+    assert (opts.gpu_memory_utilization, opts.num_blocks) == (0.8, 100)
     assert seen["out"] == tmp_path and "TABLE" in result.output
 
 
@@ -246,11 +317,42 @@ def test_kernel_subcommand_calls_the_kernel_benchmark(monkeypatch):
     fake.run = lambda contexts, batches: got.append((contexts, batches))
     monkeypatch.setitem(sys.modules, "sparsedecode.bench.kernel_bench", fake)
     monkeypatch.setattr(sparsedecode.bench, "kernel_bench", fake, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "128k,32k", "--batches", "8"])
     assert result.exit_code == 0, result.output
     assert got == [((32768, 131072), (8,))]
     result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "lots"])
     assert result.exit_code == 2 and "bad token count 'lots'" in result.output
+
+
+def test_lfps_subcommands_run_on_the_cpu(tmp_path):
+    """The LFPS measurements are `sparsedecode bench` subcommands (no second click group)."""
+    result = CliRunner().invoke(bench_cli.bench_group, ["lfps-index", "--tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "lfps_index.json").read_text())
+    assert {r["case"] for r in rows} >= {"index exact (all keys)", "index lfps (candidates)"}
+    assert "| device | context |" in (tmp_path / "lfps_index.md").read_text()
+    result = CliRunner().invoke(bench_cli.bench_group, ["lfps-recall", "--block-sizes", "64,48"])
+    assert result.exit_code == 2 and "block sizes are 16, 32, 64 or 128" in result.output
+
+
+def test_engine_check_cli_builds_both_parts(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_check(timing, parity, out, log):
+        seen.update(timing=timing, parity=parity, out=out)
+        return False
+
+    monkeypatch.setattr(engine_check, "run_engine_check", fake_check)
+    result = CliRunner().invoke(bench_cli.bench_group, ["engine-check", "--min-len", "8k", "--max-len", "32k",
+                                                        "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "changed the tokens of a request" in result.output
+    timing, parity = seen["timing"], seen["parity"]
+    assert (timing.models, timing.contexts, timing.batches) == (["random:llama-3.1-8b"], [131072], [1, 2, 4, "max"])
+    assert timing.methods == ["dense", "lychee", "lychee+lfps"] and (timing.budget, timing.roles) == (4096, "random:24")
+    assert (parity.model, parity.dtype, parity.min_len, parity.max_len) == ("random:tiny-llama", "float32", 8192, 32768)
+    result = CliRunner().invoke(bench_cli.bench_group, ["engine-check", "--no-timing", "--out", str(tmp_path)])
+    assert seen["timing"] is None
 
 
 def test_profiled_kernels_are_listed_under_the_table():
@@ -260,8 +362,8 @@ def test_profiled_kernels_are_listed_under_the_table():
     kernels = {f"kernel_{i}": float(20 - i) for i in range(e2e.PROFILE_TOP + 2)}
     row = dict(model="random:tiny-llama", context=131072, batch=1, method="lychee", p10_ms=1.0, p90_ms=1.2,
                ceiling_fraction=0.8,
-               variants={"default": dict(weight=1.0, kernels_us=kernels)})
+               variants={"step 0": dict(weight=1.0, kernels_us=kernels)})
     text = e2e.results_markdown(dict(meta=meta, rows=[row], hf=[], notes=[]))
-    assert "## Kernels of one step: random:tiny-llama 128K B1 lychee (default step" in text
+    assert "## Kernels of one step: random:tiny-llama 128K B1 lychee (the kind of step 0" in text
     assert "| kernel_0 | 20.0 |" in text and "kernel_12" not in text
     assert "| (all others) | 15.0 |" in text  # kernel_12 and kernel_13: 8 + 7

@@ -85,8 +85,7 @@ def test_answer_pass_matches_prefill_and_student_interpolates(tiny):
         assert torch.allclose(answer_hidden_states(model, cache, 260, answer, mixed, full_budget), teacher, atol=1e-5)
         assert not torch.allclose(answer_hidden_states(model, cache, 260, answer, mixed, selector), teacher, atol=1e-3)
     whole = new_cache(tiny, 400)
-    prefill_context(model, whole, ids[:-1])
-    assert torch.allclose(model.prefill_chunk(ids[-1:], 299, whole, 0), teacher[-1], atol=1e-5)
+    assert torch.allclose(prefill_context(model, whole, ids), teacher[-1], atol=1e-5)
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny, haystack, tmp_path):

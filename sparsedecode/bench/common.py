@@ -7,16 +7,20 @@ is the bytes a step must read divided by that bandwidth.
 from __future__ import annotations
 
 import io
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from ..data.haystack import haystack_text
+from ..utils.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from ..methods import DecodeMethod
 
 COPY_BYTES_CUDA = 2 << 30  # far beyond any L2, so the copy streams from device memory
 COPY_BYTES_CPU = 64 << 20
@@ -53,30 +57,54 @@ def median_time(
     between two CUDA events (device time, no host sync inside the loop); elsewhere the wall clock.
     `flush_l2` overwrites a buffer twice the L2 size before each call, outside the timed region,
     so a small kernel input is read from device memory as it would be inside a model."""
+    return Timing.of(_call_times([fn], repeats, warmup, device, flush_l2)[0])
+
+
+def paired_difference(
+    long: Callable[[], Any],
+    short: Callable[[], Any],
+    repeats: int = 50,
+    warmup: int = 5,
+    device: torch.device | str | None = None,
+) -> Timing:
+    """What `long` takes beyond `short`: the two are called alternately, timed as `median_time` times a
+    call, and each pair gives one difference. Costs both calls share (loading inputs, a host sync at the
+    end) cancel out."""
+    long_times, short_times = _call_times([long, short], repeats, warmup, device)
+    return Timing.of([a - b for a, b in zip(long_times, short_times)])
+
+
+def _call_times(fns: Sequence[Callable[[], Any]], repeats: int, warmup: int, device: torch.device | str | None,
+                flush_l2: bool = False) -> list[list[float]]:
+    """Seconds of each call of each of `fns`, called in turn `repeats` times after `warmup` untimed rounds."""
     device = torch.device(device) if device is not None else _current_device()
     for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        for fn in fns:
             fn()
-            times.append(time.perf_counter() - t0)
-        return Timing.of(times)
+    if device.type != "cuda":
+        times: list[list[float]] = [[] for _ in fns]
+        for _ in range(repeats):
+            for fn, out in zip(fns, times):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+        return times
     flush = None
     if flush_l2:
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
         flush = torch.empty(2 * l2, dtype=torch.uint8, device=device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
+              for _ in range(repeats)]
     torch.cuda.synchronize(device)
-    for start, end in events:
-        if flush is not None:
-            flush.zero_()
-        start.record()
-        fn()
-        end.record()
+    for round_events in events:
+        for fn, (start, end) in zip(fns, round_events):
+            if flush is not None:
+                flush.zero_()
+            start.record()
+            fn()
+            end.record()
     torch.cuda.synchronize(device)
-    return Timing.of([start.elapsed_time(end) / 1e3 for start, end in events])
+    return [[r[i][0].elapsed_time(r[i][1]) / 1e3 for r in events] for i in range(len(fns))]
 
 
 def kernel_times(fn: Callable[[], Any], steps: int = 10) -> list[tuple[str, float]]:
@@ -90,6 +118,28 @@ def kernel_times(fn: Callable[[], Any], steps: int = 10) -> list[tuple[str, floa
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     return [(e.key, e.device_time_total / 1e6 / steps) for e in sorted(events, key=lambda e: -e.device_time_total)]
+
+
+def step_kinds(method: DecodeMethod, seq_len: int, steps: int) -> list[int]:
+    """For decode steps 0 .. steps - 1 of a sequence of `seq_len` tokens, the first step of each one's kind:
+    steps that read the same KV rows (`kv_tokens_read`) are one kind, e.g. lfps's exact refresh every
+    16th step and the predicted steps between. A kind is timed at its first step."""
+    first: dict[float, int] = {}
+    return [first.setdefault(method.kv_tokens_read(seq_len, s), s) for s in range(steps)]
+
+
+def prompts(tokenizer: Any, vocab_size: int, length: int, count: int, haystack: str | Path | None = None,
+            seed: int = 0) -> list[list[int]]:
+    """`count` distinct prompts of `length` token ids: random ids for a model without tokenizer (random
+    weights); otherwise rotations of the haystack text's tokens (the essays by default), starting evenly
+    spaced over it and wrapping around."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(1, vocab_size, (count, length), generator=generator).tolist()
+    text = haystack_text(haystack)[: 8 * length]  # tokens are ~4 characters: do not tokenise all of it
+    ids = np.asarray(tokenizer(text, add_special_tokens=False).input_ids)
+    starts = np.arange(count) * len(ids) // count
+    return np.take(ids, (starts[:, None] + np.arange(length)) % len(ids)).tolist()
 
 
 def _current_device() -> torch.device:
@@ -133,16 +183,7 @@ def format_cell(value: Any) -> str:
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write a file so that readers see the old or the new content, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("xb") as f:  # not mkstemp: its files are private (0600) whatever the umask
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def _panels(rows: Iterable[dict[str, Any]], keys: Sequence[str]) -> dict[tuple, list[dict[str, Any]]]:

@@ -1,22 +1,39 @@
-"""End-to-end decode benchmark: one decode step of the whole model (weights and attention) per method,
-against its bytes floor, our dense step measured in the same run, and transformers' own `generate`.
+"""End-to-end decode benchmark: one decode step of the whole model (weights and attention) per method on the
+serving engine, against its bytes floor, our dense step measured in the same run, and transformers' own
+`generate`.
 
 How a row is measured:
 
-- Random-weight shapes: the KV cache is filled with random normal values for `context` tokens instead
-  of a prefill (speed does not depend on the values; a real 128K prefill of an 8B model costs tens of
-  seconds). Real-weight models: a real prompt (the haystack essays) is prefilled for sequence 0 and its
-  cache rows are copied to the other sequences of the batch.
-- Each method is set up through the engine's own paths (`LLM.use_method`, `LLM._cache_for`, which plans
-  it on the filled cache, `after_prefill` per layer and sequence); then decode steps at position
-  `context` go through `LLM._decode`, the CUDA graph `generate` replays, each timed between two CUDA
-  events after a warm-up (whose first step captures the graph). Every timed step replays the same
-  position, so every step sees the same context.
-- A method whose steps come in kinds (`step_variant`, e.g. a periodic dense step) is timed per kind; its
-  step time is the median of each kind weighted by how often the kind occurs in `VARIANT_WINDOW` steps.
+- One `LLM` per model: prefix caching off, as many decode slots as the largest batch asked (`max`: the
+  engine's default), its KV pool sized by `gpu_memory_utilization` (or `num_blocks`) while the benchmarked
+  method keeping the most per-block state is set (Quest's page bounds), so that every method fits after it.
+  The transformers baseline runs first, on its own load of the weights: the pool takes the memory it needs.
+- Per context, the largest batch asked of requests with distinct prompts of `context` tokens (random ids
+  for random-weight shapes, rotations of the haystack text for real models) is added, and the engine steps
+  until every one decodes: a real chunked prefill. `max` is the most sequences of that context (plus the
+  tokens the benchmark decodes) that the pool holds. Batches run from the largest down, the newest requests
+  aborted in between, so a batch of B holds decode slots 0 .. B-1 and runs in the engine's CUDA-graph
+  bucket (the next of 1, 2, 4, ..., max_num_seqs; rows beyond B point at the null block and read nothing).
+- Per method: `LLM.use_method` (every sequence's method state restarts as after its prefill; `sdpa`, a
+  benchmark-only method, is handed to `engine.use_method` and stays out of the registry). The device step
+  is `engine.runner.decode` of rows built from the engine's sequences at position `context`, so every timed
+  step sees the same context. On CUDA it is the paired difference of a two-step and a one-step call, timed
+  with CUDA events: loading the rows into the step buffers and the host sync that ends every call cancel
+  out. Elsewhere it is the one-step call. Warm-up calls come first (the first captures the CUDA graph).
+- Steps of a sequence that read the same KV rows are one kind (`common.step_kinds` over `VARIANT_WINDOW`
+  steps, e.g. lfps's refresh every 16th step and the steps between); each kind is timed at its first step,
+  and the step time is the kinds' medians weighted by how often they occur.
+- Engine step (`engine_ms`): the median of `engine.step()`, which decodes every sequence one token at its
+  real, growing position: the scheduler, building the rows, the step and the tokens' bookkeeping. `host_ms`
+  is what it takes beyond the device step of the method's most common kind. Not for `sdpa`, which attends
+  to a fixed length.
 - Bytes per step = weights + batch * KV rows the method reads (`kv_tokens_read`) * bytes per row.
   Floor = bytes / copy bandwidth measured in the same run (read + write bytes per second). Ceiling =
   dense bytes / method bytes: the speedup over dense if both ran at the same bandwidth.
+- `sdpa` is dense attention through PyTorch SDPA (FlashAttention) over a contiguous copy of each
+  sequence's blocks, made per layer inside the step because SDPA takes no block table: it moves the KV
+  three times, and is counted at dense's bytes. `sparsedecode bench kernel` compares the attention alone
+  on a contiguous cache.
 """
 from __future__ import annotations
 
@@ -34,13 +51,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.haystack import haystack_text
-from ..engine.kv_cache import KVCache
-from ..engine.llm import CAPACITY_MULTIPLE, LLM
-from ..methods import available  # noqa: F401  (registers every method, so METHODS is complete)
-from ..methods.base import METHODS, DecodeMethod, register
+from ..core import DecodeBatch, KVPool
+from ..engine import LLM, LLMEngine, ModelRunner, SamplingParams
+from ..engine.model_runner import DecodeRow
+from ..methods import METHODS, DecodeMethod, method_class
 from ..models.config import ModelConfig
-from ..models.loader import default_device
+from ..models.loader import default_device, default_dtype, load_config, load_model, load_tokenizer
 from ..models.transformer import Transformer
 from .common import (
     Timing,
@@ -49,25 +65,32 @@ from .common import (
     markdown_table,
     measure_copy_bandwidth,
     median_time,
+    paired_difference,
     plot_speedup_vs_context,
     plot_time_vs_floor,
+    prompts,
+    step_kinds,
     synchronize,
     write_atomic,
 )
 
 SDPA = "sdpa"
+MAX_BATCH = "max"  # in `batches`: the most sequences of the context that the KV pool holds
+MAX_NUM_SEQS = 64  # decode slots when `max` is asked (the engine's default): `max` takes at most these
+BLOCK_SIZE = 64  # KV pool block (tokens)
+DECODE_MARGIN = 4096  # positions beyond the longest context: room for the tokens the benchmark decodes
+START_STEPS = 2  # engine steps after every sequence has its first token (see `_start_decoding`)
 VARIANT_WINDOW = 4096  # decode steps over which step-kind frequencies are counted
-METHOD_STATE_FRACTION = 0.1  # method state beside the cache (Quest's page min/max keys are 1/16 of it)
 PROFILE_TOP = 12  # kernels listed per profiled step
-HEADROOM_BYTES = 2 << 30  # activations, graph pools and kernel scratch
+HEADROOM_BYTES = 2 << 30  # the transformers baseline's activations and kernel scratch
 HF_REPEATS = 2  # generate calls per length; their minimum counts
 
 
-@register
 class SdpaDense(DecodeMethod):
-    """Dense decode attention through PyTorch SDPA (FlashAttention with GQA) over exactly `length` cached
-    tokens. For this benchmark only: the length is fixed when the step is captured in a CUDA graph,
-    which holds here because every timed step replays the same position."""
+    """Dense decode attention through PyTorch SDPA (FlashAttention with GQA) over exactly `length` tokens,
+    gathered from the pool into one contiguous copy per layer. For this benchmark only: the length is fixed
+    when the step is captured in a CUDA graph, which holds for the device step (every timed step replays
+    the same position)."""
 
     name = SDPA
     defaults = dict(length=None)
@@ -77,17 +100,24 @@ class SdpaDense(DecodeMethod):
         if self.options["length"] is None:
             raise ValueError(f"method {SDPA!r} is for benchmarks only: give length=<tokens attended>")
 
-    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         n = self.options["length"]
-        k, v = cache.k[layer, :, :, :n], cache.v[layer, :, :, :n]
+        tables = batch.block_tables[:, : -(-n // pool.block_size)].long()
+        # One gather per tensor into [Hkv, B, blocks, P, D], viewed as [B, Hkv, tokens, D]: each token's row
+        # stays unit-stride, as SDPA's fused kernels want.
+        k, v = (part[layer].transpose(0, 1)[:, tables].flatten(2, 3).transpose(0, 1)[:, :, :n]
+                for part in (pool.k, pool.v))
         return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=self.scale, enable_gqa=True)[:, :, 0]
+
+    def kv_tokens_read(self, seq_len: int, step: int) -> float:
+        return self.dense_tokens_read(seq_len)
 
 
 @dataclass
 class E2EOptions:
     models: list[str]
     contexts: list[int]
-    batches: list[int]
+    batches: list[int | str]  # batch sizes, and/or MAX_BATCH
     methods: list[str]
     budget: int = 4096
     roles: str | None = "random:24"  # for random-weight shapes; real models use the method's default
@@ -100,13 +130,16 @@ class E2EOptions:
     device: str | None = None
     compile_decode: bool = True  # False: the engine's element-wise work unfused (to measure what fusing gives)
     profile: bool = False  # also record the device time per kernel of one step of each method (CUDA)
+    gpu_memory_utilization: float = 0.9  # the share of the GPU the engine takes: weights, activations, KV pool
+    num_blocks: int | None = None  # KV pool blocks, instead of sizing the pool from gpu_memory_utilization
 
 
 @dataclass
 class Measurement:
-    timing: Timing  # per decode step, weighted over step kinds
+    timing: Timing  # per device step, weighted over step kinds
     kv_rows: float  # KV rows one sequence reads per step, weighted the same way
-    variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    variants: dict[str, dict[str, float]] = field(default_factory=dict)  # per step kind ("step N": its first)
+    engine_step: Timing | None = None  # `engine.step()`, None where not measured
 
 
 def step_bytes(weight_bytes: float, kv_rows: float, row_bytes: int, batch: int) -> float:
@@ -133,19 +166,19 @@ def _log(message: str) -> None:
 
 
 def run_e2e(opts: E2EOptions, out: Path | None = None, log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Run the benchmark; with `out`, rewrite results.json, results.md and the plots there after each model."""
+    """Run the benchmark; with `out`, rewrite results.json, results.md and the plots there after each context."""
     start = time.perf_counter()
     log = _timestamped(log, start)
     device = torch.device(opts.device) if opts.device else default_device()
     log(f"measuring copy bandwidth on {device}")
     bandwidth = measure_copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)")
-    results: dict[str, Any] = {"meta": _meta(opts, device, bandwidth), "rows": [], "hf": [], "notes": []}
+    results: dict[str, Any] = {"meta": _meta(opts, device, bandwidth), "rows": [], "hf": [], "pools": [], "notes": []}
     methods = list(dict.fromkeys(["dense", *opts.methods]))  # dense first: every ratio needs it
     for name in methods:
-        if name not in METHODS:
+        if name not in METHODS and name != SDPA:
             _note(results, log, f"method {name!r} is not registered in this build: skipped")
-    methods = [m for m in methods if m in METHODS]
+    methods = [m for m in methods if m in METHODS or m == SDPA]
     for spec in opts.models:
         _bench_model(spec, methods, opts, device, bandwidth, results, out, log)
     return results
@@ -162,7 +195,9 @@ def _meta(opts: E2EOptions, device: torch.device, bandwidth: float) -> dict[str,
     return dict(
         device=name, torch=torch.__version__, transformers=transformers.__version__,
         copy_bandwidth=bandwidth, steps=opts.steps, warmup=opts.warmup, budget=opts.budget, roles=opts.roles,
-        hf_context=opts.hf_context, compile_decode=opts.compile_decode, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        hf_context=opts.hf_context, compile_decode=opts.compile_decode,
+        gpu_memory_utilization=opts.gpu_memory_utilization, num_blocks=opts.num_blocks,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
 
 
@@ -171,72 +206,79 @@ def _note(results: dict[str, Any], log: Callable[[str], None], text: str) -> Non
     log("note: " + text)
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.device, bandwidth: float,
                  results: dict[str, Any], out: Path | None, log: Callable[[str], None]) -> None:
-    log(f"loading {spec}")
     try:
-        llm = LLM(spec, method="dense", device=device, compile_decode=opts.compile_decode)
+        config, tokenizer = load_config(spec), load_tokenizer(spec)
     except Exception as e:  # noqa: BLE001 - a model that cannot load (not pulled, no network) must not end the run
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _note(results, log, f"{spec}: could not be loaded, skipped: {type(e).__name__}: {first_line}")
+        _note(results, log, f"{spec}: could not be loaded, skipped: {_first_line(e)}")
         return
-    config, real = llm.config, llm.tokenizer is not None
+    real = tokenizer is not None
     contexts = opts.contexts
     if real:  # beyond its trained length a prompt is meaningless and its real prefill costly
         contexts = [c for c in contexts if c <= config.max_position_embeddings]
         if len(contexts) < len(opts.contexts):
             _note(results, log, f"{spec}: contexts above its trained {config.max_position_embeddings} skipped")
+    if not contexts:
+        return
     options = {m: _options_for(m, opts, real) for m in methods}
-    usable = []
+    instances = {}
     for m in methods:
         try:  # refuse a method that cannot run on this shape now, not after minutes of measurements
-            llm.use_method(m, **options[m], **({"length": 1} if m == SDPA else {}))
-            usable.append(m)
+            instances[m] = _method_class(m)(config, **options[m], **({"length": 1} if m == SDPA else {}))
         except (ValueError, TypeError) as e:
             _note(results, log, f"{spec}: {m} skipped: {e}")
-    prompt = _prompt_ids(llm, max(contexts), opts.haystack) if real and contexts else None
+    methods = [m for m in methods if m in instances]
+    dtype = default_dtype(device)
+    hf_seconds = {}
+    if opts.hf_modes and (real or opts.hf_random_shapes):
+        hf_seconds = _hf_baseline(spec, config, tokenizer, contexts, opts, device, dtype, results, log)
+    # The pool is sized while the method keeping the most per-block state is set: every other fits after it.
+    sizing = max((m for m in methods if m != SDPA), key=lambda m: instances[m].block_state_bytes(BLOCK_SIZE, dtype))
+    slots = max([b for b in opts.batches if b != MAX_BATCH], default=1)
+    if MAX_BATCH in opts.batches:
+        slots = max(slots, MAX_NUM_SEQS)
+    log(f"loading {spec}")
+    try:
+        llm = LLM(spec, method=sizing, device=device, dtype=dtype, max_context=max(contexts) + DECODE_MARGIN,
+                  block_size=BLOCK_SIZE, compile_decode=opts.compile_decode, max_num_seqs=slots,
+                  num_blocks=opts.num_blocks, gpu_memory_utilization=opts.gpu_memory_utilization,
+                  enable_prefix_caching=False, **options[sizing])
+    except Exception as e:  # noqa: BLE001 - e.g. no memory left for a pool: the other models still run
+        _note(results, log, f"{spec}: the engine could not start, skipped: {_first_line(e)}")
+        return
+    llm.engine.decode_steps = 1  # one decode step per engine step: the step `engine_ms` times
     rows_of_model = []
     for context in contexts:
-        for batch in opts.batches:
-            label = f"{spec} ctx={context} batch={batch}"
-            capacity = KVCache.capacity_for(context + 1, CAPACITY_MULTIPLE)
-            need = config.kv_bytes_per_token(llm.dtype.itemsize) * capacity * batch
-            free = _free_memory(llm)
-            if free is not None and need * (1 + METHOD_STATE_FRACTION) + HEADROOM_BYTES > free:
-                _note(results, log, f"{label}: skipped, the KV cache needs {need / 1e9:.1f} GB, "
-                                    f"{free / 1e9:.1f} GB free")
-                continue
-            tokens = _fill_cache(llm, llm._cache_for(batch, capacity), context, prompt)
-            measured = {}
-            for m in usable:
-                extra = {"length": context + 1} if m == SDPA else {}
-                try:
-                    measured[m] = _measure(llm, m, {**options[m], **extra}, batch, capacity, context, tokens, opts)
-                except Exception as e:  # noqa: BLE001 - one method's failure must not discard the others' rows
-                    if m == "dense":  # every ratio needs it
-                        raise
-                    _note(results, log, f"[{label}] {m} failed: {type(e).__name__}: {e}")
-                    continue
-                log(f"[{label}] {m}: {measured[m].timing.median * 1e3:.3f} ms/step "
-                    f"(p10 {measured[m].timing.p10 * 1e3:.3f}, p90 {measured[m].timing.p90 * 1e3:.3f})")
-            rows = _rows(spec, context, batch, measured, options, config, llm.dtype.itemsize, bandwidth)
-            rows_of_model += rows
-            results["rows"] += rows
-    if out is not None:
-        write_results(results, out)
-    if opts.hf_modes and (real or opts.hf_random_shapes):
-        _hf_baseline(llm, spec, rows_of_model, prompt, opts, results, log)
+        rows = _bench_context(llm, spec, context, methods, options, opts, bandwidth, results, log)
+        rows_of_model += rows
+        results["rows"] += rows
         if out is not None:
             write_results(results, out)
+    for mode, seconds in hf_seconds.items():
+        for r in rows_of_model:
+            if (r["context"], r["batch"]) == (opts.hf_context, 1):
+                r[f"vs_hf_{mode}"] = seconds * 1e3 / r["ms"]
+    if out is not None:
+        write_results(results, out)
     del llm
     _release_memory()
+
+
+def _method_class(name: str) -> type[DecodeMethod]:
+    return SdpaDense if name == SDPA else method_class(name)
 
 
 def _options_for(method: str, opts: E2EOptions, real: bool) -> dict[str, Any]:
     """The budget for every method that takes one; `roles` only where the method's default is the
     learned roles (a preset such as tidal's is the method's definition) and only for random-weight
     shapes, for which no roles can be learned."""
-    accepted = METHODS[method].defaults
+    accepted = _method_class(method).defaults
     options: dict[str, Any] = {}
     if "budget" in accepted:
         options["budget"] = opts.budget
@@ -251,62 +293,137 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _free_memory(llm: LLM) -> int | None:
-    """Drop the cache, the graphs and the method state, then the free device memory in bytes (None off CUDA)."""
-    llm.cache = None
-    llm.use_method("dense")
-    _release_memory()
-    return torch.cuda.mem_get_info(llm.device)[0] if llm.device.type == "cuda" else None
+def pool_fit(engine: LLMEngine, context: int, decode_steps: int) -> tuple[int, int]:
+    """(max_tokens of a request, how many such requests the KV pool holds) for `context`-token prompts on
+    `engine` when every sequence decodes, besides `decode_steps` steps, while the others prefill (the engine
+    decodes every sequence whose prefill is done) and for `START_STEPS` steps after."""
+    blocks, scheduler = engine.block_manager, engine.scheduler
+    usable, chunk = blocks.num_usable_blocks, scheduler.max_num_batched_tokens
+
+    def max_tokens(batch: int) -> int:
+        prefill_steps = -(-batch * context // max(1, chunk - batch)) + batch
+        return 1 + prefill_steps + START_STEPS + decode_steps + 1  # the prefill's token first, one spare last
+
+    # The bound for the most sequences of bare prompts holds for fewer: their prefill takes fewer steps.
+    tokens = max_tokens(min(scheduler.max_num_seqs, usable // blocks.blocks_for(context)))
+    return tokens, usable // blocks.blocks_for(context + tokens)
 
 
-def _prompt_ids(llm: LLM, length: int, source: str | None) -> list[int]:
-    """`length` tokens of the haystack text, repeated if it is shorter."""
-    text = haystack_text(source)[: 8 * length]  # tokens are ~4 characters: do not tokenise all of it
-    ids = llm.tokenizer(text, add_special_tokens=False).input_ids
-    return (ids * -(-length // len(ids)))[:length]
+def _bench_context(llm: LLM, spec: str, context: int, methods: list[str], options: dict[str, dict[str, Any]],
+                   opts: E2EOptions, bandwidth: float, results: dict[str, Any],
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    engine = llm.engine
+    engine_steps = len(opts.batches) * len(methods) * (opts.warmup + opts.steps)  # `engine_ms`, at most
+    max_tokens, held = pool_fit(engine, context, engine_steps)
+    stats = engine.stats()
+    results["pools"].append(dict(model=spec, context=context, blocks=stats["blocks_total"],
+                                 block_size=stats["block_size"], decode_tokens=max_tokens, sequences=held))
+    log(f"{spec} ctx={context}: the pool ({stats['blocks_total']} blocks of {stats['block_size']} tokens) holds "
+        f"{held} sequences of {context} + {max_tokens} tokens")
+    fits = min(held, engine.scheduler.max_num_seqs)
+    if context + max_tokens > llm.max_context:
+        _note(results, log, f"{spec} ctx={context}: skipped, the benchmark decodes up to {max_tokens} tokens per "
+                            f"sequence, beyond the engine's {llm.max_context - context}: lower --steps")
+        return []
+    batches = sorted({fits if b == MAX_BATCH else b for b in opts.batches}, reverse=True)
+    for b in batches:
+        if b > fits:
+            _note(results, log, f"{spec} ctx={context} batch={b}: skipped, the KV pool holds {held} such sequences "
+                                "(raise --gpu-memory-utilization)")
+    batches = [b for b in batches if 0 < b <= fits]
+    if not batches:
+        return []
+    log(f"{spec} ctx={context}: prefilling {batches[0]} sequences")
+    request_ids = _start_decoding(engine, prompts(llm.tokenizer, llm.config.vocab_size, context, batches[0],
+                                                  opts.haystack), max_tokens)
+    rows = []
+    for batch in batches:
+        for r in request_ids[batch:]:  # the newest: the batch keeps decode slots 0 .. batch - 1
+            engine.abort(r)
+        request_ids = request_ids[:batch]
+        label = f"{spec} ctx={context} batch={batch}"
+        measured = {}
+        for m in methods:
+            extra = {"length": context + 1} if m == SDPA else {}
+            try:
+                measured[m] = _measure(llm, m, {**options[m], **extra}, request_ids, context, opts)
+            except Exception as e:  # noqa: BLE001 - one method's failure must not discard the others' rows
+                if m == "dense":  # every ratio needs it
+                    raise
+                _note(results, log, f"[{label}] {m} failed: {type(e).__name__}: {e}")
+                continue
+            t = measured[m].timing
+            log(f"[{label}] {m}: {t.median * 1e3:.3f} ms/step (p10 {t.p10 * 1e3:.3f}, p90 {t.p90 * 1e3:.3f})")
+        rows += _rows(spec, context, batch, measured, options, llm.config, llm.dtype.itemsize, bandwidth)
+    for r in request_ids:
+        engine.abort(r)
+    return rows
 
 
-def _fill_cache(llm: LLM, cache: KVCache, context: int, prompt: list[int] | None) -> torch.Tensor:
-    """Fill `context` tokens of every sequence; returns the next token of each sequence [batch]."""
-    batch = cache.batch_size
-    generator = torch.Generator(device=llm.device).manual_seed(0)
-    if prompt is None:
-        cache.k.normal_(generator=generator)
-        cache.v.normal_(generator=generator)
-        return torch.randint(1, llm.config.vocab_size, (batch,), generator=generator, device=llm.device)
-    with torch.inference_mode():
-        hidden = llm._prefill(prompt[:context], 0, cache)
-        token = llm.model.logits(hidden).argmax()
-    cache.k[:, 1:] = cache.k[:, :1]
-    cache.v[:, 1:] = cache.v[:, :1]
-    return token.expand(batch).clone()
+def _start_decoding(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
+    """Queue one greedy request per prompt and step the engine until each has its first token, then
+    `START_STEPS` more steps: every sequence then holds the positions the device step writes (its prompt
+    length, and the next one in the second step of a paired call). Returns the request ids, oldest first."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    request_ids = [engine.add_request(p, params) for p in prompt_ids]
+    waiting = set(request_ids)
+    while waiting:
+        waiting -= {o.request_id for o in engine.step()}
+    for _ in range(START_STEPS):
+        engine.step()
+    return request_ids
 
 
-def _measure(llm: LLM, method: str, options: dict[str, Any], batch: int, capacity: int, context: int,
-             tokens: torch.Tensor, opts: E2EOptions) -> Measurement:
-    llm.use_method(method, **options)
-    cache = llm._cache_for(batch, capacity)  # the filled cache: same shape, so only the method is planned
-    for layer in range(llm.config.num_layers):
-        for b in range(batch):
-            llm.method.after_prefill(layer, cache, b, context)
-    positions = torch.full((batch,), context, dtype=torch.long, device=llm.device)
-    kinds = Counter(llm.method.step_variant(s) for s in range(VARIANT_WINDOW))
+def _use_method(llm: LLM, name: str, options: dict[str, Any]) -> DecodeMethod:
+    if name == SDPA:  # benchmark-only: handed to the engine, never registered
+        method = SdpaDense(llm.config, **options)
+        llm.engine.use_method(method)
+        return method
+    llm.use_method(name, **options)
+    return llm.method
+
+
+def _measure(llm: LLM, method: str, options: dict[str, Any], request_ids: list[str], context: int,
+             opts: E2EOptions) -> Measurement:
+    engine = llm.engine
+    running = engine.stats()["running"]
+    if running != len(request_ids):
+        raise RuntimeError(f"{running} sequences are running, not the {len(request_ids)} measured: one was "
+                           "preempted or finished")
+    instance = _use_method(llm, method, options)
+    sequences = [engine.sequences[r] for r in request_ids]
+
+    def rows_at(step: int) -> list[DecodeRow]:
+        return [DecodeRow(s.slot, s.output_token_ids[-1], context, step, s.block_table) for s in sequences]
+
     variants = {}
-    for variant, count in kinds.items():
-        timing = median_time(lambda v=variant: llm._decode(v, tokens, positions, cache),
-                             repeats=opts.steps, warmup=opts.warmup, device=llm.device)
-        rows = llm.method.kv_tokens_read(context + 1, variant)
-        variants[variant] = dict(weight=count / VARIANT_WINDOW, kv_rows=rows, **timing.to_dict())
+    for first, count in sorted(Counter(step_kinds(instance, context + 1, VARIANT_WINDOW)).items()):
+        timing = _device_step(engine.runner, rows_at, first, opts, llm.device)
+        variant = dict(weight=count / VARIANT_WINDOW, kv_rows=instance.kv_tokens_read(context + 1, first),
+                       **timing.to_dict())
         if opts.profile and llm.device.type == "cuda":
-            kernels = kernel_times(lambda v=variant: llm._decode(v, tokens, positions, cache))
-            variants[variant]["kernels_us"] = {name: round(sec * 1e6, 2) for name, sec in kernels}
+            kernels = kernel_times(lambda s=first: engine.runner.decode(rows_at(s), 1))
+            variant["kernels_us"] = {name: round(sec * 1e6, 2) for name, sec in kernels}
+        variants[f"step {first}"] = variant
 
     def weighted(key: str) -> float:
         return sum(v["weight"] * v[key] for v in variants.values())
 
     timing = Timing(weighted("median"), weighted("p10"), weighted("p90"), weighted("mean"),
                     sum(int(v["calls"]) for v in variants.values()))
-    return Measurement(timing, weighted("kv_rows"), variants)
+    engine_step = None
+    if method != SDPA:
+        engine_step = median_time(engine.step, repeats=opts.steps, warmup=opts.warmup, device=llm.device)
+    return Measurement(timing, weighted("kv_rows"), variants, engine_step)
+
+
+def _device_step(runner: ModelRunner, rows_at: Callable[[int], list[DecodeRow]], step: int, opts: E2EOptions,
+                 device: torch.device) -> Timing:
+    """One decode step of every row, at decode step `step` of each sequence (see the module docstring)."""
+    if device.type != "cuda":  # no host-to-device loads or syncs to take out: the one-step call
+        return median_time(lambda: runner.decode(rows_at(step), 1), opts.steps, opts.warmup, device)
+    return paired_difference(lambda: runner.decode(rows_at(step), 2), lambda: runner.decode(rows_at(step + 1), 1),
+                             opts.steps, opts.warmup, device)
 
 
 def _rows(spec: str, context: int, batch: int, measured: dict[str, Measurement], options: dict[str, dict],
@@ -318,63 +435,69 @@ def _rows(spec: str, context: int, batch: int, measured: dict[str, Measurement],
     rows = []
     for method, m in measured.items():
         nbytes = step_bytes(weights, m.kv_rows, row_bytes, batch)
+        engine_ms = host_ms = None
+        if m.engine_step is not None:
+            common_kind = max(m.variants.values(), key=lambda v: v["weight"])
+            engine_ms = m.engine_step.median * 1e3
+            host_ms = (m.engine_step.median - common_kind["median"]) * 1e3
         rows.append(dict(
             model=spec, context=context, batch=batch, method=method,
             options=" ".join(f"{k}={v}" for k, v in options[method].items()),
             **derive(m.timing, nbytes, batch, dense.timing.median, dense_bytes, bandwidth),
-            kv_rows=m.kv_rows, variants=m.variants,
+            engine_ms=engine_ms, host_ms=host_ms, kv_rows=m.kv_rows, variants=m.variants,
         ))
     return rows
 
 
 # -- transformers' generate ---------------------------------------------------------------------
-def _hf_baseline(llm: LLM, spec: str, rows: list[dict[str, Any]], prompt: list[int] | None, opts: E2EOptions,
-                 results: dict[str, Any], log: Callable[[str], None]) -> None:
+def _hf_baseline(spec: str, config: ModelConfig, tokenizer: Any, contexts: list[int], opts: E2EOptions,
+                 device: torch.device, dtype: torch.dtype, results: dict[str, Any],
+                 log: Callable[[str], None]) -> dict[str, float]:
+    """Seconds per decode step of transformers' `generate` at `hf_context`, batch 1, per mode; on a load of
+    the weights of its own, freed before the engine takes the memory."""
     context = opts.hf_context
-    ours = [r for r in rows if r["context"] == context and r["batch"] == 1]
-    if not ours:
+    if context not in contexts or 1 not in opts.batches:
         _note(results, log, f"{spec}: transformers baseline skipped, no batch-1 row at context {context}")
-        return
-    config = llm.config
-    free = _free_memory(llm)
+        return {}
+    log(f"loading {spec} for transformers")
+    loaded = load_model(spec, device, dtype)
     # static cache, and the prefill's [context, context] mask and MLP activations
-    need = config.kv_bytes_per_token(llm.dtype.itemsize) * (context + opts.steps + 1)
-    need += context * (context + 8 * config.intermediate_size) * llm.dtype.itemsize + HEADROOM_BYTES
+    need = config.kv_bytes_per_token(dtype.itemsize) * (context + opts.steps + 1)
+    need += context * (context + 8 * config.intermediate_size) * dtype.itemsize + HEADROOM_BYTES
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    seconds = {}
     if free is not None and need > free:
         _note(results, log, f"{spec}: transformers baseline skipped, needs ~{need / 1e9:.1f} GB, "
                             f"{free / 1e9:.1f} GB free")
-        return
-    if prompt is None:
-        generator = torch.Generator(device=llm.device).manual_seed(0)
-        ids = torch.randint(1, config.vocab_size, (1, context), generator=generator, device=llm.device)
     else:
-        ids = torch.tensor([prompt[:context]], device=llm.device)
-    hf = hf_model_like(llm)
-    for mode in opts.hf_modes:
-        log(f"[{spec} ctx={context} batch=1] transformers generate ({mode})")
-        try:
-            seconds = hf_step_seconds(hf, ids, opts.steps, compiled=mode == "compiled")
-        except Exception as e:  # noqa: BLE001 - an optional baseline must not discard the measured rows
-            _note(results, log, f"{spec}: transformers generate ({mode}) failed: {type(e).__name__}: {e}")
-            continue
-        results["hf"].append(dict(model=spec, context=context, batch=1, mode=mode, ms=seconds * 1e3))
-        log(f"[{spec} ctx={context} batch=1] transformers generate ({mode}): {seconds * 1e3:.3f} ms/step")
-        for r in ours:
-            r[f"vs_hf_{mode}"] = seconds * 1e3 / r["ms"]
-    del hf
+        ids = torch.tensor(prompts(tokenizer, config.vocab_size, context, 1, opts.haystack), device=device)
+        hf = hf_model_like(loaded.model)
+        for mode in opts.hf_modes:
+            log(f"[{spec} ctx={context} batch=1] transformers generate ({mode})")
+            try:
+                seconds[mode] = hf_step_seconds(hf, ids, opts.steps, compiled=mode == "compiled")
+            except Exception as e:  # noqa: BLE001 - an optional baseline must not discard the measured rows
+                _note(results, log, f"{spec}: transformers generate ({mode}) failed: {type(e).__name__}: {e}")
+                continue
+            results["hf"].append(dict(model=spec, context=context, batch=1, mode=mode, ms=seconds[mode] * 1e3))
+            log(f"[{spec} ctx={context} batch=1] transformers generate ({mode}): {seconds[mode] * 1e3:.3f} ms/step")
+        del hf
+    del loaded
     _release_memory()
+    return seconds
 
 
-def hf_model_like(llm: LLM) -> torch.nn.Module:
-    """transformers' own model (SDPA attention) of `llm`'s architecture whose parameters are views of
-    the engine's weights: the very same weights, no second load and no extra memory."""
+def hf_model_like(model: Transformer) -> torch.nn.Module:
+    """transformers' own model (SDPA attention) of `model`'s architecture whose parameters are views of
+    its weights: the very same weights, no second load and no extra memory."""
     from transformers import AutoModelForCausalLM
 
+    weight = model.embed_tokens.weight
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(copy.deepcopy(llm.config.hf_config), dtype=llm.dtype,
+        hf = AutoModelForCausalLM.from_config(copy.deepcopy(model.config.hf_config), dtype=weight.dtype,
                                               attn_implementation="sdpa")
-    hf.load_state_dict(_hf_state_dict(llm.model), strict=True, assign=True)
-    with torch.device(llm.device):  # the rotary tables are computed, not loaded
+    hf.load_state_dict(_hf_state_dict(model), strict=True, assign=True)
+    with torch.device(weight.device):  # the rotary tables are computed, not loaded
         hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)
     return hf.eval()
 
@@ -433,7 +556,7 @@ def hf_step_seconds(hf: torch.nn.Module, ids: torch.Tensor, steps: int, compiled
 # -- output -------------------------------------------------------------------------------------
 TABLE_COLUMNS = {  # table header -> row key
     "model": "model", "ctx": "ctx", "B": "batch", "method": "method", "ms/step": "ms", "p10-p90 ms": "spread",
-    "tok/s": "tokens_per_s", "GB/s": "gbps", "floor ms": "floor_ms", "time/floor": "time_over_floor",
+    "engine ms": "engine_ms", "host ms": "host_ms", "tok/s": "tokens_per_s", "GB/s": "gbps", "floor ms": "floor_ms", "time/floor": "time_over_floor",
     "x dense": "speedup", "ceiling": "ceiling", "of ceiling": "ceiling_fraction",
     "x HF eager": "vs_hf_eager", "x HF compiled": "vs_hf_compiled",
 }
@@ -456,11 +579,21 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"Copy bandwidth {meta['copy_bandwidth'] / 1e12:.3f} TB/s (read + write). Median of {meta['steps']} "
         f"decode steps (CUDA graphs on GPU) after {meta['warmup']} warm-up steps; budget {meta['budget']}, "
         f"roles {meta['roles']} (random-weight shapes).",
+        "ms/step = the engine runner's decode step at the context (on GPU without loading its rows and the "
+        "host sync); engine ms = `engine.step()`, scheduler and bookkeeping included; host ms = engine ms - "
+        "the step of the method's most common kind; "
         "floor = (weights + KV read) / copy bandwidth; x dense = our dense step / this step (same run); "
         "ceiling = dense bytes / these bytes; of ceiling = x dense / ceiling; x HF = transformers "
         "`generate` step (static cache, SDPA; (time of N+1 tokens - time of 1) / N) / this step.",
         markdown_table(table_rows, columns),
     ]
+    if results.get("pools"):
+        pool_rows = [{"model": p["model"], "ctx": _tokens_label(p["context"]), "blocks": p["blocks"],
+                      "block tokens": p["block_size"], "decoded (at most)": p["decode_tokens"],
+                      "sequences": p["sequences"]} for p in results["pools"]]
+        parts += ["## KV pool",
+                  "How many sequences of ctx prompt tokens plus the tokens the benchmark decodes the engine's pool "
+                  "holds; `--batches max` takes that many, up to the engine's decode slots.", markdown_table(pool_rows)]
     if results["hf"]:
         hf_rows = [{"model": h["model"], "ctx": _tokens_label(h["context"]), "B": h["batch"], "mode": h["mode"],
                     "HF ms/step": h["ms"]} for h in results["hf"]]
@@ -472,7 +605,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                 top = list(v["kernels_us"].items())[:PROFILE_TOP]
                 rest = sum(v["kernels_us"].values()) - sum(us for _, us in top)
                 lines = [f"| {name[:70]} | {us:.1f} |" for name, us in top] + [f"| (all others) | {rest:.1f} |"]
-                parts += [f"{title} ({variant} step; device us per step, most first)",
+                parts += [f"{title} (the kind of {variant}; device us per step, most first)",
                           "| kernel | us |\n|---|---|\n" + "\n".join(lines)]
     if results["notes"]:
         parts += ["## Notes", "\n".join(f"- {n}" for n in results["notes"])]

@@ -1,64 +1,58 @@
-"""LFPS measurements: (a) recall of the exact top-k while a real model decodes, (b) index time of LFPS
-candidate scoring against an exact top-k over all keys, (c) KV offload: what fits, and a long run,
-(d) correctness checks of lfps and of offloaded decoding on the GPU.
+"""LFPS measurements, run as `sparsedecode bench` subcommands: (a) `lfps-recall`, recall of the exact top-k
+while a real model decodes; (b) `lfps-index`, index time of LFPS candidate scoring against an exact top-k
+over all keys; (c) `offload`, KV offload: what fits, and a long run; (d) `lfps-check`, correctness checks
+of lfps and of offloaded decoding.
 
-(a) `recall`: the model decodes a long prompt greedily with dense attention. At every step and layer a
-probe computes the exact block scores of every KV head (the op's per-block log-sum-exp over all keys)
-and the exact top-k, and plays LFPS from its own history for each setting (block size, refresh interval
-R, expand): on refresh steps its selection is the exact top-k, in between it scores only its candidates
-(the exact scores restricted to them, renormalised over them, which is what the op's candidate pass
-computes) and keeps their top-k. Reported per setting, averaged over steps, layers, sequences and KV
-heads: block recall (share of the exact top-k blocks selected), token recall (share of the exact top-k
-tokens, by aggregated attention probability, inside the selected blocks; its ceiling is that of the exact
-top-k blocks, the best any block selection of that size does), the attention mass captured
-relative to the exact top-k's, the candidates' share of the context (predicted steps), the share of the
-context a step reads on average (refresh steps read everything), and the relative error of the
-attention output against dense for the two output modes (`attend="candidates"`, `"selected"`).
-(b) `index`: one layer of the Llama-3.1-8B shape (32 query / 8 KV heads, d=128, bf16 keys), contexts
-32K-128K: exact block scores over all keys + top-k, against LFPS candidates + scores over the
-candidates + top-k, both with `block_lse` (keys only) on the GPU and on one CPU core; on the GPU also
-the fused op (attention output and scores in one pass) over full rows against candidate rows. The
-previous selection is random, so its candidates overlap less than real ones do (an upper bound).
-(c) `offload`: per context, the memory dense decoding and offloaded decoding need (GPU, host) for a model
-shape; then `lfps` decoding from an offloaded cache of a chosen context (random K/V or a real prefill):
-median step time per step kind (refresh / predicted) and the GPU memory peak.
-(d) `check`: on the GPU, lfps with a budget covering the context equals dense (CUDA graphs), graph
-replay equals eager decoding, and offloaded decoding follows on-device decoding.
-
-Each part prints markdown tables and writes JSON into the output folder; `--tiny` runs a seconds-long
-CPU version of every part.
+(a) The model decodes a long prompt greedily with dense attention. At every step and layer a probe
+computes the exact block scores of every KV head (the per-block log-sum-exp over all keys) and the exact
+top-k, and plays LFPS from its own history for each setting (block size, refresh interval R, expand): on
+refresh steps its selection is the exact top-k, in between it scores only its candidates (the exact
+scores restricted to them, renormalised over them, which is what the op's candidate pass computes) and
+keeps their top-k. Reported per setting, averaged over steps, layers, sequences and KV heads: block
+recall (share of the exact top-k blocks selected), token recall (share of the exact top-k tokens, by
+aggregated attention probability, inside the selected blocks; its ceiling is that of the exact top-k
+blocks, the best any block selection of that size does), the attention mass captured relative to the
+exact top-k's, the candidates' share of the context (predicted steps), the share of the context a step
+reads on average (refresh steps read everything), and the relative error of the attention output against
+dense for the two output modes (`attend="candidates"`, `"selected"`).
+(b) One layer of the Llama-3.1-8B shape (32 query / 8 KV heads, d=128, bf16 keys): exact block scores
+over all keys + top-k, against LFPS candidates + scores over the candidates + top-k, both with
+`block_lse` (keys only) on the GPU and on one CPU core; on the GPU also the fused op (attention output
+and scores in one pass) over full rows against candidate rows. The previous selection is random, so its
+candidates overlap less than real ones do (an upper bound).
+(c) Per context, the memory dense decoding and offloaded decoding need (GPU, host) for a model shape;
+then `lfps` decoding from an offloaded KV pool (`LLM(kv_offload=...)`) of a chosen context (random K/V
+or a real prefill): median step time per step kind and the GPU memory peak.
+(d) Dense against lfps with a budget covering the context (equal), CUDA-graph replay against eager
+decoding (equal), and, with an `OffloadConfig`, offloaded decoding against on-device decoding.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
-from statistics import median
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
-import click
 import torch
 
-from ..data.haystack import haystack_text
-from ..engine.kv_cache import KVCache
-from ..engine.llm import CAPACITY_MULTIPLE, LLM
-from ..kernels import sparse_decode_attention
-from ..methods.base import register
+from ..core import DecodeBatch, KVPool
+from ..engine import LLM, SamplingParams
+from ..engine.model_runner import DecodeRow
+from ..kernels import gather_blocks, sparse_decode_attention
 from ..methods.dense import Dense
-from ..methods.lfps import PastSelection, lfps_candidates
+from ..methods.lfps import PastSelection, candidate_offsets, lfps_candidates
 from ..methods.selection import BlockSelector, block_scores
 from ..models.config import ModelConfig
 from ..models.shapes import SHAPES
 from ..offload import OffloadConfig
-from ..offload.scoring import block_lse, torch_threads
-from .common import markdown_table, median_time, write_atomic
+from ..offload.scoring import block_lse
+from .common import markdown_table, median_time, prompts, write_atomic
 
 REFRESH_INTERVALS = (1, 4, 8, 16, 32)
 METRICS = ("block_recall", "block_recall_predicted", "token_recall", "token_recall_ceiling", "mass_ratio",
-           "candidate_fraction",
-           "read_fraction", "out_err_candidates", "out_err_selected")
+           "candidate_fraction", "read_fraction", "out_err_candidates", "out_err_selected")
 
 
 # -- (a) recall ------------------------------------------------------------------------------------
@@ -81,9 +75,10 @@ class Tracker:
         return {k: self.sums[k] / self.counts[k] if self.counts[k] else None for k in METRICS}
 
 
-@register
 class RecallProbe(Dense):
-    """Dense decoding that also plays LFPS for several settings and scores them (see the module doc)."""
+    """Dense decoding that also plays LFPS for several settings and scores them (see the module doc).
+    Eager only (it reads the whole cache and syncs with the host); handed to `engine.use_method`, never
+    registered."""
 
     name = "lfps-probe"
     defaults = dict(budget=1024, block_sizes=(64,), refresh=REFRESH_INTERVALS, expands=(1,), aggregate="max",
@@ -94,69 +89,74 @@ class RecallProbe(Dense):
         o = self.options
         self.trackers = [
             Tracker(bs, r, e, PastSelection(BlockSelector("tokens", o["budget"], bs, o["sink_blocks"], o["local_blocks"]),
-                                            e, o["aggregate"], None))
+                                            e, o["aggregate"], r, None))
             for bs in o["block_sizes"] for r in o["refresh"] for e in o["expands"]
         ]
-        self.step = -1
 
-    def plan(self, cache: KVCache) -> None:
+    def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
         for t in self.trackers:
-            t.past.plan(cache, self.config.num_heads)
+            t.past.plan(pool, max_seqs, max_blocks, self.config.num_heads)
 
-    def attend(self, layer: int, q: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor) -> torch.Tensor:
-        self.step += layer == 0
-        k, v = cache.k[layer], cache.v[layer]
-        dense, lse = sparse_decode_attention(q, k, v, seq_lens, self.scale)
-        batch, num_heads, dim = q.shape
-        heads, group = self.config.num_kv_heads, num_heads // self.config.num_kv_heads
-        scores = torch.einsum("bhgd,bhtd->bhgt", q.float().view(batch, heads, group, dim), k.float()) * self.scale
-        pos = torch.arange(cache.capacity, device=q.device)
+    def reset_slot(self, slot: int) -> None:
+        for t in self.trackers:
+            t.past.reset_slot(slot)
+
+    def begin_step(self, batch: DecodeBatch) -> None:
+        for t in self.trackers:
+            t.past.begin_step(batch)
+
+    def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
+        dense, lse = pool.attention(layer, q, batch, self.scale)
+        seq_lens = batch.seq_lens
+        k = gather_blocks(pool.k[layer], batch.block_tables)  # [B, Hkv, capacity, D]
+        size, num_heads, dim = q.shape
+        heads = self.config.num_kv_heads
+        group = num_heads // heads
+        scores = torch.einsum("bhgd,bhtd->bhgt", q.float().view(size, heads, group, dim), k.float()) * self.scale
+        pos = torch.arange(k.shape[2], device=q.device)
         scores = scores.masked_fill(pos >= seq_lens.long().view(-1, 1, 1, 1), float("-inf"))
         budget = self.options["budget"]
-        token_probs = torch.exp(scores - lse.view(batch, heads, group, 1)).amax(2)  # [B, H, T]
+        token_probs = torch.exp(scores - lse.view(size, heads, group, 1)).amax(2)  # [B, H, T]
         top_tokens = torch.zeros_like(token_probs, dtype=torch.bool)
         top_tokens.scatter_(-1, token_probs.topk(min(budget, int(seq_lens.min())), dim=-1).indices, True)
         for block_size in self.options["block_sizes"]:
             trackers = [t for t in self.trackers if t.block_size == block_size]
             selector, kept = trackers[0].past.selector, trackers[0].past.list_length
-            unit_lse = scores.unflatten(-1, (-1, block_size)).logsumexp(-1).view(batch, num_heads, -1)
+            unit_lse = scores.unflatten(-1, (-1, block_size)).logsumexp(-1).view(size, num_heads, -1)
             exact, _ = selector.select(block_scores(unit_lse, lse, heads, self.options["aggregate"]), seq_lens, kept)
             exact_mask = _block_mask(exact, unit_lse.shape[-1])
             ceiling = (exact_mask.repeat_interleave(block_size, dim=-1) & top_tokens).sum(-1) / top_tokens.sum(-1)
             for t in trackers:
                 t.add("token_recall_ceiling", ceiling)
-                self._play(t, layer, q, k, v, seq_lens, unit_lse, lse, dense, top_tokens, exact_mask)
+                self._play(t, layer, q, pool, batch, unit_lse, lse, dense, top_tokens, exact_mask)
         return dense
 
-    def _play(self, t: Tracker, layer: int, q, k, v, seq_lens, unit_lse, lse, dense, top_tokens, exact_mask) -> None:
-        past, bs = t.past, t.block_size
-        heads = self.config.num_kv_heads
-        refresh = self.step % t.refresh_every == 0
+    def _play(self, t: Tracker, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch,
+              unit_lse: torch.Tensor, lse: torch.Tensor, dense: torch.Tensor, top_tokens: torch.Tensor,
+              exact_mask: torch.Tensor) -> None:
+        past, bs, size, seq_lens = t.past, t.block_size, batch.size, batch.seq_lens
+        group = q.shape[1] // self.config.num_kv_heads
+        full = past.full_rows(layer, size)  # the rows refreshing this step
         lists, counts = past.candidates(layer, seq_lens)
-        if refresh:
-            past.unit_lse.copy_(unit_lse)
-            pass_lse = lse
-        else:
-            visited = _block_mask(lists, past.num_blocks).repeat_interleave(q.shape[1] // heads, dim=1)
-            past.unit_lse.copy_(unit_lse.masked_fill(~visited, float("-inf")))
-            pass_lse = past.unit_lse.logsumexp(-1)
-        past.update(layer, pass_lse, seq_lens, past.full_rows(layer, refresh))
-        chosen = _block_mask(past.blocks[layer], past.num_blocks)
+        # What the candidate pass scores: every block of a full row, the candidates of the others.
+        visited = (_block_mask(lists, past.num_blocks) | full[..., None]).repeat_interleave(group, dim=1)
+        past.unit_lse[:size].copy_(unit_lse.masked_fill(~visited, float("-inf")))
+        pass_lse = torch.where(full.repeat_interleave(group, dim=1), lse, past.unit_lse[:size].logsumexp(-1))
+        past.update(layer, pass_lse, seq_lens, full)
+        chosen = _block_mask(past.blocks[layer, :size], past.num_blocks)
         recall = (chosen & exact_mask).sum(-1) / exact_mask.sum(-1).clamp(min=1)
         t.add("block_recall", recall)
-        if not refresh:
-            t.add("block_recall_predicted", recall)
-            t.add("candidate_fraction", counts * bs / seq_lens.view(-1, 1))
+        candidate_fraction = counts * bs / seq_lens.view(-1, 1)
+        t.add("block_recall_predicted", recall[~full])
+        t.add("candidate_fraction", candidate_fraction[~full])
         chosen_tokens = chosen.repeat_interleave(bs, dim=-1)
         t.add("token_recall", (chosen_tokens & top_tokens).sum(-1) / top_tokens.sum(-1).clamp(min=1))
         mass = torch.exp(unit_lse - lse[..., None]).view(*chosen.shape[:2], -1, chosen.shape[-1])
         t.add("mass_ratio", (mass * chosen[:, :, None]).sum(-1) / (mass * exact_mask[:, :, None]).sum(-1))
-        t.add("read_fraction", torch.ones_like(recall) if refresh else counts * bs / seq_lens.view(-1, 1))
-        scale = self.scale
-        full = past.full_rows(layer, refresh)
+        t.add("read_fraction", torch.where(full, 1.0, candidate_fraction))
         for key, (blocks, n, rows) in (("out_err_candidates", (lists, counts, full)),
-                                       ("out_err_selected", (past.blocks[layer], past.counts[layer], None))):
-            out, _ = sparse_decode_attention(q, k, v, seq_lens, scale, bs, blocks, n, rows)
+                                       ("out_err_selected", (past.blocks[layer, :size], past.counts[layer, :size], None))):
+            out, _ = pool.attention(layer, q, batch, self.scale, bs, blocks, n, rows)
             t.add(key, (out.float() - dense.float()).norm(dim=-1) / dense.float().norm(dim=-1))
 
 
@@ -167,29 +167,27 @@ def _block_mask(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return mask[..., :num_blocks]
 
 
-def prompt_ids(llm: LLM, length: int, haystack: str | None) -> list[int]:
-    """`length` tokens of the haystack text (repeated if short); random ids for random-weight models."""
-    if llm.tokenizer is None:
-        return torch.randint(1, llm.config.vocab_size, (length,), generator=torch.Generator().manual_seed(0)).tolist()
-    text = haystack_text(haystack)[: 8 * length]
-    ids = llm.tokenizer(text, add_special_tokens=False).input_ids
-    return (ids * -(-length // len(ids)))[:length]
+def _prompt(llm: LLM, length: int, haystack: str | None = None) -> list[int]:
+    return prompts(llm.tokenizer, llm.config.vocab_size, length, 1, haystack)[0]
 
 
 def run_recall(model: str, contexts: list[int], steps: int, budget: float, block_sizes: tuple[int, ...],
                expands: tuple[int, ...], refresh: tuple[int, ...] = REFRESH_INTERVALS, device: str | None = None,
                haystack: str | None = None) -> list[dict[str, Any]]:
-    """Part (a). `budget` < 1 is a fraction of each context (rounded to the largest block size)."""
-    llm = LLM(model, device=device, max_context=max(contexts) + steps + 128, cuda_graphs=False)
+    """Part (a). `budget` < 1 is a fraction of each context (rounded to the largest block size). The pool's
+    blocks are the largest block size, so every setting's blocks tile the cache."""
+    llm = LLM(model, device=device, max_context=max(contexts) + steps + 1, block_size=max(block_sizes),
+              cuda_graphs=False, max_num_seqs=1, enable_prefix_caching=False)
     rows = []
     for context in contexts:
         tokens = int(budget * context) if budget < 1 else int(budget)
         tokens = max(max(block_sizes), tokens // max(block_sizes) * max(block_sizes))
-        llm.use_method("lfps-probe", budget=tokens, block_sizes=block_sizes, refresh=refresh, expands=expands)
+        probe = RecallProbe(llm.config, budget=tokens, block_sizes=block_sizes, refresh=refresh, expands=expands)
+        llm.engine.use_method(probe)
         t0 = time.perf_counter()
-        llm.generate([prompt_ids(llm, context, haystack)], max_new_tokens=steps + 1, stop_token_ids=[])
+        llm.generate([_prompt(llm, context, haystack)], max_new_tokens=steps + 1, stop_token_ids=[])
         seconds = time.perf_counter() - t0
-        for t in llm.method.trackers:
+        for t in probe.trackers:
             rows.append(dict(model=model, context=context, budget=tokens, block_size=t.block_size, R=t.refresh_every,
                              expand=t.expand, steps=steps, seconds=round(seconds, 1), **t.means()))
     return rows
@@ -202,7 +200,7 @@ def run_index(contexts: list[int], device: str, budget: int = 4096, block_size: 
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(0)
     selector = BlockSelector("tokens", budget, block_size)
-    offsets = torch.tensor(sorted(set(range(-expand, expand + 1)) | {0, 1}), device=dev)
+    offsets = torch.tensor(candidate_offsets(expand), device=dev)
     scale = head_dim**-0.5
     rows = []
     for context in contexts:
@@ -285,90 +283,114 @@ def fit_table(shape: str, contexts: list[int], gpu_bytes: int, host_bytes: int, 
 
 def run_offload(model: str, context: int, steps: int, device: str | None, options: dict[str, Any],
                 config: OffloadConfig, fill: str, warmup: int = 2) -> dict[str, Any]:
-    """`lfps` decoding from an offloaded cache of `context` tokens: the median step time per step kind
-    over `steps` steps after `warmup` untimed ones (the first of each kind compiles kernels), and the
-    memory it took. fill "prefill": a real (layer-major) prefill of a prompt; "random": random K/V
-    written straight into the cache, as the end-to-end benchmark does for random-weight shapes (speed
-    does not depend on the values; a prefill of 512K tokens of an 8B model takes minutes)."""
-    llm = LLM(model, method="lfps", device=device, max_context=context + steps + 128, kv_offload=config, **options)
+    """`lfps` decoding from an offloaded KV pool holding one sequence of `context` tokens: the median step
+    time per kind of step (refresh / default) over `steps` decode steps after `warmup` untimed ones (the
+    first of each kind compiles kernels), and the memory it took. fill "prefill": a real prefill of a
+    prompt through the engine, whose steps are timed; "random": random K/V stored into blocks 1 .. n of
+    the pool (speed does not depend on the values; a prefill of 512K tokens of an 8B model takes
+    minutes), and the engine's runner decodes that block table (the engine holds no sequence then)."""
+    total = warmup + steps
+    llm = LLM(model, method="lfps", device=device, max_context=context + total + 1, max_num_seqs=1,
+              enable_prefix_caching=False, kv_offload=config, **options)
+    engine, runner = llm.engine, llm.engine.runner
     on_gpu = llm.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(llm.device)
-    cache = llm._cache_for(1, KVCache.capacity_for(context + steps, CAPACITY_MULTIPLE))
     t0 = time.perf_counter()
     if fill == "prefill":
-        hidden = llm._prefill(prompt_ids(llm, context, None), 0, cache)
-        token = llm.model.logits(hidden).argmax().view(1)
+        engine.decode_steps = 1
+        engine.add_request(_prompt(llm, context), SamplingParams(max_tokens=total + 1, ignore_eos=True))
+        while not engine.step():  # until the prefill's last chunk samples the first token
+            pass
+
+        def step(i: int) -> None:  # the sequence's decode step i
+            engine.step()
     else:
-        shape = (cache.num_kv_heads, context, cache.head_dim)
-        k, v = (torch.randn(shape, device=llm.device).to(llm.dtype) for _ in range(2))
-        for layer in range(cache.num_layers):
-            cache.write(layer, 0, 0, k, v)
-        del k, v
-        token = torch.ones(1, dtype=torch.long, device=llm.device)
+        table = list(range(1, 1 + -(-(context + total) // runner.pool.block_size)))
+        _store_random(runner.pool, table, context)
+        runner.start_decoding(0, table, context)
+
+        def step(i: int) -> None:
+            runner.decode([DecodeRow(0, 1, context + i, i, table)], 1)
     sync()
     fill_seconds = time.perf_counter() - t0
-    positions = torch.tensor([context], device=llm.device)
     times: dict[str, list[float]] = {}
-    for step in range(warmup + steps):
-        variant = llm.method.step_variant(step)
+    for i in range(total):
         t0 = time.perf_counter()
-        token = llm._decode(variant, token, positions, cache).argmax(-1)
+        step(i)
         sync()
-        if step >= warmup:
-            times.setdefault(variant, []).append(time.perf_counter() - t0)
-        positions += 1
-    return dict(model=model, options=options, offload=vars(config), context=context, fill=fill,
-                fill_s=fill_seconds, **{f"{v}_step_ms": 1e3 * median(t) for v, t in times.items()},
-                **{f"{v}_steps": len(t) for v, t in times.items()},
-                host_kv_gib=cache.host_nbytes() / 2**30, pool_gib=cache.pool_nbytes() / 2**30,
-                gpu_keys_gib=(cache.nbytes() - cache.host_nbytes()) / 2**30,
+        if i >= warmup:
+            kind = "refresh" if llm.method.past.refresh_step(i) else "default"
+            times.setdefault(kind, []).append(time.perf_counter() - t0)
+    pool = runner.pool
+    return dict(model=model, options=options, offload=vars(config), context=context, fill=fill, fill_s=fill_seconds,
+                **{f"{kind}_step_ms": 1e3 * median(t) for kind, t in times.items()},
+                **{f"{kind}_steps": len(t) for kind, t in times.items()},
+                host_kv_gib=pool.host_nbytes() / 2**30, staging_gib=pool.staging_nbytes() / 2**30,
+                gpu_keys_gib=(pool.nbytes() - pool.host_nbytes()) / 2**30,
                 gpu_peak_gib=torch.cuda.max_memory_allocated(llm.device) / 2**30 if on_gpu else None,
                 weights_gib=sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**30)
 
 
-# -- (d) the GPU checks ----------------------------------------------------------------------------
-def _decode_outputs(llm: LLM, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and, when the step runs eagerly, every attention output."""
-    outputs: list[torch.Tensor] = []
-    attend = llm.method.attend
+def _store_random(pool: KVPool, table: list[int], length: int) -> None:
+    """The same random K/V at positions 0 .. length - 1 of every layer of the sequence whose blocks are `table`."""
+    positions = torch.arange(length, device=pool.device)
+    block_ids = torch.tensor(table, device=pool.device)[positions // pool.block_size]
+    offsets = positions % pool.block_size
+    k, v = (torch.randn(length, pool.num_kv_heads, pool.head_dim, device=pool.device).to(pool.dtype) for _ in range(2))
+    for layer in range(pool.num_layers):
+        pool.store(layer, block_ids, offsets, k, v)
 
-    def recorded(layer, q, cache, seq_lens):
-        out = attend(layer, q, cache, seq_lens)
+
+# -- (d) the checks --------------------------------------------------------------------------------
+def _decode_outputs(llm: LLM, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and every attention output (eager decoding: outputs recorded in a captured step
+    would be the capture's)."""
+    outputs: list[torch.Tensor] = []
+    method = llm.method
+    attend = method.attend
+
+    def recorded(layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
+        out = attend(layer, q, pool, batch)
         outputs.append(out.float().clone())
         return out
 
-    llm.method.attend = recorded
+    llm.cuda_graphs = False
+    method.attend = recorded
     return llm.generate([ids], max_new_tokens=steps, stop_token_ids=[])[0].token_ids, outputs
 
 
 def run_check(model: str, context: int, steps: int, device: str | None, options: dict[str, Any],
-              config: OffloadConfig) -> list[dict[str, Any]]:
-    """lfps on the GPU: a budget covering the context equals dense bit for bit; CUDA-graph replay equals
-    eager decoding; offloaded decoding against on-device decoding: tokens, and the attention outputs
-    up to the first differing token (bit-identical with the GPU index; the CPU index rounds its scores
-    differently, which flips near-ties of the top-k, and random weights have many)."""
+              config: OffloadConfig | None) -> list[dict[str, Any]]:
+    """lfps: a budget covering the context equals dense; CUDA-graph replay equals eager decoding (on a CPU
+    both run eagerly); with `config`, offloaded decoding against on-device decoding: tokens, and the
+    attention outputs up to the first differing token (bit-identical with the GPU index; the CPU index
+    rounds its scores differently, which flips near-ties of the top-k, and random weights have many).
+    Prefix caching is off, so every generation prefills the same way."""
+    engine_options = dict(device=device, max_context=context + steps + 1, max_num_seqs=1, enable_prefix_caching=False)
+    torch.manual_seed(0)  # random weights are drawn from it: the offloaded engine below gets the same
+    llm = LLM(model, **engine_options)
+    ids = _prompt(llm, context)
     rows = []
-    torch.manual_seed(0)
-    llm = LLM(model, device=device, max_context=context + steps + 128)
-    ids = prompt_ids(llm, context, None)
     dense = llm.generate([ids], max_new_tokens=steps, stop_token_ids=[])[0].token_ids
-    llm.use_method("lfps", **{**options, "budget": KVCache.capacity_for(context + steps, CAPACITY_MULTIPLE)})
+    covering = -(-llm.max_context // llm.block_size) * llm.block_size
+    llm.use_method("lfps", **{**options, "budget": covering})
     full = llm.generate([ids], max_new_tokens=steps, stop_token_ids=[])[0].token_ids
-    rows.append(dict(check="lfps, budget covering the context == dense (graphs)", passed=full == dense))
+    rows.append(dict(check="lfps, budget covering the context == dense", passed=full == dense))
     llm.use_method("lfps", **options)
     graphs = llm.generate([ids], max_new_tokens=steps, stop_token_ids=[])[0].token_ids
-    llm.cuda_graphs = False
     eager, outputs = _decode_outputs(llm, ids, steps)
     rows.append(dict(check="lfps, CUDA-graph replay == eager", passed=graphs == eager))
+    if config is None:
+        return rows
     del llm
     torch.manual_seed(0)
-    offloaded = LLM(model, method="lfps", device=device, max_context=context + steps + 128, kv_offload=config, **options)
-    tokens, outputs2 = _decode_outputs(offloaded, ids, steps)
+    offloaded = LLM(model, method="lfps", kv_offload=config, **engine_options, **options)
+    tokens, offloaded_outputs = _decode_outputs(offloaded, ids, steps)
     same = next((i for i, (a, b) in enumerate(zip(tokens, eager)) if a != b), len(tokens))
     layers = offloaded.config.num_layers
-    pairs = list(zip(outputs2[: same * layers], outputs[: same * layers]))
+    pairs = list(zip(offloaded_outputs[: same * layers], outputs[: same * layers]))
     errors = [float((a - b).norm() / b.norm()) for a, b in pairs]
     rows.append(dict(check=f"offloaded == on-device ({vars(config)})", passed=tokens == eager,
                      same_tokens=same, identical_outputs=all(torch.equal(a, b) for a, b in pairs),
@@ -376,105 +398,11 @@ def run_check(model: str, context: int, steps: int, device: str | None, options:
     return rows
 
 
-# -- the command line ------------------------------------------------------------------------------
-def _tokens(text: str) -> list[int]:
-    from .cli import parse_tokens
-
-    return [parse_tokens(t) for t in text.split(",") if t.strip()]
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
-
-
-def _save(out: Path, name: str, rows: Any, columns: list[str] | None = None) -> None:
+# -- output ----------------------------------------------------------------------------------------
+def save_table(out: Path, name: str, rows: list[dict[str, Any]] | dict[str, Any],
+               columns: list[str] | None = None) -> str:
+    """Write `name`.json and `name`.md (the markdown table) into `out`; returns the table."""
     write_atomic(out / f"{name}.json", json.dumps(rows, indent=1, default=str))
     table = markdown_table(rows if isinstance(rows, list) else [rows], columns)
-    click.echo(f"\n### {name}\n\n{table}\n")
     write_atomic(out / f"{name}.md", table + "\n")
-
-
-@click.group()
-def main() -> None:
-    """LFPS benchmarks (parts a, b, c); `--tiny` for a quick CPU run."""
-
-
-@main.command("recall")
-@click.option("--model", default="qwen2.5-coder-1.5b", show_default=True)
-@click.option("--contexts", default="8k,16k,32k", show_default=True)
-@click.option("--steps", default=96, show_default=True, help="decode steps per context")
-@click.option("--budget", default=0.03, show_default=True, help="top-k tokens, or a fraction of the context if < 1")
-@click.option("--block-sizes", default="64,16", show_default=True)
-@click.option("--expands", default="0,1", show_default=True)
-@click.option("--haystack", default=None, help="prompt text file or folder (default: the essays)")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/lfps"), show_default=True)
-@click.option("--tiny", is_flag=True, help="random:tiny-llama on CPU, 1K context, 16 steps")
-def recall_command(model, contexts, steps, budget, block_sizes, expands, haystack, out, tiny) -> None:
-    device = None
-    if tiny:
-        model, contexts, steps, budget, device = "random:tiny-llama", "1k", 16, 128, "cpu"
-    rows = run_recall(model, _tokens(contexts), steps, budget, _ints(block_sizes), _ints(expands),
-                      device=device, haystack=haystack)
-    _save(out, "lfps_recall", rows, ["context", "budget", "block_size", "expand", "R", *METRICS])
-
-
-@main.command("index")
-@click.option("--contexts", default="32k,64k,128k", show_default=True)
-@click.option("--budget", default=4096, show_default=True)
-@click.option("--repeats", default=20, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/lfps"), show_default=True)
-@click.option("--tiny", is_flag=True, help="CPU only, 8K context")
-def index_command(contexts, budget, repeats, out, tiny) -> None:
-    rows = []
-    sizes = [8192] if tiny else _tokens(contexts)
-    if torch.cuda.is_available() and not tiny:
-        rows += run_index(sizes, "cuda", budget, repeats=repeats)
-    with torch_threads(1):  # the paper's baseline: one CPU core
-        rows += run_index(sizes, "cpu", budget if not tiny else 512, repeats=3 if tiny else max(3, repeats // 4))
-    _save(out, "lfps_index", rows, ["device", "context", "candidate_tokens", "candidate_fraction", "case", "ms", "ratio"])
-
-
-@main.command("offload")
-@click.option("--model", default="random:llama-3.1-8b", show_default=True)
-@click.option("--context", default="512k", show_default=True)
-@click.option("--steps", default=32, show_default=True,
-              help="timed decode steps after 2 untimed ones (refresh every 16: steps 16 and 32 are timed)")
-@click.option("--fill", type=click.Choice(["random", "prefill"]), default="random", show_default=True)
-@click.option("--attend", default="selected", show_default=True)
-@click.option("--index", "index_side", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
-              help="copy the next layer's candidate blocks while this layer computes (with --attend "
-                   "candidates; attend=selected never prefetches)")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/lfps"), show_default=True)
-@click.option("--tiny", is_flag=True, help="random:tiny-llama on CPU, 2K context")
-def offload_command(model, context, steps, fill, attend, index_side, prefetch, out, tiny) -> None:
-    shape = "tiny-llama" if tiny else "llama-3.1-8b"
-    gpu = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else 80 * 2**30
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    contexts = [n << 10 for n in (128, 256, 384, 512, 640, 768, 1024)]
-    _save(out, "offload_fit", fit_table(shape, contexts, gpu, host))
-    device = "cpu" if tiny else None
-    model, context = ("random:tiny-llama", 2048) if tiny else (model, _tokens(context)[0])
-    options = dict(attend=attend, budget=256 if tiny else 4096)
-    config = OffloadConfig(index=index_side, prefetch=prefetch)
-    _save(out, "offload_run", run_offload(model, context, steps, device, options, config, fill))
-
-
-@main.command("check")
-@click.option("--model", default="random:llama-3.1-8b", show_default=True)
-@click.option("--context", default="16k", show_default=True)
-@click.option("--steps", default=24, show_default=True)
-@click.option("--attend", default="selected", show_default=True)
-@click.option("--index", "index_side", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out/lfps"), show_default=True)
-@click.option("--tiny", is_flag=True, help="random:tiny-llama on CPU, 1K context")
-def check_command(model, context, steps, attend, index_side, out, tiny) -> None:
-    device = "cpu" if tiny else None
-    model, context = ("random:tiny-llama", 1024) if tiny else (model, _tokens(context)[0])
-    options = dict(attend=attend, budget=128 if tiny else 2048, refresh_every=4)
-    rows = run_check(model, context, steps, device, options, OffloadConfig(index=index_side))
-    _save(out, "lfps_check", rows, ["check", "passed", "same_tokens", "identical_outputs", "max_rel_err"])
-
-
-if __name__ == "__main__":
-    main()
+    return table

@@ -45,12 +45,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..data.haystack import haystack_text
-from ..engine.kv_cache import KVCache
 from ..kernels.reference import visible_tokens
 from ..methods.selection import BlockSelector, block_scores
 from ..models.config import ModelConfig
 from ..models.loader import LoadedModel, load_model
-from ..models.transformer import Transformer
+from ..models.transformer import Transformer, prefill_attention
 from .head_roles import HeadRoles
 
 NUM_PASSKEYS = 10
@@ -156,19 +155,42 @@ class PasskeyPrompts:
 # ---------------------------------------------------------------- the passes
 
 
-def new_cache(loaded: LoadedModel, max_length: int) -> KVCache:
+@dataclass
+class ContextKV:
+    """The K/V of one prompt, [layers, kv_heads, capacity, head_dim] each, shared by teacher and student."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+
+def new_cache(loaded: LoadedModel, max_length: int) -> ContextKV:
     """A one-sequence cache for prompts of up to `max_length` tokens, reused by every step."""
     c = loaded.config
     weight = next(loaded.model.parameters())
-    capacity = KVCache.capacity_for(max_length, PREFILL_CHUNK)
-    return KVCache(c.num_layers, 1, c.num_kv_heads, capacity, c.head_dim, PREFILL_CHUNK, weight.dtype, weight.device)
+    shape = (c.num_layers, c.num_kv_heads, -(-max_length // PREFILL_CHUNK) * PREFILL_CHUNK, c.head_dim)
+    return ContextKV(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                     torch.zeros(shape, dtype=weight.dtype, device=weight.device))
 
 
-def prefill_context(model: Transformer, cache: KVCache, prompt: torch.Tensor) -> None:
-    """Dense chunked prefill of the prompt into sequence 0 of `cache` (no gradients)."""
+def prefill_context(model: Transformer, cache: ContextKV, prompt: torch.Tensor) -> torch.Tensor:
+    """Dense chunked prefill of the prompt into `cache` (no gradients); returns the last token's final
+    normalised hidden state [hidden]."""
     prompt = prompt.to(cache.device)
     for start in range(0, prompt.shape[0], PREFILL_CHUNK):
-        model.prefill_chunk(prompt[start : start + PREFILL_CHUNK], start, cache, 0)
+        chunk = prompt[start : start + PREFILL_CHUNK]
+        end = start + chunk.shape[0]
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.k[layer, :, start:end], cache.v[layer, :, start:end] = k.transpose(0, 1), v.transpose(0, 1)
+            keys, values = cache.k[layer, :, :end], cache.v[layer, :, :end]
+            return prefill_attention(q.transpose(0, 1), keys, values).transpose(0, 1)
+
+        x = model.forward(chunk, torch.arange(start, end, device=cache.device), attention)
+    return model.norm(x[-1])
 
 
 def _handed_blocks(
@@ -190,7 +212,7 @@ def _handed_blocks(
 
 def answer_hidden_states(
     model: Transformer,
-    cache: KVCache,
+    cache: ContextKV,
     context_len: int,
     answer: torch.Tensor,
     gates: torch.Tensor | None = None,
@@ -207,7 +229,7 @@ def answer_hidden_states(
     m, heads = answer.shape[0], c.num_kv_heads
     device = cache.device
     end = context_len + m
-    capacity = KVCache.capacity_for(end, selector.block_size) if gates is not None else end
+    capacity = -(-end // selector.block_size) * selector.block_size if gates is not None else end
     positions = torch.arange(context_len, end, device=device)
     seq_lens = positions + 1
     causal = torch.arange(capacity, device=device) < seq_lens[:, None]
@@ -217,7 +239,7 @@ def answer_hidden_states(
     x = model.embed_tokens(answer.to(device))
     for i, layer in enumerate(model.layers):
         q, k, v = layer.attention_input(x, cos, sin)
-        cached_k, cached_v = cache.prefix(i, 0, context_len)
+        cached_k, cached_v = cache.k[i, :, :context_len], cache.v[i, :, :context_len]
         keys = F.pad(torch.cat([cached_k, k.transpose(0, 1)], dim=1).float(), (0, 0, 0, capacity - end))
         values = F.pad(torch.cat([cached_v, v.transpose(0, 1)], dim=1).float(), (0, 0, 0, capacity - end))
         queries = q.float().view(m, heads, c.group_size, c.head_dim) * c.head_dim**-0.5
@@ -242,7 +264,7 @@ def answer_hidden_states(
 
 
 def distillation_loss(
-    model: Transformer, cache: KVCache, sample: PasskeySample, gates: torch.Tensor, selector: BlockSelector,
+    model: Transformer, cache: ContextKV, sample: PasskeySample, gates: torch.Tensor, selector: BlockSelector,
     aggregate: str = "max",
 ) -> torch.Tensor:
     """Squared difference of the student's and the dense teacher's final hidden states over the answer:
