@@ -22,6 +22,10 @@ NULL_BLOCK = 0
 class KVPool:
     #: whether `prefetch` does anything (methods skip computing the next layer's lists otherwise)
     prefetches = False
+    #: whether the K/V live off the device (host memory): the runner then prefills a sequence whole, one
+    #: layer at a time (`ModelRunner.prefill_layer_major`), and decodes eagerly (the pool's calls read
+    #: block tables and lists on the host, which a CUDA graph cannot replay)
+    layer_major_prefill = False
 
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..core import KVPool
 from ..methods import make_method, method_class
 from ..models.loader import load_model
+from ..offload import OffloadConfig, OffloadedKVPool, check_offload_method, offload_config, offload_pool_blocks
 from .llm_engine import LLMEngine, RequestOutput
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
@@ -39,6 +42,12 @@ class LLM:
     KV memory: on a GPU the pool takes `gpu_memory_utilization` of the GPU's memory less the weights and
     activations; `num_blocks` sets it. `max_context` is the longest prompt plus output (default: the
     model's), `max_num_seqs` the most sequences decoding together.
+
+    KV offload: `kv_offload="cpu"` (or an `OffloadConfig`) keeps the pool in host memory and stages on the
+    GPU the blocks a step reads (`sparsedecode.offload`; methods `lfps` and `lychee+lfps`). Sequences then
+    prefill whole, one layer at a time, without prefix caching, and decode steps run eagerly. On a GPU
+    the pool holds every slot at `max_context`, or what the host's available memory (and, with the GPU
+    index, the GPU's free memory for the keys) holds if less; `num_blocks` sets it.
     """
 
     def __init__(
@@ -52,7 +61,7 @@ class LLM:
         prefill_chunk: int = 2048,
         cuda_graphs: bool = True,
         compile_decode: bool = True,
-        kv_offload: Any = None,
+        kv_offload: str | OffloadConfig | None = None,
         max_num_seqs: int = 64,
         num_blocks: int | None = None,
         gpu_memory_utilization: float = 0.9,
@@ -61,14 +70,15 @@ class LLM:
     ) -> None:
         if block_size not in (16, 32, 64, 128):
             raise ValueError(f"block_size must be 16, 32, 64 or 128, not {block_size}")
-        if kv_offload is not None:
-            raise NotImplementedError("kv_offload is being moved onto the paged engine")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         self.block_size = block_size
         method_options = self._method_options(method, method_options)  # checked before the weights load
+        if kv_offload is not None:
+            check_offload_method(method_class(method))
         loaded = load_model(model, device, dtype)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.model_spec = str(model)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.max_context = max_context or self.config.max_position_embeddings
@@ -77,10 +87,21 @@ class LLM:
             self.model.compile_decode()
         self.method = make_method(method, self.config, **method_options)
         self.method_name = method
+        self.kv_offload = offload_config(kv_offload, self.device)
+        pool_factory = KVPool
+        if self.kv_offload is not None:
+            # Prefills start at position 0 (layer-major), so no prompt starts from cached blocks.
+            pool_factory, enable_prefix_caching = partial(OffloadedKVPool, config=self.kv_offload), False
+            if num_blocks is None and self.device.type == "cuda":
+                c = self.config
+                block_bytes = KVPool.bytes_per_block(c.num_layers, c.num_kv_heads, block_size, c.head_dim, self.dtype)
+                num_blocks = offload_pool_blocks(self.kv_offload, max_num_seqs * -(-self.max_context // block_size) + 1,
+                                                 block_bytes, self.device, gpu_memory_utilization)
         runner = ModelRunner(self.model, self.config, self.method, max_num_seqs=max_num_seqs,
                              max_model_len=self.max_context, block_size=block_size,
                              max_num_batched_tokens=prefill_chunk, num_blocks=num_blocks,
-                             gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused)
+                             gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused,
+                             pool_factory=pool_factory)
         self.engine = LLMEngine(runner, self.tokenizer, self._eos_ids(), max_model_len=self.max_context,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=prefill_chunk,
                                 enable_prefix_caching=enable_prefix_caching)
@@ -96,6 +117,8 @@ class LLM:
     def use_method(self, method: str, **options: Any) -> None:
         """Switch the decode method in place; the weights and the cached KV are kept, and running requests
         continue with the new method."""
+        if self.kv_offload is not None:
+            check_offload_method(method_class(method))
         self.method = make_method(method, self.config, **self._method_options(method, options))
         self.method_name = method
         self.engine.use_method(self.method)
@@ -107,8 +130,8 @@ class LLM:
     @cuda_graphs.setter
     def cuda_graphs(self, value: bool) -> None:
         runner = self.engine.runner
-        runner.cuda_graphs = value and self.device.type == "cuda"
-        runner.graphs.clear()
+        runner.cuda_graphs = value and self.device.type == "cuda" and not runner.pool.layer_major_prefill
+        runner.drop_graphs()
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.config.hf_config, "eos_token_id", None)

@@ -42,7 +42,8 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(runner.pool.num_blocks, runner.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   whole_prefills=runner.pool.layer_major_prefill)
         self.decode_steps = decode_steps  # decode steps per `step` (one host synchronisation each)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -119,7 +120,7 @@ class LLMEngine:
         usable, free = self.block_manager.num_usable_blocks, self.block_manager.num_free_blocks
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "blocks_total": usable, "blocks_used": usable - free, "blocks_free": free,
-                "block_size": self.block_manager.block_size}
+                "block_size": self.block_manager.block_size, "preemptions": self.scheduler.num_preemptions}
 
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

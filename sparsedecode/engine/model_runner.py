@@ -9,10 +9,12 @@ steps with one host synchronisation at the end.
 
 Prefill chunks of several sequences go through the weights as one batch of tokens; each chunk stores
 its K/V in the pool and attends causally to its sequence's prefix (gathered from the pool when the
-chunk does not start the sequence).
+chunk does not start the sequence). A pool that keeps its K/V in host memory (`KVPool.layer_major_prefill`)
+takes each sequence's prefill whole, one layer at a time (`prefill_layer_major`), and decodes eagerly.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +26,7 @@ from ..models.config import ModelConfig
 from ..models.transformer import Transformer, prefill_attention
 from .sampling import sample_tokens
 
-CPU_KV_BYTES = 2 * 2**30  # default pool size on a CPU device (a GPU's is sized from its free memory)
+CPU_KV_BYTES = 2**30  # default pool size on a CPU device (a GPU's is sized from its free memory)
 GPU_MARGIN_BYTES = 2**30  # left free on a GPU for graphs, kernel scratch and the allocator's slack
 
 
@@ -64,7 +66,8 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model: Transformer, config: ModelConfig, method: DecodeMethod, *, max_num_seqs: int,
                  max_model_len: int, block_size: int, max_num_batched_tokens: int, num_blocks: int | None = None,
-                 gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True, fused: bool = False) -> None:
+                 gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True, fused: bool = False,
+                 pool_factory: Callable[..., KVPool] = KVPool) -> None:
         self.model, self.config = model, config
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
@@ -90,8 +93,11 @@ class ModelRunner:
         self.method = method
         if num_blocks is None:
             num_blocks = self.pool_blocks_for_memory(method, gpu_memory_utilization)
-        self.pool = KVPool(config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim,
-                           self.dtype, device)
+        # `pool_factory` takes KVPool's arguments: another pool keeps the K/V elsewhere (sparsedecode.offload)
+        self.pool = pool_factory(config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim,
+                                 self.dtype, device)
+        if self.pool.layer_major_prefill:  # its steps read block tables and lists on the host: eager
+            self.cuda_graphs = False
         self.use_method(method)
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -145,8 +151,14 @@ class ModelRunner:
     def use_method(self, method: DecodeMethod) -> None:
         """Decode with `method` from now on (the pool's K/V are kept)."""
         self.method = method
-        self.graphs.clear()
+        self.drop_graphs()
         method.plan(self.pool, self.max_num_seqs, self.max_blocks)
+
+    def drop_graphs(self) -> None:
+        """Forget the captured steps (a new method, or graphs turned off). Their memory pool goes with them:
+        the allocator refuses to capture into a pool all of whose graphs were freed."""
+        self.graphs.clear()
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def bucket_for(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
@@ -159,6 +171,13 @@ class ModelRunner:
     def prefill(self, requests: list[PrefillRequest]) -> torch.Tensor:
         """Compute and store the K/V of every request's tokens; returns float32 logits [n, vocab] of the last
         token of each request that `wants_logits`, in order."""
+        if self.pool.layer_major_prefill:  # K/V off the device: each sequence whole, one layer at a time
+            if any(r.start for r in requests):
+                raise RuntimeError("a pool that prefills layer-major takes each sequence's prefill whole, from "
+                                   "position 0 (Scheduler(whole_prefills=True)), not in chunks")
+            rows = [self.prefill_layer_major(r.token_ids, r.block_table) for r in requests]
+            wanted = [row for r, row in zip(requests, rows) if r.wants_logits]
+            return torch.cat(wanted) if wanted else rows[0][:0]
         bs, device = self.block_size, self.device
         ids = [t for r in requests for t in r.token_ids]
         positions = np.concatenate([np.arange(r.start, r.start + len(r.token_ids)) for r in requests])
@@ -183,6 +202,37 @@ class ModelRunner:
         x = self.model.forward(torch.tensor(ids, device=device), torch.from_numpy(positions).to(device), attention)
         last = [int(hi) - 1 for r, hi in zip(requests, spans[1:]) if r.wants_logits]
         return self.model.logits(x[last])
+
+    @torch.inference_mode()
+    def prefill_layer_major(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
+        """Prefill one sequence from position 0 layer by layer: every token through layer 0 (in chunks of
+        `max_num_batched_tokens`, each attending causally to the layer's keys so far), the layer's K/V
+        stored in one call, then layer 1, and so on. The device holds the tokens' hidden states and one
+        layer's K/V, never every layer's prefix, and a pool in host memory receives each layer once. Each
+        chunk meets the keys and runs the operations it runs in `prefill`. Returns the float32 logits
+        [1, vocab] of the last token."""
+        n, bs, device, dtype, c = len(token_ids), self.block_size, self.device, self.dtype, self.config
+        positions = torch.arange(n, device=device)
+        table = torch.tensor(block_table, dtype=torch.int64, device=device)
+        block_ids, offsets = table[positions // bs], positions % bs
+        k_all = torch.empty(n, c.num_kv_heads, c.head_dim, dtype=dtype, device=device)
+        v_all = torch.empty_like(k_all)
+        x = self.model.embed_tokens(torch.tensor(token_ids, device=device))
+        for layer in range(c.num_layers):
+            for start in range(0, n, self.max_num_batched_tokens):
+                end = min(start + self.max_num_batched_tokens, n)
+                cos, sin = self.model.rope(positions[start:end], dtype)
+
+                def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = start,
+                              end: int = end) -> torch.Tensor:
+                    k_all[start:end], v_all[start:end] = k, v
+                    keys, values = (k, v) if start == 0 else (k_all[:end], v_all[:end])
+                    return prefill_attention(q.transpose(0, 1), keys.transpose(0, 1),
+                                             values.transpose(0, 1)).transpose(0, 1)
+
+                x[start:end] = self.model.layer_forward(layer, x[start:end], cos, sin, attention)
+            self.pool.store(layer, block_ids, offsets, k_all, v_all)
+        return self.model.logits(x[-1:])
 
     @torch.inference_mode()
     def start_decoding(self, slot: int, block_table: list[int], length: int) -> None:

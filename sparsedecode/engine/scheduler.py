@@ -6,6 +6,9 @@ already prefilling, then of waiting requests, admitted oldest first while a deco
 of their whole prompt are free. When a decoding sequence needs a block and none is free, the newest
 running sequence is preempted: its blocks are freed and it waits at the front of the queue, to be
 recomputed (its prompt and output so far, prefilled again).
+
+With `whole_prefills` (a pool that prefills layer-major, `KVPool.layer_major_prefill`) a prefill is never
+cut: one waiting request per step takes its whole prompt, whatever the budget.
 """
 from __future__ import annotations
 
@@ -43,13 +46,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 whole_prefills: bool = False) -> None:
         self.block_manager = block_manager
+        self.whole_prefills = whole_prefills
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.free_slots = list(range(max_num_seqs))  # a heap: the lowest slot first keeps batches dense
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -66,7 +72,7 @@ class Scheduler:
                 break
             if seq.in_prefill:
                 budget -= self._chunk(out, seq, budget)
-        while self.waiting and budget > 0 and self.free_slots and not out.preempted:
+        while self.waiting and (budget > 0 or self.whole_prefills) and self.free_slots and not out.preempted:
             seq = self.waiting[0]
             if not self.block_manager.allocate(seq):
                 break
@@ -75,6 +81,8 @@ class Scheduler:
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             budget -= self._chunk(out, seq, budget)
+            if self.whole_prefills:
+                break
         return out
 
     def _schedule_decodes(self, out: SchedulerOutput, decode_steps: int) -> None:
@@ -93,7 +101,9 @@ class Scheduler:
     def _chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.perf_counter()
-        n = min(seq.prefill_target - seq.num_computed_tokens, budget)
+        n = seq.prefill_target - seq.num_computed_tokens
+        if not self.whole_prefills:
+            n = min(n, budget)
         out.prefills.append(PrefillChunk(seq, seq.num_computed_tokens, n))
         return n
 
@@ -102,6 +112,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a running or waiting sequence: free its blocks and slot."""

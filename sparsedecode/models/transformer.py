@@ -183,6 +183,15 @@ class Transformer(nn.Module):
             x = attention_output(layer, x, attention(i, q, k, v))
         return x
 
+    def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      attention: AttentionFn) -> torch.Tensor:
+        """The residual stream x [n, hidden] after layer `i` alone, at the positions of the RoPE tables
+        cos/sin [n, head_dim] (eager): for work that runs every token through one layer before the next
+        (layer-major prefill). `forward` is this over all layers."""
+        layer = self.layers[i]
+        q, k, v = DecoderLayer.attention_input(layer, x, cos, sin)
+        return DecoderLayer.attention_output(layer, x, attention(i, q, k, v))
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits [n, vocab] of residual-stream rows x [n, hidden]."""
         return self.lm_head(self.norm(x)).float()

@@ -2,9 +2,9 @@
 
 `block_lse` fills the same `unit_lse` and returns the same `lse` as `sparse_decode_attention` with
 `unit_lse` (up to rounding), but reads only keys and writes no attention output. Plain vectorised torch
-on whatever device the keys are on: over keys in pinned host memory it is the CPU index of KV offload
-(threads: `OffloadConfig.cpu_threads`, through `torch_threads`); the index-time benchmark runs it on
-both sides.
+on whatever device the keys are on, static `[B, Hkv, T, D]` or a paged pool read through block tables:
+over the pool's keys in pinned host memory it is the CPU index of KV offload (threads:
+`OffloadConfig.cpu_threads`, through `torch_threads`); the index-time benchmark runs it on both sides.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..kernels.reference import visible_tokens
+from ..kernels.reference import gather_blocks, visible_tokens
 
 FULL_SCAN_TOKENS = 1 << 14  # keys per slice of a full scan: bounds the float32 temporaries
 
@@ -43,13 +43,22 @@ def block_lse(
     unit_counts: torch.Tensor | None,
     full_rows: torch.Tensor | None,
     unit_lse: torch.Tensor,
+    block_tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [B, Hq, D]; k: [B, Hkv, T, D]; lists/counts/full_rows as in the op (no lists: all rows full).
+    """q: [B, Hq, D]; k: [B, Hkv, T, D], or with `block_tables` [B, MB] a paged pool [NB, Hkv, unit_size, D]
+    (one unit a block, T = MB * unit_size); lists/counts/full_rows as in the op (no lists: all rows full).
     Writes unit_lse [B, Hq, T // unit_size] (-inf for units not visited) and returns lse [B, Hq] over
     the visited units. Full rows scan every key below their length; list rows gather their units."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, capacity = k.shape[1], k.shape[2]
-    group, num_units = num_heads // num_kv_heads, capacity // unit_size
+    num_kv_heads = k.shape[1]
+    if block_tables is None:
+        num_units = k.shape[2] // unit_size
+    elif k.shape[2] == unit_size:
+        num_units = block_tables.shape[1]
+    else:
+        raise ValueError(f"a paged pool of blocks of {k.shape[2]} tokens is scored in units of its blocks, "
+                         f"not {unit_size}")
+    group = num_heads // num_kv_heads
     qg = q.float().view(batch, num_kv_heads, group, head_dim) * scale
     lens = seq_lens.long().view(batch, 1, 1, 1)
     units_held = -(-seq_lens.long() // unit_size)
@@ -60,7 +69,11 @@ def block_lse(
         out.fill_(float("-inf"))
         for start in range(0, end, FULL_SCAN_TOKENS):
             stop = min(start + FULL_SCAN_TOKENS, end)
-            scores = torch.einsum("bhgd,bhtd->bhgt", qg, k[:, :, start:stop].float())
+            if block_tables is None:
+                keys = k[:, :, start:stop]
+            else:
+                keys = gather_blocks(k, block_tables[:, start // unit_size : stop // unit_size])
+            scores = torch.einsum("bhgd,bhtd->bhgt", qg, keys.float())
             pos = torch.arange(start, stop, device=q.device)
             scores = scores.masked_fill(pos >= lens, float("-inf"))
             out[..., start // unit_size : stop // unit_size] = scores.unflatten(-1, (-1, unit_size)).logsumexp(-1)
@@ -74,7 +87,10 @@ def block_lse(
         units = torch.where(listed, units, 0)
         rows_b = torch.arange(batch, device=q.device)[:, None, None]
         rows_h = torch.arange(num_kv_heads, device=q.device)[None, :, None]
-        keys = k.view(batch, num_kv_heads, num_units, unit_size, head_dim)[rows_b, rows_h, units]
+        if block_tables is None:
+            keys = k.view(batch, num_kv_heads, num_units, unit_size, head_dim)[rows_b, rows_h, units]
+        else:
+            keys = k[block_tables.long()[rows_b, units], rows_h]
         scores = torch.einsum("bhgd,bhcud->bhgcu", qg, keys.float())
         pos = units[..., None] * unit_size + torch.arange(unit_size, device=q.device)  # [B, Hkv, C, U]
         scores = scores.masked_fill((pos[:, :, None] >= lens[..., None]) | ~listed[:, :, None, :, None], float("-inf"))
