@@ -81,7 +81,16 @@ def sparse_decode_attention_ref(
     Returns out [B, Hq, D] in q's dtype and lse [B, Hq] float32.
     """
     if block_tables is not None:
+        # Only the blocks up to the longest sequence, in whole units: the rest is never visited, and gathering
+        # every row's whole table would cost the model's maximum context per step. One host read.
+        page = k.shape[2]
+        step = max(page, unit_size)
+        tokens = min(block_tables.shape[1] * page, -(-max(int(seq_lens.max()), 1) // step) * step)
+        block_tables = block_tables[:, : tokens // page]
         k, v = gather_blocks(k, block_tables), gather_blocks(v, block_tables)
+        if unit_lse is not None:
+            unit_lse.fill_(float("-inf"))
+            unit_lse = unit_lse[..., : tokens // unit_size]
     batch, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads

@@ -1,0 +1,80 @@
+"""The contract every registered decode method inherits: a budget covering the context reproduces dense
+decoding token for token, in ragged batches and for sequences that join a running batch; a small budget
+reads less than dense; on a GPU, graph replays decode as eager steps do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsedecode import LLM, SamplingParams
+from sparsedecode.methods import METHODS
+
+CONTEXT = 512
+PROMPTS = [[(13 * i + 7 * n) % 500 + 1 for i in range(n)] for n in (45, 130, 301)]  # not multiples of a block
+NEW_TOKENS = 8
+
+
+def covering(name: str) -> dict:
+    """Options under which the method reads every cached token."""
+    return {"budget": CONTEXT} if "budget" in METHODS[name].defaults else {}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LLM:
+    torch.manual_seed(0)
+    return LLM("random:tiny-llama", device="cpu", block_size=16, max_context=CONTEXT, prefill_chunk=64,
+               max_num_seqs=4)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny: LLM) -> list[list[int]]:
+    tiny.use_method("dense")
+    return [tiny.generate([p], max_new_tokens=NEW_TOKENS, stop_token_ids=[])[0].token_ids for p in PROMPTS]
+
+
+def staggered(llm: LLM, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of requests that arrive one engine step apart (each joins a running batch)."""
+    engine, tokens = llm.engine, {}
+    ids = []
+    for prompt in prompts:
+        ids.append(engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True)))
+        for out in engine.step():
+            tokens[out.request_id] = out.token_ids
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] = out.token_ids
+    return [tokens[i] for i in ids]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_covering_budget_equals_dense_in_a_ragged_batch(name: str, tiny: LLM, alone: list[list[int]]) -> None:
+    tiny.use_method(name, **covering(name))
+    together = tiny.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    assert [g.token_ids for g in together] == alone
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_sequence_joining_mid_batch_decodes_as_alone(name: str, tiny: LLM, alone: list[list[int]]) -> None:
+    tiny.use_method(name, **covering(name))
+    assert staggered(tiny, PROMPTS, NEW_TOKENS) == alone
+    assert tiny.engine.stats()["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if "budget" in METHODS[n].defaults))
+def test_a_small_budget_reads_less_than_dense(name: str, tiny: LLM) -> None:
+    tiny.use_method(name, budget=64)
+    generation = tiny.generate([PROMPTS[-1]], max_new_tokens=NEW_TOKENS, stop_token_ids=[])[0]
+    assert 0 < generation.kv_fraction_read < 1
+    assert generation.kv_bytes_per_token > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_graph_replay_equals_eager_on_gpu(name: str) -> None:
+    tokens = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        llm = LLM("random:tiny-llama", device="cuda", dtype=torch.float32, block_size=16, max_context=CONTEXT,
+                  cuda_graphs=graphs, compile_decode=False, max_num_seqs=4, method=name, **covering(name))
+        tokens.append(staggered(llm, PROMPTS, NEW_TOKENS))
+    assert tokens[0] == tokens[1]
