@@ -1,0 +1,216 @@
+"""The FastAPI app: OpenAI's `/v1/chat/completions`, `/v1/completions` and `/v1/models`, vLLM's `/tokenize`,
+`/health` and `/metrics`. Every user error is an OpenAI-style error body with a 4xx status; nothing a
+client sends takes the server down."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+from .engine_loop import EngineLoop, RequestStream
+from .metrics import ServerMetrics
+from .protocol import (COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest,
+                       GenerationRequest, TokenizeRequest)
+from .responses import DONE, Completion, TextDeltas, event, usage
+
+if TYPE_CHECKING:
+    from ..engine import LLM, RequestOutput
+
+T = TypeVar("T")
+
+
+def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = None) -> FastAPI:
+    """The server of `llm` under the names `served_model_names` (the first is the default). With `api_key`,
+    `/v1/*` and `/tokenize` need `Authorization: Bearer <api_key>`."""
+    metrics = ServerMetrics(served_model_names[0], llm.method_name)
+    engine_loop = EngineLoop(llm.engine, metrics)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine_loop.start()
+        try:
+            yield
+        finally:
+            engine_loop.stop()
+
+    app = FastAPI(title="sparsedecode", lifespan=lifespan)
+    _add_error_handlers(app)
+
+    def check_api_key(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if api_key is not None and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "invalid API key: send it as the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def model_name(requested: str | None) -> str:
+        if requested is None:
+            return served_model_names[0]
+        if requested not in served_model_names:
+            raise APIError(404, f"The model `{requested}` does not exist; this server serves "
+                                f"{', '.join(served_model_names)}.", param="model", code="model_not_found")
+        return requested
+
+    def encode(prompt: str) -> Awaitable[list[int]]:  # on the engine thread: the tokenizer is not shared
+        return engine_loop.call(lambda: llm.engine.encode(prompt))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine_loop.is_alive() else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    api = APIRouter(dependencies=[Depends(check_api_key)])
+
+    @api.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        cards = [{"id": name, "object": "model", "created": started, "owned_by": "sparsedecode",
+                  "max_model_len": llm.max_context, "method": llm.method_name} for name in served_model_names]
+        return {"object": "list", "data": cards}
+
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        model_name(body.model)
+        _need_tokenizer(llm, "prompt")
+        tokens = await encode(body.prompt)
+        return {"count": len(tokens), "max_model_len": llm.max_context, "tokens": tokens}
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        name = model_name(body.model)
+        if isinstance(body.prompt, str):
+            _need_tokenizer(llm, "prompt")
+        max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        return await _generate(request, body, Completion(name, chat=False), body.prompt, max_tokens, arrival)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        name = model_name(body.model)
+        _need_tokenizer(llm, "messages")
+        messages = [m.template_dict() for m in body.messages]
+        try:
+            prompt = await engine_loop.call(lambda: llm.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True))
+        except Exception as e:  # a template raises what it likes on messages it does not take
+            raise APIError(400, f"the chat template rejects these messages: {e}", param="messages") from None
+        max_tokens = body.requested_max_tokens()
+        if max_tokens is None:  # OpenAI's default: up to the end of the context
+            max_tokens = max(llm.max_context - len(await encode(prompt)), 1)
+        return await _generate(request, body, Completion(name, chat=True), prompt, max_tokens, arrival)
+
+    async def _generate(request: Request, body: GenerationRequest, completion: Completion,
+                        prompt: str | list[int], max_tokens: int, arrival: float) -> Response:
+        try:
+            params = body.sampling_params(max_tokens)
+            stream = await engine_loop.add(prompt, params, body.sparsedecode, arrival)
+        except ValueError as e:  # the engine's own check of this request (length, parameters, method options)
+            raise APIError(400, str(e)) from None
+        if body.stream:
+            return StreamingResponse(_events(stream, completion, body), media_type="text/event-stream")
+        out = await _unless_disconnected(request, _last_output(stream))
+        return JSONResponse(completion.whole(out))
+
+    app.include_router(api)
+    return app
+
+
+def _need_tokenizer(llm: LLM, param: str) -> None:
+    if llm.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer (random weights): send token ids as the `prompt` of "
+                            "/v1/completions", param=param)
+
+
+async def _last_output(stream: RequestStream) -> RequestOutput:
+    try:
+        async for out in stream:
+            pass
+        return out
+    except RuntimeError as e:  # the engine failed while running it
+        raise APIError(500, str(e)) from None
+    finally:
+        stream.close()
+
+
+async def _events(stream: RequestStream, completion: Completion, body: GenerationRequest) -> AsyncIterator[str]:
+    """The request's server-sent events: one chunk per engine step that produced tokens (its text may be
+    empty: held back, or a model without tokenizer), then the usage chunk if asked, then [DONE]. A client
+    gone cancels this generator (Starlette listens for the disconnect), which aborts the request."""
+    deltas = TextDeltas()
+    tokens = 0
+    try:
+        async for out in stream:
+            if len(out.token_ids) == tokens and not out.finished:
+                continue
+            piece = deltas.next(out.text, out.finished)
+            yield completion.chunk(piece, tokens == 0, out.finish_reason if out.finished else None,
+                                   usage(out) if body.continuous_usage() else None,
+                                   body.include_usage() or body.continuous_usage())
+            tokens = len(out.token_ids)
+        if body.include_usage():
+            yield completion.usage_chunk(out)
+    except RuntimeError as e:  # headers are sent: the error goes in the stream, as vLLM does
+        yield event(APIError(500, str(e)).body())
+    finally:
+        stream.close()
+    yield DONE
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (which aborts its request)."""
+    task = asyncio.ensure_future(work)
+    disconnected = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait([task, disconnected], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise APIError(499, "client disconnected")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        return await api_error(request, _validation_error(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # unknown route, wrong method
+        return await api_error(request, APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:  # a bug: uvicorn logs the traceback
+        return await api_error(request, APIError(500, f"internal server error: {type(e).__name__}: {e}"))
+
+
+def _validation_error(e: RequestValidationError) -> APIError:
+    """The first problem of a request body, named: `max_tokens: Input should be greater than or equal to 1`."""
+    error = e.errors()[0]
+    if error["type"] == "json_invalid":
+        return APIError(400, f"malformed JSON body: {error.get('ctx', {}).get('error', error['msg'])}")
+    where = [str(part) for part in error["loc"][1:]]  # loc starts with "body"
+    message = error["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{'.'.join(where) or 'request body'}: {message}", param=where[0] if where else None)

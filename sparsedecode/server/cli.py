@@ -1,0 +1,61 @@
+"""`sparsedecode serve`: the flags are named as vLLM's `vllm serve` names them."""
+from __future__ import annotations
+
+import click
+
+from ..cli import parse_method_options
+
+
+@click.command("serve")
+@click.option("--model", "-m", required=True, help="Registry name, GGUF file, HF folder or random:<shape>.")
+@click.option("--method", default="dense", show_default=True,
+              help="dense, lychee, tidal, quest, streaming, lfps, lychee+lfps")
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
+              help="Decode-method option (e.g. budget=4096); repeat for more.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--served-model-name", "served_model_names", multiple=True,
+              help="Name(s) clients pass as `model` (default: --model); repeat for more; the first is reported.")
+@click.option("--api-key", envvar="SPARSEDECODE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer <key>' on /v1/* (env SPARSEDECODE_API_KEY).")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
+              help="Requests decoded together at most (default: the engine's).")
+@click.option("--max-model-len", type=click.IntRange(min=1), default=None,
+              help="Prompt plus output tokens of one request at most (default: the model's context).")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Fraction of GPU memory the weights and KV-cache pool may take (default: the engine's).")
+@click.option("--num-gpu-blocks-override", type=click.IntRange(min=1), default=None,
+              help="KV-cache blocks in the pool, instead of sizing it from --gpu-memory-utilization.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
+              help="Tokens per KV-cache block (default: the engine's).")
+@click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="GPUs per model; only 1 for now.")
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Compute dtype (default: the loader's choice).")
+@click.option("--uvicorn-log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]))
+def serve_command(model: str, method: str, options: tuple[str, ...], host: str, port: int,
+                  served_model_names: tuple[str, ...], api_key: str | None, max_num_seqs: int | None,
+                  max_model_len: int | None, gpu_memory_utilization: float | None,
+                  num_gpu_blocks_override: int | None, block_size: str | None, tensor_parallel_size: int,
+                  device: str | None, dtype: str | None, uvicorn_log_level: str) -> None:
+    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    import uvicorn
+
+    from .. import LLM
+    from .app import build_app
+
+    if tensor_parallel_size != 1:
+        raise click.BadParameter(f"{tensor_parallel_size}: the engine runs on one GPU; tensor parallelism is "
+                                 "not supported yet", param_hint="--tensor-parallel-size")
+    engine_args = {"max_num_seqs": max_num_seqs, "max_context": max_model_len,
+                   "gpu_memory_utilization": gpu_memory_utilization, "num_blocks": num_gpu_blocks_override,
+                   "block_size": int(block_size) if block_size else None, "dtype": dtype}
+    try:
+        llm = LLM(model, method=method, device=device, **{k: v for k, v in engine_args.items() if v is not None},
+                  **parse_method_options(options))
+    except (ValueError, TypeError, FileNotFoundError) as e:  # unknown model or method, bad option, pool too big
+        raise click.UsageError(str(e)) from None
+    app = build_app(llm, list(served_model_names) or [model], api_key)
+    uvicorn.run(app, host=host, port=port, log_level=uvicorn_log_level, timeout_graceful_shutdown=5)

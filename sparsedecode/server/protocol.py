@@ -1,0 +1,131 @@
+"""The OpenAI API's request bodies and errors, with vLLM's extensions (`top_k`, `ignore_eos`,
+`stop_token_ids`, `stream_options.continuous_usage_stats`) and ours (`sparsedecode`: per-request method options).
+
+Unknown fields are ignored, as OpenAI and vLLM do, so that clients sending newer fields keep working.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..engine import SamplingParams
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) for /v1/completions; chat runs to the context's end
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage of the whole request
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None  # None: the first served model name
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # 0 or -1: no top-k filter (vLLM takes -1)
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False  # run to max_tokens whatever the model says (benchmarks)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    sparsedecode: dict[str, Any] | None = None  # per-request decode-method options, checked by the engine
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"only n=1 is supported, not {n}: send one request per completion")
+        return n
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's parameters; `max_tokens` is this request's limit after the endpoint's default."""
+        return SamplingParams(
+            temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+        )
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> Any:
+        """Text, token ids, or a batch of one of them (the OpenAI API allows batches; we take one a request)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError(f"a batch of {len(prompt)} prompts: send one prompt per request")
+            prompt = prompt[0]
+        ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                               for t in prompt)
+        if not (isinstance(prompt, str) or ids):
+            raise ValueError("give the prompt as text or as a list of token ids (integers >= 0)")
+        if not prompt:
+            raise ValueError("empty prompt")
+        return prompt
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: handed to the chat template
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates take it: content as one string."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {**self.model_dump(exclude_none=True), "content": content or ""}
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name of max_tokens
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: the token ids of a prompt as the engine would see them."""
+
+    model: str | None = None
+    prompt: str

@@ -1,0 +1,80 @@
+"""The OpenAI response bodies of chat and text completions, whole and as server-sent-event chunks."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..engine import RequestOutput
+
+
+
+def usage(out: RequestOutput) -> dict[str, Any]:
+    """OpenAI's usage, plus the fraction of the KV cache the decode steps read (1.0 for dense attention)."""
+    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "kv_fraction_read": out.kv_fraction_read}
+
+
+@dataclass
+class Completion:
+    """One request's response in the shape of its endpoint: chat (`chat=True`) or text completion."""
+
+    model: str
+    chat: bool
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self, out: RequestOutput) -> dict[str, Any]:
+        content = ({"message": {"role": "assistant", "content": out.text}} if self.chat else {"text": out.text})
+        choice = {"index": 0, **content, "logprobs": None, "finish_reason": out.finish_reason}
+        return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
+                "usage": usage(out)}
+
+    def chunk(self, piece: str, first: bool, finish_reason: str | None, usage: dict[str, Any] | None,
+              with_usage: bool) -> str:
+        """One event: the text `piece`; `usage` in it when `with_usage` (OpenAI then sends null until the end)."""
+        if self.chat:
+            content = {"delta": {"role": "assistant", "content": piece} if first else {"content": piece}}
+        else:
+            content = {"text": piece}
+        choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
+        return event({**body, "usage": usage} if with_usage else body)
+
+    def usage_chunk(self, out: RequestOutput) -> str:
+        """`stream_options.include_usage`: the last event, no choices, the usage of the whole request."""
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return event({**self._envelope(obj, []), "usage": usage(out)})
+
+
+def event(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+DONE = event("[DONE]")
+
+
+class TextDeltas:
+    """The new, final part of a request's text at each step. The engine's text already holds back what a
+    stop string could still cut; this also holds back a trailing U+FFFD (half of a multi-byte character,
+    completed by the next token), so the pieces joined are the final text."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def next(self, text: str, finished: bool) -> str:
+        end = len(text)
+        while not finished and end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        piece, self.sent = text[self.sent:end], max(self.sent, end)
+        return piece

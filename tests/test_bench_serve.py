@@ -1,0 +1,59 @@
+"""`sparsedecode bench serve` against a live `sparsedecode serve` subprocess (smollm2-135m on CPU): its table
+is computed from the requests it really timed, and agrees with the server's own counters."""
+from __future__ import annotations
+
+import json
+import re
+
+import httpx2
+import pytest
+from click.testing import CliRunner
+
+from sparsedecode.bench.cli import bench_group
+from sparsedecode.bench.serve import WARMUP_TOKENS, launch_server
+
+OUTPUT_LEN = 4
+PROMPTS = 4
+
+
+def counters(url: str) -> dict[str, float]:
+    text = httpx2.get(f"{url}/metrics").text
+    return {name: sum(float(v) for v in re.findall(rf"^sparsedecode:{name}{{[^}}]*}} (\S+)$", text, re.M))
+            for name in ("generation_tokens_total", "request_success_total", "time_to_first_token_seconds_count")}
+
+
+def test_bench_serve_against_a_live_server(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server's torch: one thread is fastest on a busy machine
+    serve_args = ("--device", "cpu", "--max-model-len", "512", "--max-num-seqs", "4")
+    with launch_server("smollm2-135m", "dense", {}, serve_args, tmp_path / "server.log", 300) as url:
+        result = CliRunner().invoke(bench_group, [
+            "serve", "--url", url, "--concurrency", "1,2", "--num-prompts", str(PROMPTS), "--input-len", "64",
+            "--output-len", str(OUTPUT_LEN), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 0, result.output
+        served = counters(url)
+
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["method"] == "dense" and r["requests"] == PROMPTS and r["failed"] == 0
+        assert r["output_tokens"] == PROMPTS * OUTPUT_LEN
+        assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["seconds"])
+        assert r["requests_s"] == pytest.approx(PROMPTS / r["seconds"])
+        # every request's times lie inside the point's wall time
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] <= r["seconds"] * 1e3
+        assert 0 < r["tpot_p50_ms"] <= r["tpot_p99_ms"] and r["tpot_p99_ms"] * (OUTPUT_LEN - 1) < r["seconds"] * 1e3
+        assert r["kv_fraction_read"] == pytest.approx(1.0)  # dense reads the whole cache
+    # the server saw exactly the requests and tokens the table counts, plus the warm-up request
+    warmup = min(OUTPUT_LEN, WARMUP_TOKENS)
+    assert served["generation_tokens_total"] == sum(r["output_tokens"] for r in rows) + warmup
+    assert served["request_success_total"] == served["time_to_first_token_seconds_count"] == 2 * PROMPTS + 1
+
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| method | load | requests | failed | output_tok_s | requests_s | ttft_p50_ms" in table
+    assert "| dense | concurrency=2 | 4 | 0 |" in table and "p99 TPOT under 50 ms" in table
+    assert (tmp_path / "out" / "throughput.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_serve_needs_a_model_or_a_url() -> None:
+    result = CliRunner().invoke(bench_group, ["serve"])
+    assert result.exit_code == 2 and "--model" in result.output and "--url" in result.output

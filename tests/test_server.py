@@ -1,0 +1,285 @@
+"""`sparsedecode serve` on smollm2-135m (CPU): live servers on 127.0.0.1 driven by the official openai client.
+
+Each server runs in a thread of this process on the same `LLM` whose `generate` gives the reference texts
+(computed before the server starts: the engine is driven by one thread at a time)."""
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx2
+import openai
+import pytest
+import torch
+import uvicorn
+from click.testing import CliRunner
+
+from sparsedecode import LLM
+from sparsedecode.bench.serve import free_port, wait_healthy
+from sparsedecode.server.app import build_app
+from sparsedecode.server.cli import serve_command
+from sparsedecode.server.responses import TextDeltas
+
+MODEL = "smollm2-135m"
+MAX_CONTEXT = 512  # the CPU decode attention reads max_context tokens a row: keep it small
+API_KEY = "test-key"
+QUESTIONS = [
+    "Name three colours.", "What is the capital of France?", "Write a haiku about caches.", "Count to five.",
+    "What is 2 + 2?", "Say hello in Spanish.", "Describe the sea in one sentence.", "Name a fruit.",
+]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """A small model decodes fastest on one thread; several spin against each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def live_server(llm: LLM, names: list[str], api_key: str | None = None) -> Iterator[str]:
+    """uvicorn in a thread on a free port; stopped (engine loop included) on exit, failure or not."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(llm, names, api_key), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 60, thread.is_alive)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def references(llm: LLM) -> list[str]:
+    """Greedy texts of the chat-templated questions, one `generate` call each."""
+    return [llm.generate([llm.apply_chat_template(q)], max_new_tokens=NEW_TOKENS, temperature=0)[0].text
+            for q in QUESTIONS]
+
+
+@contextmanager
+def method_server(method: str, **options) -> Iterator[tuple[str, list[str]]]:
+    """(URL, reference texts) of a server of `method`, under the model's name and "alias"."""
+    llm = LLM(MODEL, method=method, device="cpu", max_num_seqs=8, max_context=MAX_CONTEXT, **options)
+    expected = references(llm)
+    with live_server(llm, [MODEL, "alias"], API_KEY) as url:
+        yield url, expected
+
+
+@pytest.fixture(scope="module")
+def dense() -> Iterator[tuple[str, list[str]]]:
+    with method_server("dense") as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def lychee() -> Iterator[tuple[str, list[str]]]:
+    with method_server("lychee", roles="all") as served:  # every head a retrieval head: exact
+        yield served
+
+
+@pytest.fixture(scope="module")
+def dense_url(dense) -> str:
+    return dense[0]
+
+
+def client(url: str, api_key: str = API_KEY, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, **kwargs)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The unlabelled view of /metrics: metric name -> value (summed over label sets)."""
+    values: dict[str, float] = {}
+    for name, value in re.findall(r"^sparsedecode:(\w+)\{[^}]*\} (\S+)$", httpx2.get(f"{url}/metrics").text, re.M):
+        values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
+@pytest.mark.parametrize("method", ["dense", "lychee"])
+def test_concurrent_chat_matches_generate(method: str, request: pytest.FixtureRequest) -> None:
+    url, expected = request.getfixturevalue(method)
+
+    async def ask_all() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0) as c:
+            replies = await asyncio.gather(*(c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=NEW_TOKENS, temperature=0)
+                for q in QUESTIONS))
+        return [r.choices[0].message.content for r in replies]
+
+    assert asyncio.run(ask_all()) == expected
+    assert any(expected) and len(set(expected)) > 1
+
+
+def test_stream_pieces_join_to_the_text(dense_url) -> None:
+    c = client(dense_url)
+    messages = [{"role": "user", "content": "Write a short story about a cat."}]
+    for stop in (None, [" the", "."]):  # with stop strings: held-back text must never leak into the stream
+        whole = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stop=stop)
+        chunks = list(c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                                stop=stop, stream=True, stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+            whole.choices[0].message.content
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+        assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert all(ch.usage is None for ch in chunks[:-1])
+    assert whole.choices[0].finish_reason == "stop"
+
+    text = c.completions.create(model="alias", prompt="The capital of France is", max_tokens=10, temperature=0)
+    pieces = list(c.completions.create(model="alias", prompt="The capital of France is", max_tokens=10,
+                                       temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == text.choices[0].text
+    assert text.model == "alias" and text.usage.completion_tokens == 10 and text.usage.kv_fraction_read == 1.0
+
+
+def test_token_id_prompts_and_continuous_usage(dense_url) -> None:
+    c = client(dense_url)
+    ids = [504, 3575, 282, 4649, 314]
+    out = c.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 6
+    chunks = list(c.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True, "stream_options": {
+                                           "include_usage": True, "continuous_usage_stats": True}}))
+    assert [ch.usage.completion_tokens for ch in chunks] == [1, 2, 3, 4, 5, 6, 6]
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == out.choices[0].text
+
+
+BAD_REQUESTS = [  # (what, endpoint, body, status, param, words of the message)
+    ("prompt plus max_tokens over the context", "completions",
+     {"model": MODEL, "prompt": "Hello", "max_tokens": MAX_CONTEXT}, 400, None, "max"),
+    ("unknown model", "chat/completions",
+     {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "gpt-9"),
+    ("negative max_tokens", "chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens",
+     "greater than or equal to 1"),
+    ("n > 1", "completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n", "n=1"),
+    ("no messages", "chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
+    ("prompt of the wrong type", "completions", {"model": MODEL, "prompt": 5}, 400, "prompt", "token ids"),
+    ("token id beyond the vocabulary", "completions", {"model": MODEL, "prompt": [10**9]}, 400, None,
+     "token ids must be integers in [0, 49152)"),
+    ("temperature out of range", "completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400,
+     "temperature", "greater than or equal to 0"),
+    ("method option not allowed per request", "completions",
+     {"model": MODEL, "prompt": "hi", "sparsedecode": {"budget": 64}}, 400, None, "['budget'] are not supported"),
+]
+
+
+@pytest.mark.parametrize("what,endpoint,body,status,param,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_a_4xx_and_the_server_keeps_serving(dense_url, what, endpoint, body, status, param,
+                                                          words) -> None:
+    response = httpx2.post(f"{dense_url}/v1/{endpoint}", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert words in error["message"], error["message"]
+    assert client(dense_url).completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_malformed_json_and_wrong_api_key(dense_url) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    response = httpx2.post(f"{dense_url}/v1/completions", content=b'{"model": "x", "prompt": ', headers=headers)
+    assert response.status_code == 400 and "malformed JSON" in response.json()["error"]["message"]
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client(dense_url, api_key="wrong").completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert caught.value.status_code == 401 and caught.value.body["code"] == "invalid_api_key"
+    assert httpx2.get(f"{dense_url}/v1/models").status_code == 401  # no key at all
+    assert client(dense_url).completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text
+
+
+def test_models_health_and_metrics(dense_url) -> None:
+    models = client(dense_url).models.list().data
+    assert [m.id for m in models] == [MODEL, "alias"]
+    assert models[0].max_model_len == MAX_CONTEXT and models[0].method == "dense"
+    assert httpx2.get(f"{dense_url}/health").status_code == 200  # no key needed, as for /metrics
+    before = metrics(dense_url)
+    client(dense_url).completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
+    after = metrics(dense_url)
+    assert after["generation_tokens_total"] - before["generation_tokens_total"] == 3
+    assert after["time_to_first_token_seconds_count"] - before["time_to_first_token_seconds_count"] == 1
+    assert after["time_per_output_token_seconds_count"] - before["time_per_output_token_seconds_count"] == 2
+    assert after["request_kv_fraction_read_sum"] - before["request_kv_fraction_read_sum"] == pytest.approx(1.0)
+    assert after["kv_blocks_free"] > 0 and after["kv_blocks_used"] == 0 and after["num_requests_running"] == 0
+
+
+def wait_idle(url: str, seconds: float) -> dict[str, float]:
+    deadline = time.monotonic() + seconds
+    while True:
+        values = metrics(url)
+        if values["num_requests_running"] + values["num_requests_waiting"] == 0 or time.monotonic() > deadline:
+            return values
+        time.sleep(0.05)
+
+
+def test_disconnect_aborts_at_once(dense_url) -> None:
+    c = client(dense_url)
+    free = metrics(dense_url)["kv_blocks_free"]
+    long_run = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "extra_body": {"ignore_eos": True}}
+    stream = c.completions.create(stream=True, **long_run)
+    next(iter(stream))
+    assert metrics(dense_url)["num_requests_running"] == 1
+    stream.close()
+    # 400 steps would take far longer than this: the request was aborted, not finished
+    values = wait_idle(dense_url, 3)
+    assert values["num_requests_running"] == 0 and values["kv_blocks_free"] == free
+
+    with pytest.raises(openai.APITimeoutError):
+        client(dense_url, timeout=1.0).completions.create(**long_run)
+    values = wait_idle(dense_url, 3)
+    assert values["num_requests_running"] == 0 and values["kv_blocks_free"] == free
+
+
+def test_pool_all_free_after_many_requests_with_disconnects(dense_url) -> None:
+    rng = random.Random(0)
+    words = "the cache block token model decode sparse head layer budget attention query key value".split()
+    # prompts of 1 to ~200 tokens, mostly short: on a CPU the prefill of long ones dominates the time
+    lengths = [rng.randint(100, 180) if i % 10 == 0 else rng.randint(1, 24) for i in range(200)]
+    jobs = [(" ".join(rng.choices(words, k=n)), rng.randint(1, 8), rng.random()) for n in lengths]
+    total = metrics(dense_url)["kv_blocks_free"]
+
+    async def one(c: openai.AsyncOpenAI, gate: asyncio.Semaphore, prompt: str, max_tokens: int, kind: float) -> str:
+        async with gate:
+            if kind < 0.4:
+                reply = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens)
+                return reply.choices[0].finish_reason
+            gone = kind < 0.7  # a client gone mid-stream, from a request that would run much longer
+            stream = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens + 60 * gone,
+                                                stream=True, extra_body={"ignore_eos": gone})
+            async for _ in stream:
+                if gone:
+                    await stream.close()
+                    return "disconnected"
+            return "streamed"
+
+    async def run() -> list[str]:
+        gate = asyncio.Semaphore(12)
+        async with openai.AsyncOpenAI(base_url=f"{dense_url}/v1", api_key=API_KEY, max_retries=0) as c:
+            return await asyncio.wait_for(asyncio.gather(*(one(c, gate, *job) for job in jobs)), 600)
+
+    outcomes = asyncio.run(run())
+    assert {"disconnected", "streamed", "length"} <= set(outcomes)
+    values = wait_idle(dense_url, 10)
+    assert values["num_requests_running"] == values["num_requests_waiting"] == values["kv_blocks_used"] == 0
+    assert values["kv_blocks_free"] == total
+
+
+def test_tensor_parallel_other_than_one_is_refused() -> None:
+    result = CliRunner().invoke(serve_command, ["--model", MODEL, "--tensor-parallel-size", "2"])
+    assert result.exit_code == 2 and "tensor parallelism is not supported" in result.output
+
+
+def test_text_deltas_hold_back_half_characters() -> None:
+    deltas = TextDeltas()
+    assert deltas.next("caf", False) == "caf"
+    assert deltas.next("caf\ufffd", False) == ""  # the first byte of "é" alone: wait for the next token
+    assert deltas.next("café au", False) == "é au"
+    assert deltas.next("café au \ufffd", True) == " \ufffd"  # finished: everything, as the whole text has it
