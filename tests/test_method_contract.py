@@ -78,3 +78,14 @@ def test_graph_replay_equals_eager_on_gpu(name: str) -> None:
                   cuda_graphs=graphs, compile_decode=False, max_num_seqs=4, method=name, **covering(name))
         tokens.append(staggered(llm, PROMPTS, NEW_TOKENS))
     assert tokens[0] == tokens[1]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if "budget" in METHODS[n].defaults))
+def test_a_sparse_sequence_joining_mid_batch_decodes_as_alone(name: str, tiny: LLM) -> None:
+    """Per-sequence method state (selections, LFPS history, Quest bounds, step clocks) follows its slot and
+    is reset when the slot is reused: at a budget reading a fraction of the context, a sequence decodes the
+    same alone, in a batch it joins late, and in a slot another sequence used before."""
+    tiny.use_method(name, budget=64)
+    alone = [tiny.generate([p], max_new_tokens=NEW_TOKENS, stop_token_ids=[])[0].token_ids for p in PROMPTS]
+    assert staggered(tiny, PROMPTS, NEW_TOKENS) == alone
+    assert staggered(tiny, PROMPTS[::-1], NEW_TOKENS) == alone[::-1]  # each in another slot, after another
