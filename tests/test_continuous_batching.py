@@ -17,8 +17,9 @@ NEW_TOKENS = 8
 def prompts_for(llm: LLM) -> list[list[int]]:
     text = ("The old lighthouse keeper counted the ships every night, writing their names in a ledger "
             "that nobody else was allowed to read. ")
-    ids = llm.tokenizer(text * 12).input_ids
-    return [ids[:37], ids[:150], ids[:301]]  # not multiples of the block of 16
+    ids = llm.tokenizer(text * 24).input_ids
+    # Lengths not multiples of the block of 16; different starts, so no prompt shares another's blocks.
+    return [ids[:37], ids[40:190], ids[100:401]]
 
 
 @pytest.fixture(scope="module", params=["smollm2-135m", pytest.param("qwen2.5-coder-0.5b", marks=pytest.mark.slow)])
@@ -38,13 +39,21 @@ def test_requests_joining_at_different_steps_decode_as_alone(name: str, model) -
 
 
 def test_preemption_and_resume_give_the_same_tokens(model) -> None:
-    llm, prompts, alone = model
-    # 32 usable blocks hold the three prompts (3 + 10 + 19 blocks) but not the newest one's growth: it is
-    # preempted, then recomputed (prompt and output so far) once the others finish.
+    llm, prompts, _ = model
+    lengths = [40, 40, NEW_TOKENS]
+    llm.use_method("dense")
+    alone = [llm.generate([p], max_new_tokens=n, stop_token_ids=[])[0].token_ids for p, n in zip(prompts, lengths)]
+    # 32 usable blocks hold the three prompts (3 + 10 + 19 blocks) but not the older ones' growth: the newest
+    # is preempted, then recomputed (prompt and output so far) once blocks are free again.
     small = LLM(llm.model_spec, device="cpu", block_size=16, max_context=CONTEXT, prefill_chunk=64, max_num_seqs=4,
                 num_blocks=33)
-    assert staggered(small, prompts, NEW_TOKENS) == alone
-    assert small.engine.stats()["preemptions"] > 0 and small.engine.stats()["blocks_used"] == 0
+    engine, tokens = small.engine, {}
+    ids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, lengths)]
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] = out.token_ids
+    assert [tokens[i] for i in ids] == alone
+    assert engine.stats()["preemptions"] > 0 and engine.stats()["blocks_used"] == 0
 
 
 def test_prefix_cache_reuses_blocks_without_changing_tokens(model) -> None:

@@ -101,7 +101,7 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_ids.append(block)
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the sequence's computed full blocks under their prefix hashes."""
