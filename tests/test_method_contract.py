@@ -89,3 +89,45 @@ def test_a_sparse_sequence_joining_mid_batch_decodes_as_alone(name: str, tiny: L
     alone = [tiny.generate([p], max_new_tokens=NEW_TOKENS, stop_token_ids=[])[0].token_ids for p in PROMPTS]
     assert staggered(tiny, PROMPTS, NEW_TOKENS) == alone
     assert staggered(tiny, PROMPTS[::-1], NEW_TOKENS) == alone[::-1]  # each in another slot, after another
+
+
+def observed_reads(llm: LLM, prompt: list[int], new_tokens: int) -> tuple[float, float, float]:
+    """(rows the method reported, rows its attention calls visited, dense rows) of one greedy generation:
+    rows are (token, KV head, layer) K/V rows, over the decode steps."""
+    from sparsedecode.kernels.reference import visible_tokens
+    from sparsedecode.kernels.sparse_decode import record_attention_reads
+
+    visited = 0.0
+
+    def count(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows) -> None:
+        nonlocal visited
+        live = seq_lens > 1  # rows of idle slots have length 1
+        read = visible_tokens(seq_lens, k.shape[2], unit_size, unit_lists, unit_counts, full_rows, k.shape[1])
+        visited += float(read[live].sum())
+
+    with record_attention_reads(count):
+        generation = llm.generate([prompt], max_new_tokens=new_tokens, stop_token_ids=[])[0]
+    c = llm.config
+    dense = sum(c.num_layers * c.num_kv_heads * (len(prompt) + s) for s in range(1, new_tokens))
+    return generation.kv_fraction_read * dense, visited, dense
+
+
+@pytest.mark.parametrize("prompt_length", [37, 301])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_kv_count_is_what_the_attention_reads(name: str, prompt_length: int, tiny: LLM) -> None:
+    """The reported KV fraction counts the rows the attention op visits: exactly where the lists' lengths
+    are known on the host, and never less where they depend on the data (LFPS candidate lists, counted
+    at their longest). Quest also reads its page bounds (two keys' worth per page): its count adds them,
+    so a budget covering a short prompt reads more than dense."""
+    tiny.use_method(name, **({"budget": 64} if "budget" in METHODS[name].defaults else {}))
+    prompt = PROMPTS[-1][:prompt_length]
+    reported, visited, dense = observed_reads(tiny, prompt, NEW_TOKENS)
+    if name == "quest":
+        o, c = tiny.method.options, tiny.config
+        sparse_layers = c.num_layers - min(o["dense_layers"], c.num_layers)
+        visited += sum(sparse_layers * c.num_kv_heads * -(-(len(prompt) + s) // o["page_size"])
+                       for s in range(1, NEW_TOKENS))
+    if name in ("lfps", "lychee+lfps"):
+        assert visited <= reported + 1e-6 and reported <= dense * 1.0001
+    else:
+        assert reported == pytest.approx(visited, rel=1e-9)

@@ -220,7 +220,7 @@ class PastSelection:
         """Tokens of a candidate list at `seq_len` at most (analytic, for the KV bytes accounting)."""
         s = self.selector
         held = -(-seq_len // s.block_size)
-        kept = s.tokens_kept(seq_len) // s.block_size
+        kept = -(-s.tokens_kept(seq_len) // s.block_size)  # blocks, the newest partly filled
         return min(held, kept * len(self.offsets) + s.sink_blocks + s.local_blocks) * s.block_size
 
 

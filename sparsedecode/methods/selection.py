@@ -66,7 +66,8 @@ class BlockSelector:
         return k
 
     def tokens_kept(self, seq_len: int) -> int:
-        """Tokens a list row reads at `seq_len` (analytic, for the KV bytes accounting)."""
+        """Tokens a list row reads at `seq_len` (analytic, for the KV bytes accounting): its blocks, the
+        newest of which (always kept when `local_blocks` > 0) holds only the tokens written so far."""
         blocks = -(-seq_len // self.block_size)
         if self.mode == "tokens":
             kept = self.budget // self.block_size
@@ -74,8 +75,11 @@ class BlockSelector:
             kept = math.ceil(self.budget * blocks)
         else:  # data-dependent: count the cap, an upper bound
             kept = self.list_length(blocks * self.block_size)
-        kept = max(kept, self.sink_blocks + self.local_blocks)
-        return min(int(kept), blocks) * self.block_size
+        kept = min(int(max(kept, self.sink_blocks + self.local_blocks)), blocks)
+        if kept == blocks:
+            return seq_len
+        partial = blocks * self.block_size - seq_len  # the newest block's unwritten tail
+        return kept * self.block_size - (partial if self.local_blocks else 0)
 
     def uses_kernel(self, device: torch.device, num_blocks: int) -> bool:
         """Whether `select_into` runs the one-launch Triton kernel (CUDA, modes tokens / ratio)."""
