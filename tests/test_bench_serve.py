@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from sparsedecode.bench.cli import bench_group
 from sparsedecode.bench.serve import WARMUP_TOKENS, launch_server
 
+pytestmark = pytest.mark.slow  # real model weights
+
 OUTPUT_LEN = 4
 PROMPTS = 4
 

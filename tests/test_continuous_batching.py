@@ -10,6 +10,8 @@ from sparsedecode.methods import METHODS
 
 from test_method_contract import covering, staggered
 
+pytestmark = pytest.mark.slow  # real model weights
+
 CONTEXT = 512
 NEW_TOKENS = 8
 
@@ -22,7 +24,7 @@ def prompts_for(llm: LLM) -> list[list[int]]:
     return [ids[:37], ids[40:190], ids[100:401]]
 
 
-@pytest.fixture(scope="module", params=["smollm2-135m", pytest.param("qwen2.5-coder-0.5b", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["smollm2-135m", "qwen2.5-coder-0.5b"])
 def model(request) -> tuple[LLM, list[list[int]], list[list[int]]]:
     llm = LLM(request.param, device="cpu", block_size=16, max_context=CONTEXT, prefill_chunk=64, max_num_seqs=4)
     prompts = prompts_for(llm)

@@ -13,6 +13,8 @@ from sparsedecode.kernels import sparse_decode_attention_ref
 from sparsedecode.models.config import UnsupportedModelError
 from sparsedecode.models.registry import resolve_model
 
+pytestmark = pytest.mark.slow  # real model weights
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",

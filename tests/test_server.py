@@ -25,6 +25,8 @@ from sparsedecode.server.app import build_app
 from sparsedecode.server.cli import serve_command
 from sparsedecode.server.responses import TextDeltas
 
+pytestmark = pytest.mark.slow  # real model weights
+
 MODEL = "smollm2-135m"
 MAX_CONTEXT = 512  # the CPU decode attention reads max_context tokens a row: keep it small
 API_KEY = "test-key"
