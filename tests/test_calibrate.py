@@ -8,16 +8,11 @@ from click.testing import CliRunner
 
 from sparsedecode.methods.selection import BlockSelector
 from sparsedecode.models.loader import load_model
-from sparsedecode.roles.calibrate import (
-    NUM_PASSKEYS,
-    PasskeyPrompts,
-    answer_hidden_states,
-    calibrate,
-    new_cache,
-    prefill_context,
-)
+from sparsedecode.roles.calibrate import calibrate
 from sparsedecode.roles.cli import calibrate_command
 from sparsedecode.roles.head_roles import HeadRoles
+from sparsedecode.roles.passes import answer_hidden_states, new_cache, prefill_context
+from sparsedecode.roles.passkey import NUM_PASSKEYS, PasskeyPrompts
 
 
 class CharTokenizer:

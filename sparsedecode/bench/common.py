@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..data.haystack import haystack_text
+from ..utils import markdown
 from ..utils.files import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -167,9 +168,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     if not rows:
         return ""
     columns = list(columns or rows[0].keys())
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown.markdown_table(columns, [[format_cell(row.get(c)) for c in columns] for row in rows], align="---")
 
 
 def format_cell(value: Any) -> str:

@@ -58,6 +58,8 @@ from ..methods import METHODS, DecodeMethod, method_class
 from ..models.config import ModelConfig
 from ..models.loader import default_device, default_dtype, load_config, load_model, load_tokenizer
 from ..models.transformer import Transformer
+from ..models.weights import to_transformers
+from ..utils.tokens import token_count_label
 from .common import (
     Timing,
     format_cell,
@@ -504,31 +506,7 @@ def hf_model_like(model: Transformer) -> torch.nn.Module:
 
 def _hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """transformers' parameter names for the engine's weights, un-fusing q/k/v and gate/up as views."""
-    c = model.config
-    split = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-    state = {
-        "model.embed_tokens.weight": model.embed_tokens.weight,
-        "model.norm.weight": model.norm.weight,
-        "lm_head.weight": model.lm_head.weight,
-    }
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        for n, w in zip("qkv", layer.qkv_proj.weight.split(split), strict=True):
-            state[p + f"self_attn.{n}_proj.weight"] = w
-        if c.qkv_bias:
-            for n, b in zip("qkv", layer.qkv_proj.bias.split(split), strict=True):
-                state[p + f"self_attn.{n}_proj.bias"] = b
-        state[p + "self_attn.o_proj.weight"] = layer.o_proj.weight
-        if c.o_bias:
-            state[p + "self_attn.o_proj.bias"] = layer.o_proj.bias
-        state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"] = layer.gate_up_proj.weight.chunk(2)
-        state[p + "mlp.down_proj.weight"] = layer.down_proj.weight
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            state[p + f"{norm}.weight"] = getattr(layer, norm).weight
-        if c.qk_norm:
-            state[p + "self_attn.q_norm.weight"] = layer.q_norm.weight
-            state[p + "self_attn.k_norm.weight"] = layer.k_norm.weight
-    return {k: v.detach() for k, v in state.items()}
+    return to_transformers(model.state_dict(), model.config)
 
 
 def hf_step_seconds(hf: torch.nn.Module, ids: torch.Tensor, steps: int, compiled: bool) -> float:
@@ -562,10 +540,6 @@ TABLE_COLUMNS = {  # table header -> row key
 }
 
 
-def _tokens_label(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
 def results_markdown(results: dict[str, Any]) -> str:
     """The results table (and the transformers baselines and notes) as markdown."""
     meta = results["meta"]
@@ -588,25 +562,25 @@ def results_markdown(results: dict[str, Any]) -> str:
         markdown_table(table_rows, columns),
     ]
     if results.get("pools"):
-        pool_rows = [{"model": p["model"], "ctx": _tokens_label(p["context"]), "blocks": p["blocks"],
+        pool_rows = [{"model": p["model"], "ctx": token_count_label(p["context"]), "blocks": p["blocks"],
                       "block tokens": p["block_size"], "decoded (at most)": p["decode_tokens"],
                       "sequences": p["sequences"]} for p in results["pools"]]
         parts += ["## KV pool",
                   "How many sequences of ctx prompt tokens plus the tokens the benchmark decodes the engine's pool "
                   "holds; `--batches max` takes that many, up to the engine's decode slots.", markdown_table(pool_rows)]
     if results["hf"]:
-        hf_rows = [{"model": h["model"], "ctx": _tokens_label(h["context"]), "B": h["batch"], "mode": h["mode"],
+        hf_rows = [{"model": h["model"], "ctx": token_count_label(h["context"]), "B": h["batch"], "mode": h["mode"],
                     "HF ms/step": h["ms"]} for h in results["hf"]]
         parts += ["## transformers generate", markdown_table(hf_rows)]
     for r in results["rows"]:
         for variant, v in r["variants"].items():
             if "kernels_us" in v:
-                title = f"## Kernels of one step: {r['model']} {_tokens_label(r['context'])} B{r['batch']} {r['method']}"
+                title = f"## Kernels of one step: {r['model']} {token_count_label(r['context'])} B{r['batch']} {r['method']}"
                 top = list(v["kernels_us"].items())[:PROFILE_TOP]
                 rest = sum(v["kernels_us"].values()) - sum(us for _, us in top)
-                lines = [f"| {name[:70]} | {us:.1f} |" for name, us in top] + [f"| (all others) | {rest:.1f} |"]
-                parts += [f"{title} (the kind of {variant}; device us per step, most first)",
-                          "| kernel | us |\n|---|---|\n" + "\n".join(lines)]
+                kernels = [{"kernel": name[:70], "us": f"{us:.1f}"} for name, us in top]
+                kernels.append({"kernel": "(all others)", "us": f"{rest:.1f}"})
+                parts += [f"{title} (the kind of {variant}; device us per step, most first)", markdown_table(kernels)]
     if results["notes"]:
         parts += ["## Notes", "\n".join(f"- {n}" for n in results["notes"])]
     return "\n\n".join(parts) + "\n"
@@ -614,7 +588,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 def _table_value(row: dict[str, Any], key: str) -> Any:
     if key == "ctx":
-        return _tokens_label(row["context"])
+        return token_count_label(row["context"])
     if key == "spread":
         return f"{format_cell(row['p10_ms'])}-{format_cell(row['p90_ms'])}"
     if key == "ceiling_fraction":

@@ -13,6 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from sparsedecode.utils.files import atomic_write_bytes, atomic_write_text
+from sparsedecode.utils.markdown import markdown_table
 
 from .needle import NEEDLE_TASK, needle_matrix
 from .records import prompt_key
@@ -119,12 +120,6 @@ def statistics_table(rows: list[dict[str, Any]]) -> str:
 def _sorted_rows(table: dict[tuple[str, int], dict[str, float]], task_order: list[str]) -> list[tuple[str, int]]:
     rank = {task: i for i, task in enumerate(task_order)}
     return sorted(table, key=lambda row: (rank.get(row[0], len(rank)), row[1]))
-
-
-def markdown_table(header: list[str], rows: list[list[str]], align: str = "---:") -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *[align] * (len(header) - 1)]) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def format_cell(value: float | None, digits: int = 1) -> str:

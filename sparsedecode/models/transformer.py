@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelConfig
+from .weights import from_transformers
 
 #: attention(layer, q [n, Hq, D], k [n, Hkv, D], v [n, Hkv, D]) -> [n, Hq, D], for the n tokens of one call
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,31 +139,8 @@ class Transformer(nn.Module):
         self.attention_output = torch.compile(DecoderLayer.attention_output, fullgraph=True)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load transformers' parameter names, fusing q/k/v and gate/up projections."""
-        own: dict[str, torch.Tensor] = {
-            "embed_tokens.weight": state["model.embed_tokens.weight"],
-            "norm.weight": state["model.norm.weight"],
-            "lm_head.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"]),
-        }
-        for i in range(self.config.num_layers):
-            p = f"model.layers.{i}."
-            own[f"layers.{i}.qkv_proj.weight"] = torch.cat(
-                [state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], dim=0
-            )
-            if self.config.qkv_bias:
-                own[f"layers.{i}.qkv_proj.bias"] = torch.cat([state[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
-            own[f"layers.{i}.o_proj.weight"] = state[p + "self_attn.o_proj.weight"]
-            if self.config.o_bias:
-                own[f"layers.{i}.o_proj.bias"] = state[p + "self_attn.o_proj.bias"]
-            own[f"layers.{i}.gate_up_proj.weight"] = torch.cat(
-                [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]], dim=0
-            )
-            own[f"layers.{i}.down_proj.weight"] = state[p + "mlp.down_proj.weight"]
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                own[f"layers.{i}.{norm}.weight"] = state[p + f"{norm}.weight"]
-            if self.config.qk_norm:
-                own[f"layers.{i}.q_norm.weight"] = state[p + "self_attn.q_norm.weight"]
-                own[f"layers.{i}.k_norm.weight"] = state[p + "self_attn.k_norm.weight"]
+        """Load transformers' parameter names, fusing q/k/v and gate/up projections (`weights`)."""
+        own = from_transformers(state, self.config)
         missing, unexpected = self.load_state_dict(own, strict=False)
         missing = [m for m in missing if not m.startswith("rope.")]
         if missing or unexpected:

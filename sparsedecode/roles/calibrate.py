@@ -1,283 +1,40 @@
 """Learning LycheeDecode's head roles (`sparsedecode calibrate`): one stochastic gate per (layer, KV head)
 outside layer 0, trained so that a student decoder in which every unit mixes its dense and its sparse
-attention by its gate reproduces the dense teacher, under a constraint on the expected number of open
-gates. The model stays frozen; only the gates train.
+attention by its gate reproduces the dense teacher (`passes`), under a constraint on the expected number
+of open gates. The model stays frozen; only the gates train. The loop follows the released LycheeDecode
+training code (see shared/REFERENCE.md section 1).
 
-One step (the released LycheeDecode training code, see shared/REFERENCE.md section 1):
-- a multi-passkey prompt (10 keys hidden in real text) is prefilled densely in chunks of 1000 tokens,
-  without gradients, into a KV cache that teacher and student then share;
-- the answer tokens (the keys) run after it as one short causal sequence, once densely (teacher) and
-  once with attention `z * dense + (1 - z) * sparse` per unit (student), z drawn once per unit;
-- loss = squared difference of the final hidden states, mean over the hidden size, summed over the
-  answer tokens, divided by their number; plus the Lagrangian density term.
-
-Sparse attention of the student is the lychee decode attention in ratio mode (30% of the blocks, sink
-and newest block always kept), per answer token as if it were a decode step. Which blocks a sparse
-unit reads flows down the layers as at inference: a unit whose sampled z exceeds 0.5 counts as a
-retrieval head in this step and hands the top blocks of its own dense attention to the same KV-head
-index of the following layers; a sparse unit reads what the nearest earlier such unit handed on (layer
-0 always hands on). So a sparse unit's error, and with it the push to open its gate, grows with the
-staleness of the blocks it inherits, as at inference. Block choice and hand-on follow the sampled z
-without gradient (a hard top-k); gradients reach z through the mixing.
-
-Read-off: p = E[z] per unit (quadrature, `StretchedGate.mean`); layer 0 is retrieval; with a target
-count N the N units of largest p are retrieval (how many had p > 0.5 is kept as `units_above_half`),
-with a target density those with p > 0.5.
+One step: a passkey prompt (`passkey`) is prefilled into the shared cache, z is drawn once per unit, the
+loss is the distillation loss plus the Lagrangian density term, and the gates take one AdamW step. A
+checkpoint holds the gates, the optimiser, the constraint and both random states, so a resumed run
+continues the same sequence of prompts and draws. The roles are read off the gate means (`readoff`).
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import math
-import os
-import random
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..data.haystack import haystack_text
-from ..kernels.reference import visible_tokens
-from ..methods.selection import BlockSelector, block_scores
-from ..models.config import ModelConfig
+from ..methods.selection import BlockSelector
 from ..models.loader import LoadedModel, load_model
-from ..models.transformer import Transformer, prefill_attention
+from ..utils.files import atomic_path
 from .head_roles import HeadRoles
+from .heuristics import ATTENTION_MASS, GATES, attention_mass_roles
+from .passes import distillation_loss, new_cache, prefill_context
+from .passkey import PasskeyPrompts
+from .readoff import OPEN, check_target, roles_from_scores
 
-NUM_PASSKEYS = 10
-DEPTH_RANGE = (0.05, 0.95)
-MIN_FILLER = 64  # tokens of haystack a prompt needs at least, so the keys sit in text and not side by side
-PREFILL_CHUNK = 1000
 LAMBDA_0, LAMBDA_RATE, LAMBDA_BOUNDS, MA_DECAY = 2.0, 0.001, (1e-12, 20.0), 0.9
 WARMUP_FRACTION, DECAY_FRACTION, LR_FLOOR = 0.2, 0.2, 0.1
-HANDS_ON = 0.5  # a sampled z above this makes the unit a retrieval head for the step's block hand-on
-ATTENTION_MASS = "attention-mass"  # the training-free baseline, chosen like a gate family
-QUESTION = (
-    f"\n\nWhat are the {NUM_PASSKEYS} passkeys hidden in the text above? "
-    "List them in the order they appear, separated by commas."
-)
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class PasskeySample:
-    prompt: torch.Tensor  # [P] token ids, the context
-    answer: torch.Tensor  # [m] token ids: the keys, in order, separated by ", "
-    needle_spans: list[tuple[int, int]]  # prompt positions of needle j
-    key_spans: list[tuple[int, int]]  # answer positions of key j
-
-
-class PasskeyPrompts:
-    """Multi-passkey prompts: 10 random 5-digit keys hidden at random depths in 0.05-0.95 of a window of
-    `text` (at sentence ends), total lengths uniform in [min_length, max_length] tokens, in the model's
-    chat template. A text shorter than max_length tokens is repeated. Reproducible from `seed`."""
-
-    def __init__(self, tokenizer: Any, text: str, min_length: int, max_length: int, seed: int) -> None:
-        if tokenizer is None:
-            raise ValueError("calibration needs the model's tokenizer (random-weight shapes have none)")
-        if not 0 < min_length <= max_length:
-            raise ValueError(f"need 0 < min length <= max length, got {min_length} and {max_length}")
-        self.tokenizer = tokenizer
-        self.min_length, self.max_length = min_length, max_length
-        self.prefix, self.suffix = (self._encode(part) for part in self._template())
-        self.question = self._encode(QUESTION)
-        overhead = len(self.prefix) + len(self.question) + len(self.suffix)
-        overhead += NUM_PASSKEYS * len(self._needle(NUM_PASSKEYS, 99999))
-        if min_length < overhead + MIN_FILLER:
-            raise ValueError(
-                f"min length {min_length} is too short: {NUM_PASSKEYS} passkeys and the question take "
-                f"{overhead} tokens; use at least {overhead + MIN_FILLER}"
-            )
-        filler = self._encode(text)
-        if not filler:
-            raise ValueError("the haystack text is empty")
-        self.filler = filler * math.ceil(max_length / len(filler))
-        ends = {t for t in set(filler) if tokenizer.decode([t]).rstrip().endswith((".", "!", "?"))}
-        self.breaks = [i + 1 for i, t in enumerate(self.filler) if t in ends]
-        self.rng = random.Random(seed)
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def _template(self) -> tuple[str, str]:
-        """The prompt text before and after the user's message."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.bos_token or "", "\nAnswer: "
-        marker = "\x00MESSAGE\x00"
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-        )
-        before, after = rendered.split(marker)
-        return before, after
-
-    def _needle(self, number: int, key: int) -> list[int]:
-        return self._encode(f" The passkey number {number} is {key}.")
-
-    def _snap(self, position: int, limit: int) -> int:
-        """The first sentence end at or after `position`, not beyond `limit`."""
-        i = bisect.bisect_left(self.breaks, position)
-        return min(self.breaks[i], limit) if i < len(self.breaks) else limit
-
-    def sample(self) -> PasskeySample:
-        rng = self.rng
-        length = rng.randint(self.min_length, self.max_length)
-        keys = [rng.randint(10000, 99999) for _ in range(NUM_PASSKEYS)]
-        needles = [self._needle(j + 1, key) for j, key in enumerate(keys)]
-        fixed = len(self.prefix) + len(self.question) + len(self.suffix) + sum(map(len, needles))
-        n = length - fixed
-        start = rng.randrange(len(self.filler) - n + 1)
-        cuts = sorted(self._snap(start + round(rng.uniform(*DEPTH_RANGE) * n), start + n) for _ in keys)
-        prompt, needle_spans, previous = list(self.prefix), [], start
-        for cut, needle in zip(cuts, needles):
-            prompt += self.filler[previous:cut]
-            needle_spans.append((len(prompt), len(prompt) + len(needle)))
-            prompt += needle
-            previous = cut
-        prompt += self.filler[previous : start + n] + self.question + self.suffix
-        answer, key_spans = [], []
-        for j, key in enumerate(keys):
-            piece = self._encode(f", {key}" if j else str(key))
-            key_spans.append((len(answer), len(answer) + len(piece)))
-            answer += piece
-        return PasskeySample(torch.tensor(prompt), torch.tensor(answer), needle_spans, key_spans)
-
-
-# ---------------------------------------------------------------- the passes
-
-
-@dataclass
-class ContextKV:
-    """The K/V of one prompt, [layers, kv_heads, capacity, head_dim] each, shared by teacher and student."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
-
-
-def new_cache(loaded: LoadedModel, max_length: int) -> ContextKV:
-    """A one-sequence cache for prompts of up to `max_length` tokens, reused by every step."""
-    c = loaded.config
-    weight = next(loaded.model.parameters())
-    shape = (c.num_layers, c.num_kv_heads, -(-max_length // PREFILL_CHUNK) * PREFILL_CHUNK, c.head_dim)
-    return ContextKV(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
-                     torch.zeros(shape, dtype=weight.dtype, device=weight.device))
-
-
-def prefill_context(model: Transformer, cache: ContextKV, prompt: torch.Tensor) -> torch.Tensor:
-    """Dense chunked prefill of the prompt into `cache` (no gradients); returns the last token's final
-    normalised hidden state [hidden]."""
-    prompt = prompt.to(cache.device)
-    for start in range(0, prompt.shape[0], PREFILL_CHUNK):
-        chunk = prompt[start : start + PREFILL_CHUNK]
-        end = start + chunk.shape[0]
-
-        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.k[layer, :, start:end], cache.v[layer, :, start:end] = k.transpose(0, 1), v.transpose(0, 1)
-            keys, values = cache.k[layer, :, :end], cache.v[layer, :, :end]
-            return prefill_attention(q.transpose(0, 1), keys, values).transpose(0, 1)
-
-        x = model.forward(chunk, torch.arange(start, end, device=cache.device), attention)
-    return model.norm(x[-1])
-
-
-def _handed_blocks(
-    logits: torch.Tensor, seq_lens: torch.Tensor, selector: BlockSelector, aggregate: str
-) -> torch.Tensor:
-    """The tokens each answer token's KV heads hand on: the selector's top blocks of the dense attention.
-    logits: [Hkv, G, m, T] scores with the causal mask applied -> visible tokens [m, Hkv, T]."""
-    heads, group, m, capacity = logits.shape
-    unit_lse = logits.view(heads, group, m, -1, selector.block_size).logsumexp(-1)
-    scores = block_scores(
-        unit_lse.permute(2, 0, 1, 3).reshape(m, heads * group, -1),
-        logits.logsumexp(-1).permute(2, 0, 1).reshape(m, heads * group),
-        heads,
-        aggregate,
-    )
-    blocks, counts = selector.select(scores, seq_lens, selector.list_length(capacity))
-    return visible_tokens(seq_lens, capacity, selector.block_size, blocks, counts, None, heads)
-
-
-def answer_hidden_states(
-    model: Transformer,
-    cache: ContextKV,
-    context_len: int,
-    answer: torch.Tensor,
-    gates: torch.Tensor | None = None,
-    selector: BlockSelector | None = None,
-    aggregate: str = "max",
-    on_attention: Callable[[int, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Final normalised hidden states [m, hidden] of the answer tokens at positions context_len ..
-    context_len + m, causal among themselves, over the `context_len` tokens cached in sequence 0.
-    gates None: the dense teacher. gates [layers, Hkv]: the student, unit attention
-    `z * dense + (1 - z) * sparse` with blocks from `selector` (see the module doc).
-    on_attention(layer, probs [Hkv, G, m, T]) sees each layer's dense attention."""
-    c = model.config
-    m, heads = answer.shape[0], c.num_kv_heads
-    device = cache.device
-    end = context_len + m
-    capacity = -(-end // selector.block_size) * selector.block_size if gates is not None else end
-    positions = torch.arange(context_len, end, device=device)
-    seq_lens = positions + 1
-    causal = torch.arange(capacity, device=device) < seq_lens[:, None]
-    cos, sin = model.rope(positions, cache.k.dtype)
-    hands_on = (gates > HANDS_ON).cpu() if gates is not None else None  # one host sync per pass
-    handed = None  # [m, Hkv, T]: tokens the sparse units of each KV-head index read
-    x = model.embed_tokens(answer.to(device))
-    for i, layer in enumerate(model.layers):
-        q, k, v = layer.attention_input(x, cos, sin)
-        cached_k, cached_v = cache.k[i, :, :context_len], cache.v[i, :, :context_len]
-        keys = F.pad(torch.cat([cached_k, k.transpose(0, 1)], dim=1).float(), (0, 0, 0, capacity - end))
-        values = F.pad(torch.cat([cached_v, v.transpose(0, 1)], dim=1).float(), (0, 0, 0, capacity - end))
-        queries = q.float().view(m, heads, c.group_size, c.head_dim) * c.head_dim**-0.5
-        logits = torch.einsum("mhgd,htd->hgmt", queries, keys)
-        causal_logits = logits.masked_fill(~causal, float("-inf"))
-        probs = torch.softmax(causal_logits, dim=-1)
-        out = torch.einsum("hgmt,htd->mhgd", probs, values)
-        if on_attention is not None:
-            on_attention(i, probs)
-        if gates is not None:
-            if handed is not None:
-                sparse = torch.softmax(logits.masked_fill(~handed.transpose(0, 1)[:, None], float("-inf")), dim=-1)
-                z = gates[i].view(1, heads, 1, 1)
-                out = z * out + (1 - z) * torch.einsum("hgmt,htd->mhgd", sparse, values)
-            if hands_on[i].any() and i + 1 < c.num_layers:
-                with torch.no_grad():
-                    chosen = _handed_blocks(causal_logits, seq_lens, selector, aggregate)
-                keep = hands_on[i].to(device)[None, :, None]
-                handed = chosen if handed is None else torch.where(keep, chosen, handed)
-        x = layer.attention_output(x, out.to(x.dtype))
-    return model.norm(x)
-
-
-def distillation_loss(
-    model: Transformer, cache: ContextKV, sample: PasskeySample, gates: torch.Tensor, selector: BlockSelector,
-    aggregate: str = "max",
-) -> torch.Tensor:
-    """Squared difference of the student's and the dense teacher's final hidden states over the answer:
-    mean over the hidden size, summed over the answer tokens, divided by their number. The prompt must
-    be in `cache` already."""
-    context_len = sample.prompt.shape[0]
-    with torch.no_grad():
-        teacher = answer_hidden_states(model, cache, context_len, sample.answer)
-    student = answer_hidden_states(model, cache, context_len, sample.answer, gates, selector, aggregate)
-    return (student.float() - teacher.float()).pow(2).mean(-1).sum() / sample.answer.shape[0]
-
-
-# ---------------------------------------------------------------- training pieces
 
 
 class DensityConstraint:
@@ -317,51 +74,6 @@ def lr_factor(step: int, steps: int) -> float:
     return 1.0
 
 
-def check_target(config: ModelConfig, target_retrieval: int | None, density: float | None) -> tuple[float, int | None]:
-    """(target density, target count or None) from exactly one of them. The density counts learned
-    retrieval units over all units (the reference's 24 of 256 for Llama-3-8B); layer 0 comes on top."""
-    units = config.num_layers * config.num_kv_heads
-    learnable = units - config.num_kv_heads
-    if (target_retrieval is None) == (density is None):
-        raise ValueError("give exactly one of the target number of retrieval units or the target density")
-    if target_retrieval is not None:
-        if not 1 <= target_retrieval <= learnable:
-            raise ValueError(
-                f"target of {target_retrieval} retrieval units is out of range: this model has {learnable} "
-                f"units outside layer 0 ({config.num_layers} layers x {config.num_kv_heads} KV heads, layer 0 "
-                "always retrieval)"
-            )
-        return target_retrieval / units, target_retrieval
-    if not 0 < density <= learnable / units:
-        raise ValueError(f"target density {density} is out of range: it must lie in (0, {learnable / units:.4f}]")
-    return density, None
-
-
-def roles_from_scores(
-    scores: torch.Tensor, config: ModelConfig, count: int | None, source: dict[str, Any]
-) -> HeadRoles:
-    """Roles from per-unit scores of layers 1.. [layers - 1, Hkv]: the `count` best units, or (count None)
-    the units whose score (a gate's mean) exceeds 0.5. Layer 0 is always retrieval."""
-    mask = torch.zeros(config.num_layers, config.num_kv_heads, dtype=torch.bool)
-    if count is None:
-        mask[1:] = scores > 0.5
-    else:
-        mask[1:].view(-1)[scores.flatten().topk(count).indices] = True
-    return HeadRoles(mask, config.identity(), source)
-
-
-def _save_atomically(state: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("calibrating"),
@@ -373,9 +85,6 @@ def _progress(enabled: bool) -> Progress:
         console=Console(stderr=True),
         disable=not enabled,
     )
-
-
-# ---------------------------------------------------------------- the entry point
 
 
 def calibrate(
@@ -412,8 +121,6 @@ def calibrate(
     per step. `on_step(record)` is called after each step. Returns the roles; the learned gate means,
     settings and summary are in `roles.source`.
     """
-    from .heuristics import GATES, attention_mass_roles  # heuristics builds on this module
-
     if gate not in GATES and gate != ATTENTION_MASS:
         raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join([*GATES, ATTENTION_MASS])}")
     if data != "passkey":
@@ -492,14 +199,15 @@ def calibrate(
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                _save_atomically(
-                    {
-                        "settings": settings, "gates": gates.state_dict(), "optimizer": optimizer.state_dict(),
-                        "constraint": constraint.state_dict(), "gate_rng": generator.get_state(),
-                        "data_rng": prompts.rng.getstate(), "history": history,
-                    },
-                    Path(checkpoint),
-                )
+                with atomic_path(checkpoint) as tmp:
+                    torch.save(
+                        {
+                            "settings": settings, "gates": gates.state_dict(), "optimizer": optimizer.state_dict(),
+                            "constraint": constraint.state_dict(), "gate_rng": generator.get_state(),
+                            "data_rng": prompts.rng.getstate(), "history": history,
+                        },
+                        tmp,
+                    )
             bar.update(
                 task, advance=1,
                 status=f"loss {record['distill']:.4f}  λ {record['lambda']:.4f}  density {record['density']:.3f}",
@@ -520,8 +228,8 @@ def calibrate(
         "summary_window": tail,
         "seconds": round(sum(r["seconds"] for r in history), 1),
         "device": str(cache.device),
-        "units_above_half": int((means > 0.5).sum()),
-        "readoff": "top target_retrieval gate means" if count else "gate mean > 0.5",
+        "units_above_half": int((means > OPEN).sum()),
+        "readoff": "top target_retrieval gate means" if count else f"gate mean > {OPEN}",
         "gate_mean": [[round(float(p), 4) for p in row] for row in means],
     }
     return roles_from_scores(means, config, count, source)

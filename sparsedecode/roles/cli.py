@@ -6,8 +6,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from .calibrate import ATTENTION_MASS, calibrate
-from .heuristics import GATES
+from .calibrate import calibrate
+from .heuristics import ATTENTION_MASS, GATES
 
 
 @click.command("calibrate")

@@ -3,8 +3,6 @@ LycheeDecode, its presets and its JSON file format."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import torch
 
 from ..models.config import ModelConfig
+from ..utils.files import atomic_write_text
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "shipped"
@@ -64,12 +63,7 @@ class HeadRoles:
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a crash never leaves a half-written roles file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> HeadRoles:
@@ -92,11 +86,9 @@ def _describe(identity: dict[str, Any]) -> str:
 
 def tidal_roles(config: ModelConfig, reselect_layer: int | None = None) -> HeadRoles:
     """TidalDecode's layer-level scheme: layers 0-1 dense, layer 2 selects, one re-selection layer
-    selects again; every other layer reuses. The paper picks the re-selection layer per model by a sweep
-    (13 of 32 for Llama-3-8B); by default it is the middle layer: on qwen2.5-coder-1.5b (28 layers) the
-    needle at 16K-32K, budget 1024, is found at every depth with re-selection at 12, 14, 16 or 20, and
-    lost at some depths with 4, 6, 8, 10, 18 and 11, the paper's 13/32 scaled to the depth
-    (docs/results.md). Models of fewer than 6 layers get no re-selection layer by default."""
+    selects again; every other layer reuses. The paper picks the re-selection layer per model by a sweep;
+    by default it is the middle layer (docs/notes/2026-11-30-structure.md says why). Models of fewer than
+    6 layers get no re-selection layer by default."""
     n = config.num_layers
     reselect = reselect_layer if reselect_layer is not None else n // 2
     if reselect_layer is not None and not 2 < reselect < n:

@@ -1,7 +1,7 @@
 """The baselines HardKuma is measured against (the paper's head-identification ablation), each giving the
 same number of retrieval units: Hard Concrete gates and a continuous sigmoid gate (trained by the same
-loop as HardKuma, see `calibrate`), and a training-free score, the attention mass each KV head puts on
-a passkey while the model recites it.
+loop as HardKuma, `calibrate.calibrate`), and a training-free score, the attention mass each KV head puts
+on a passkey while the model recites it.
 """
 from __future__ import annotations
 
@@ -11,18 +11,13 @@ from rich.progress import track
 from torch import nn
 
 from ..models.loader import LoadedModel
-from .calibrate import (
-    ATTENTION_MASS,
-    PasskeyPrompts,
-    PasskeySample,
-    answer_hidden_states,
-    check_target,
-    new_cache,
-    prefill_context,
-    roles_from_scores,
-)
 from .hardkuma import HardKuma, StretchedGate
 from .head_roles import HeadRoles
+from .passes import answer_hidden_states, new_cache, prefill_context
+from .passkey import PasskeyPrompts, PasskeySample
+from .readoff import check_target, roles_from_scores
+
+ATTENTION_MASS = "attention-mass"  # the training-free baseline, chosen like a gate family
 
 
 class HardConcrete(StretchedGate):
