@@ -46,10 +46,6 @@ OPTION_HELP = {
     "attend": "candidates (attend over the scored candidates) or selected (a second pass over the top-k)",
 }
 
-GPU_SPEED_NOTE = ("Speed-ups are a GPU property: a sparse method reads less of the KV cache, which bounds a GPU "
-                  "decode step at long context. On a CPU the weights dominate a step and block selection adds "
-                  "work, so the sparse methods decode slower than dense there.")
-
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -259,6 +255,8 @@ def methods_command() -> None:
             out.write_dl([(f"{key}={_show_value(default)}", OPTION_HELP.get(key, ""))
                           for key, default in cls.defaults.items()] or [("(no options)", "")])
         out.write_paragraph()
+    from .demo import GPU_SPEED_NOTE
+
     out.write_text(GPU_SPEED_NOTE)
     click.echo(out.getvalue(), nl=False)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sparsedecode.methods.selection import BlockSelector
+from sparsedecode.core.selection import BlockSelector
 from sparsedecode.models.loader import load_model
 from sparsedecode.roles.calibrate import calibrate
 from sparsedecode.roles.cli import calibrate_command

@@ -13,7 +13,7 @@ from sparsedecode.core import DecodeBatch, KVPool
 from sparsedecode.engine import SamplingParams
 from sparsedecode.methods import make_method
 from sparsedecode.methods.lfps import PastSelection, candidate_offsets, lfps_candidates
-from sparsedecode.methods.selection import BlockSelector
+from sparsedecode.core.selection import BlockSelector
 from sparsedecode.models.config import model_config_from_hf
 from sparsedecode.models.shapes import random_shape_config
 from recording import generate_recording, record_outputs, wrap_attend

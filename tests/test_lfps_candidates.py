@@ -18,7 +18,7 @@ from recording import generate_recording  # noqa: E402
 from sparsedecode import LLM  # noqa: E402
 from sparsedecode.kernels import lfps_candidates_into  # noqa: E402
 from sparsedecode.methods.lfps import PastSelection, candidate_offsets, lfps_candidates  # noqa: E402
-from sparsedecode.methods.selection import BlockSelector  # noqa: E402
+from sparsedecode.core.selection import BlockSelector  # noqa: E402
 
 INTERPRET = interpreted(importlib.import_module("sparsedecode.kernels.lfps_candidates")._lfps_candidates_kernel)
 NEEDS_FRESH_PROCESS = not INTERPRET and not torch.cuda.is_available()

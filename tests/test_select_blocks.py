@@ -21,7 +21,7 @@ from triton_cpu import devices, fix_interpreter, interpreted, run_in_fresh_proce
 import pytest  # noqa: E402
 
 from sparsedecode.kernels import select_blocks  # noqa: E402
-from sparsedecode.methods.selection import BlockSelector, block_scores  # noqa: E402
+from sparsedecode.core.selection import BlockSelector, block_scores  # noqa: E402
 
 # (the package's `select_blocks` is the function: the module is fetched by name)
 INTERPRET = interpreted(importlib.import_module("sparsedecode.kernels.select_blocks")._select_blocks_kernel)

@@ -2,11 +2,12 @@
 and KV-offload measurements (`lfps-recall`, `lfps-index`, `offload`, `lfps-check`) and the engine check."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+
+from ..utils.tokens import parse_token_count as parse_tokens
 
 if TYPE_CHECKING:
     from ..offload import OffloadConfig
@@ -14,17 +15,6 @@ if TYPE_CHECKING:
 DEFAULT_MODELS = "random:llama-3.1-8b,random:qwen3-8b,qwen2.5-coder-1.5b"
 DEFAULT_METHODS = "dense,lychee,tidal,quest,lfps,lychee+lfps"
 HF_MODES = ("eager", "compiled")
-_TOKENS = re.compile(r"(\d+)([km]?)", re.IGNORECASE)
-
-
-def parse_tokens(text: str) -> int:
-    """A token count: 4096, 4k (4096) or 1m (1048576)."""
-    match = _TOKENS.fullmatch(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"bad token count {text!r}: use a positive count such as 4096, 4k or 1m")
-    return int(match.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20}[match.group(2).lower()]
-
-
 def _items(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 

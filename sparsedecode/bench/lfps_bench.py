@@ -43,7 +43,7 @@ from ..engine.model_runner import DecodeRow
 from ..kernels import gather_blocks, sparse_decode_attention
 from ..methods.dense import Dense
 from ..methods.lfps import PastSelection, candidate_offsets, lfps_candidates
-from ..methods.selection import BlockSelector, block_scores
+from ..core.selection import BlockSelector, block_scores
 from ..models.config import ModelConfig
 from ..models.shapes import SHAPES
 from ..offload import OffloadConfig

@@ -1,5 +1,7 @@
-"""The lowest layer: the paged KV pool interface and the per-step batch description that methods read."""
+"""The layer under models, methods, offload and roles: the paged KV pool interface, the per-step batch
+description that methods read, and the block-list format (`BlockSelector`: scores to fixed-shape lists)."""
 from .batch import DecodeBatch
 from .kv_pool import KVPool
+from .selection import BlockSelector, block_scores
 
-__all__ = ["DecodeBatch", "KVPool"]
+__all__ = ["BlockSelector", "DecodeBatch", "KVPool", "block_scores"]

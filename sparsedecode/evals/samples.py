@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from .ruler import QaSet
+    from .qa import QaSet
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Block selection in one Triton launch: per-block scores, budget, top-k and the ascending list together.
 
-Computes exactly what `methods.selection` does in PyTorch for the budget modes "tokens" and "ratio"
+Computes exactly what `core.selection` does in PyTorch for the budget modes "tokens" and "ratio"
 (`block_scores`, then `BlockSelector.select`, then a masked copy into the rows being updated):
 
 * one program per row (sequence b, KV head h); rows where `rows_mask` is False return at once and

@@ -41,7 +41,7 @@ from ..core import DecodeBatch, KVPool
 from ..kernels import lfps_candidates_into
 from .base import DecodeMethod
 from .lychee import Lychee
-from .selection import BlockSelector
+from ..core.selection import BlockSelector
 
 ATTEND_MODES = ("candidates", "selected")
 

@@ -12,7 +12,7 @@ import torch
 from ..core import DecodeBatch, KVPool
 from ..roles.head_roles import HeadRoles, resolve_roles
 from .base import DecodeMethod
-from .selection import BlockSelector
+from ..core.selection import BlockSelector
 
 #: roles used when none are given and none are shipped for the model (chosen by measurement, see docs)
 DEFAULT_ROLES = "tidal"

@@ -11,7 +11,7 @@ import torch
 from ..core import DecodeBatch, KVPool
 from ..kernels import quest_page_scores
 from .base import DecodeMethod
-from .selection import BlockSelector
+from ..core.selection import BlockSelector
 
 
 class Quest(DecodeMethod):

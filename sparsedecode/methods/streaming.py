@@ -5,7 +5,7 @@ import torch
 
 from ..core import DecodeBatch, KVPool
 from .base import DecodeMethod
-from .selection import BlockSelector
+from ..core.selection import BlockSelector
 
 
 class Streaming(DecodeMethod):

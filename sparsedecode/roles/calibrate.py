@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..data.haystack import haystack_text
-from ..methods.selection import BlockSelector
+from ..core.selection import BlockSelector
 from ..models.loader import LoadedModel, load_model
 from ..utils.files import atomic_path
 from .head_roles import HeadRoles

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.reference import visible_tokens
-from ..methods.selection import BlockSelector, block_scores
+from ..core.selection import BlockSelector, block_scores
 from ..models.loader import LoadedModel
 from ..models.transformer import Transformer, prefill_attention
 from .passkey import PasskeySample
