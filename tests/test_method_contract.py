@@ -131,3 +131,34 @@ def test_the_kv_count_is_what_the_attention_reads(name: str, prompt_length: int,
         assert visited <= reported + 1e-6 and reported <= dense * 1.0001
     else:
         assert reported == pytest.approx(visited, rel=1e-9)
+
+
+def test_a_method_sees_the_last_prompt_queries_across_prefill_chunks(tiny: LLM) -> None:
+    """A SnapKV-like method fits in one class: `prompt_queries` asks for the prompt's last queries, which
+    `after_prefill` receives per layer, however the prefill was chunked."""
+    from sparsedecode.methods.dense import Dense
+
+    class Observer(Dense):
+        name = "observer"
+        prompt_queries = 5
+
+        def after_prefill(self, layer, pool, blocks, length, queries=None):
+            seen[layer] = queries.clone()
+
+    prompt = PROMPTS[-1][:258]  # chunks of 64, the last of 2: the 5 queries span two chunks
+    seen: dict[int, torch.Tensor] = {}
+    expected: dict[int, torch.Tensor] = {}
+
+    def attention(layer, q, k, v):  # one dense pass over the whole prompt
+        expected[layer] = q[-5:].clone()
+        from sparsedecode.models.transformer import prefill_attention
+        return prefill_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+
+    tiny.model.forward(torch.tensor(prompt), torch.arange(len(prompt)), attention)
+    tiny.engine.use_method(Observer(tiny.config))
+    tiny.generate([prompt], max_new_tokens=2, stop_token_ids=[])
+    assert sorted(seen) == list(range(tiny.config.num_layers))
+    for layer in seen:
+        assert seen[layer].shape == (5, tiny.config.num_heads, tiny.config.head_dim)
+        torch.testing.assert_close(seen[layer], expected[layer], rtol=1e-4, atol=1e-4)
+    tiny.use_method("dense")

@@ -142,7 +142,7 @@ class LLMEngine:
                 advanced.append(seq)
         if plan.prefills:
             requests = [PrefillRequest(c.seq.all_token_ids[c.start : c.start + c.num_tokens], c.start,
-                                       c.seq.block_table, c.completes and not c.seq.output_token_ids)
+                                       c.seq.block_table, c.completes and not c.seq.output_token_ids, c.seq.slot)
                         for c in plan.prefills]
             logits = self.runner.prefill(requests)
             first_tokens = []

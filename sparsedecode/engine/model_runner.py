@@ -53,6 +53,7 @@ class PrefillRequest:
     start: int
     block_table: list[int]
     wants_logits: bool  # the chunk ends the sequence's prefill: return its last token's logits
+    slot: int | None = None  # the sequence's decode slot: the method may observe its last prompt queries
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -89,6 +90,7 @@ class ModelRunner:
         self.top_k = torch.zeros(seqs, dtype=torch.int64, device=device)
         self.seeds = torch.zeros(seqs, dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.prompt_queries: dict[int, list[torch.Tensor]] = {}  # slot -> per layer, the last prefill queries
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.method = method
         if num_blocks is None:
@@ -175,7 +177,7 @@ class ModelRunner:
             if any(r.start for r in requests):
                 raise RuntimeError("a pool that prefills layer-major takes each sequence's prefill whole, from "
                                    "position 0 (Scheduler(whole_prefills=True)), not in chunks")
-            rows = [self.prefill_layer_major(r.token_ids, r.block_table) for r in requests]
+            rows = [self.prefill_layer_major(r.token_ids, r.block_table, r.slot) for r in requests]
             wanted = [row for r, row in zip(requests, rows) if r.wants_logits]
             return torch.cat(wanted) if wanted else rows[0][:0]
         bs, device = self.block_size, self.device
@@ -192,6 +194,7 @@ class ModelRunner:
             self.pool.store(layer, block_ids, offsets, k, v)
             outs = []
             for r, table, lo, hi in zip(requests, device_tables, spans[:-1], spans[1:]):
+                self.keep_queries(r.slot, layer, q[lo:hi], r.start == 0)
                 if r.start == 0:  # the chunk is the whole prefix
                     keys, values = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
                 else:
@@ -204,7 +207,8 @@ class ModelRunner:
         return self.model.logits(x[last])
 
     @torch.inference_mode()
-    def prefill_layer_major(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
+    def prefill_layer_major(self, token_ids: list[int], block_table: list[int], slot: int | None = None
+                            ) -> torch.Tensor:
         """Prefill one sequence from position 0 layer by layer: every token through layer 0 (in chunks of
         `max_num_batched_tokens`, each attending causally to the layer's keys so far), the layer's K/V
         stored in one call, then layer 1, and so on. The device holds the tokens' hidden states and one
@@ -225,6 +229,7 @@ class ModelRunner:
 
                 def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = start,
                               end: int = end) -> torch.Tensor:
+                    self.keep_queries(slot, layer, q, start == 0)
                     k_all[start:end], v_all[start:end] = k, v
                     keys, values = (k, v) if start == 0 else (k_all[:end], v_all[:end])
                     return prefill_attention(q.transpose(0, 1), keys.transpose(0, 1),
@@ -234,13 +239,28 @@ class ModelRunner:
             self.pool.store(layer, block_ids, offsets, k_all, v_all)
         return self.model.logits(x[-1:])
 
+    def keep_queries(self, slot: int | None, layer: int, q: torch.Tensor, first_chunk: bool) -> None:
+        """Keep the last `method.prompt_queries` queries of a sequence's prefill so far (across its chunks)."""
+        wanted = self.method.prompt_queries
+        if not wanted or slot is None:
+            return
+        kept = self.prompt_queries.setdefault(slot, [])  # layers arrive in order, chunk after chunk
+        if len(kept) <= layer:
+            kept.append(q[-wanted:].clone())
+        else:  # a first chunk replaces what a preempted earlier prefill of the slot left
+            kept[layer] = (q if first_chunk else torch.cat([kept[layer], q]))[-wanted:].clone()
+
     @torch.inference_mode()
     def start_decoding(self, slot: int, block_table: list[int], length: int) -> None:
         """A sequence whose first `length` tokens are in the pool takes decode slot `slot`."""
         self.method.reset_slot(slot)
         blocks = torch.tensor(block_table, dtype=torch.int64, device=self.device)
+        queries = self.prompt_queries.pop(slot, None)
         for layer in range(self.config.num_layers):
-            self.method.after_prefill(layer, self.pool, blocks, length)
+            if queries is None:
+                self.method.after_prefill(layer, self.pool, blocks, length)
+            else:
+                self.method.after_prefill(layer, self.pool, blocks, length, queries=queries[layer])
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: list[DecodeRow]) -> list[int]:

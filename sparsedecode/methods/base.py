@@ -26,6 +26,9 @@ class DecodeMethod:
     #: whether the method reaches K/V only through the pool's attention / index / prefetch, so that a pool in
     #: host memory can serve it
     supports_kv_offload: ClassVar[bool] = False
+    #: how many of the prompt's last queries `after_prefill` receives (per layer), for methods that choose
+    #: what to keep from how the prompt's end attends (SnapKV-like); 0: none
+    prompt_queries: ClassVar[int] = 0
 
     def __init__(self, config: ModelConfig, **options: Any) -> None:
         self.check_options(options)
@@ -52,9 +55,11 @@ class DecodeMethod:
         """A new sequence takes decode slot `slot`: forget its previous occupant (host call, before its first
         decode step)."""
 
-    def after_prefill(self, layer: int, pool: KVPool, blocks: torch.Tensor, length: int) -> None:
+    def after_prefill(self, layer: int, pool: KVPool, blocks: torch.Tensor, length: int,
+                      queries: torch.Tensor | None = None) -> None:
         """Called per layer once a sequence's prompt is in the pool: its block table `blocks` (int64) holds
-        `length` tokens."""
+        `length` tokens. With `prompt_queries` > 0, `queries` [n, Hq, D] are the layer's queries of the
+        last n prefilled tokens (rotated, as attention saw them)."""
 
     def begin_step(self, batch: DecodeBatch) -> None:
         """Per-step work before layer 0 (inside the captured step)."""

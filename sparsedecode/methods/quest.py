@@ -43,7 +43,8 @@ class Quest(DecodeMethod):
         self.all_rows = torch.ones(rows, dtype=torch.bool, device=pool.device)
         self.scores = torch.empty(*rows, capacity // page, dtype=torch.float32, device=pool.device)
 
-    def after_prefill(self, layer: int, pool: KVPool, blocks: torch.Tensor, length: int) -> None:
+    def after_prefill(self, layer: int, pool: KVPool, blocks: torch.Tensor, length: int,
+                      queries: torch.Tensor | None = None) -> None:
         page, block_size = self.options["page_size"], pool.block_size
         held = blocks[: -(-length // block_size)]
         k = pool.k[layer, held].unflatten(2, (-1, page))  # [blocks, Hkv, pages, page, D]
