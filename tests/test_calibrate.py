@@ -150,6 +150,7 @@ def test_missing_inputs_are_refused(tiny, haystack, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
+@pytest.mark.slow  # 50 steps on real weights
 def test_short_smollm_calibration_lowers_the_loss_and_meets_the_density(tmp_path):
     out, log = tmp_path / "roles.json", tmp_path / "steps.jsonl"
     result = CliRunner().invoke(calibrate_command, [
