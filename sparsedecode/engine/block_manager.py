@@ -31,6 +31,9 @@ class BlockManager:
         self.hashes: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # hash -> block holding that prefix
         self.free_ids: deque[int] = deque(b for b in range(num_blocks) if b != NULL_BLOCK)
+        # the prompt's last tokens that a prefill computes even when cached: its last one (whose logits
+        # sample the first token), or more when the method observes the prompt's last queries
+        self.recompute_tokens = 1
 
     @property
     def num_usable_blocks(self) -> int:
@@ -46,11 +49,11 @@ class BlockManager:
     # -- admission ------------------------------------------------------------------------------
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the sequence's leading full blocks, up to (not including) the block of the
-        last token it will prefill."""
+        first of the `recompute_tokens` last tokens it will prefill."""
         if not self.enable_prefix_caching:
             return []
         tokens, hits, parent = seq.all_token_ids, [], b""
-        for i in range((seq.prefill_target - 1) // self.block_size):
+        for i in range(max(seq.prefill_target - self.recompute_tokens, 0) // self.block_size):
             parent = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             block = self.cached.get(parent)
             if block is None:

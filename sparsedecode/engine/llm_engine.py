@@ -44,6 +44,7 @@ class LLMEngine:
         self.block_manager = BlockManager(runner.pool.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    whole_prefills=runner.pool.layer_major_prefill)
+        self.block_manager.recompute_tokens = max(1, runner.method.prompt_queries)
         self.decode_steps = decode_steps  # decode steps per `step` (one host synchronisation each)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -108,6 +109,7 @@ class LLMEngine:
         """Decode with `method` from the next step on. Running sequences keep their KV and restart the new
         method's per-sequence state as if their prompt had just been prefilled."""
         self.runner.use_method(method)
+        self.block_manager.recompute_tokens = max(1, method.prompt_queries)
         for seq in self.scheduler.running:
             if not seq.in_prefill:
                 self.runner.start_decoding(seq.slot, seq.block_table, seq.num_computed_tokens)
