@@ -320,7 +320,7 @@ class LycheeLFPS(Lychee):
         self.past.reset_slot(slot)
 
     def begin_step(self, batch: DecodeBatch) -> None:
-        super().begin_step(batch)
+        # Not LycheeDecode's: its full rows are not read here (attend derives them with the refresh flags).
         self.past.begin_step(batch)
         self.dense_rows = self.dense_step(batch.steps)[:, None]
 
