@@ -368,3 +368,19 @@ def test_profiled_kernels_are_listed_under_the_table():
     assert "## Kernels of one step: random:tiny-llama 128K B1 lychee (the kind of step 0" in text
     assert "| kernel_0 | 20.0 |" in text and "kernel_12" not in text
     assert "| (all others) | 15.0 |" in text  # kernel_12 and kernel_13: 8 + 7
+
+
+def test_bench_hf_times_plain_and_sparse_generate(tmp_path, one_thread):
+    out = tmp_path / "hf"
+    result = CliRunner().invoke(bench_cli.bench_group, [
+        "hf", "--models", "random:tiny-llama", "--contexts", "256", "--methods", "dense,lychee",
+        "--roles", "random:2", "--budget", "64", "--steps", "3", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    by_name = {r["generate"]: r for r in rows}
+    assert set(by_name) == {"plain, eager", "sparse_decoding dense", "sparse_decoding lychee"}
+    assert all(r["ms/step"] > 0 and r["tok/s"] == pytest.approx(1e3 / r["ms/step"]) for r in rows)
+    assert by_name["sparse_decoding dense"]["KV read"] == 1
+    # a 64-token budget over a 256-token prompt: lychee's sparse heads read a part of the KV
+    assert 0 < by_name["sparse_decoding lychee"]["KV read"] < 1
+    assert "| sparse_decoding lychee |" in (out / "results.md").read_text()

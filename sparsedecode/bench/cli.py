@@ -192,6 +192,34 @@ def e2e(models: list[str], contexts: list[int], batches: list[int | str], method
     click.echo(f"written to {out}/")
 
 
+@bench_group.command("hf")
+@click.option("--models", default="qwen2.5-coder-1.5b", show_default=True, callback=_models,
+              help="Comma-separated: random:<shape> (random weights), registry names, GGUF files or model folders.")
+@click.option("--contexts", default="32k", show_default=True, callback=_contexts, help="Prompt lengths.")
+@click.option("--methods", default="dense,lychee,lychee+lfps", show_default=True, callback=_methods,
+              help="Methods run inside sparse_decoding.")
+@click.option("--budget", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Token budget of every method that takes one.")
+@click.option("--roles", default="random:24", show_default=True,
+              help="Head roles of lychee-type methods on random-weight shapes (real models use their own).")
+@click.option("--steps", default=32, show_default=True, type=click.IntRange(min=2), help="Decode steps timed.")
+@click.option("--compiled-baseline/--no-compiled-baseline", default=True, show_default=True,
+              help="Also time plain generate compiled (transformers' default on CUDA).")
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--out", default="out/bench-hf", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for results.json and results.md.")
+def hf(models: list[str], contexts: list[int], methods: list[str], budget: int, roles: str, steps: int,
+       compiled_baseline: bool, device: str | None, out: Path) -> None:
+    """transformers generate inside sparsedecode.hf.sparse_decoding against plain generate (static cache,
+    eager and compiled): ms per decode step and tokens/s, batch 1."""
+    from .hf_bench import HFBenchOptions, results_markdown, run_hf_bench
+
+    opts = HFBenchOptions(models=models, contexts=contexts, methods=methods, budget=budget, roles=roles,
+                          steps=steps, compiled_baseline=compiled_baseline, device=device)
+    click.echo(results_markdown(run_hf_bench(opts, out)))
+    click.echo(f"written to {out}/")
+
+
 def _rates(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
     if value is None:
         return None

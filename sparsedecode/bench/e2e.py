@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -85,7 +86,6 @@ START_STEPS = 2  # engine steps after every sequence has its first token (see `_
 VARIANT_WINDOW = 4096  # decode steps over which step-kind frequencies are counted
 PROFILE_TOP = 12  # kernels listed per profiled step
 HEADROOM_BYTES = 2 << 30  # the transformers baseline's activations and kernel scratch
-HF_REPEATS = 2  # generate calls per length; their minimum counts
 
 
 class SdpaDense(DecodeMethod):
@@ -510,25 +510,40 @@ def _hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def hf_step_seconds(hf: torch.nn.Module, ids: torch.Tensor, steps: int, compiled: bool) -> float:
-    """Seconds per decode step of transformers' `generate` (greedy, static cache, SDPA): the time of
-    steps + 1 new tokens minus the time of 1 new token, over `steps`. Both calls prefill the same
-    prompt and pick the first token from it, so the difference is `steps` decode steps. `compiled`
-    keeps transformers' default on CUDA (its decode step compiled by torch.compile); otherwise eager."""
-    kwargs = dict(do_sample=False, cache_implementation="static", disable_compile=not compiled,
-                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    """Seconds per decode step of transformers' `generate` with a static cache; `compiled` keeps
+    transformers' default on CUDA (its decode step compiled by torch.compile); otherwise eager."""
+    return generate_step_seconds(hf, ids, steps, warm_up_whole=compiled, cache_implementation="static",
+                                 disable_compile=not compiled)
 
-    def run(new_tokens: int) -> float:
-        synchronize(ids.device)
-        start = time.perf_counter()
-        hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        synchronize(ids.device)
-        return time.perf_counter() - start
 
-    run(steps + 1)  # warm-up: compiles if asked, and sizes the static cache every later call reuses
-    # the minimum over repeats: wall-clock noise only ever adds
-    many = min(run(steps + 1) for _ in range(HF_REPEATS))
-    one = min(run(1) for _ in range(HF_REPEATS))
-    return (many - one) / steps
+class StepClock:
+    """A logits processor that notes the time at each generated token, after the device's queued work."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def generate_step_seconds(hf: torch.nn.Module, ids: torch.Tensor, steps: int, warm_up_whole: bool = False,
+                          **generate_kwargs: Any) -> float:
+    """Median seconds per decode step of greedy `generate(ids, **generate_kwargs)`: the intervals between
+    consecutive tokens' logits after the first (which the prefill gives). A warm-up call first runs on
+    the prompt's first 256 tokens, or on the whole prompt with `warm_up_whole` (a compiled step, whose
+    graphs and static cache depend on the length)."""
+    from transformers import LogitsProcessorList
+
+    kwargs = dict(do_sample=False, pad_token_id=0, **generate_kwargs)
+    warm = ids if warm_up_whole else ids[:, :256]
+    hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=steps + 1 if warm_up_whole else 3,
+                min_new_tokens=steps + 1 if warm_up_whole else 3, **kwargs)
+    clock = StepClock(ids.device)
+    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                logits_processor=LogitsProcessorList([clock]), **kwargs)
+    return float(np.median(np.diff(clock.times)))
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -558,7 +573,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         "the step of the method's most common kind; "
         "floor = (weights + KV read) / copy bandwidth; x dense = our dense step / this step (same run); "
         "ceiling = dense bytes / these bytes; of ceiling = x dense / ceiling; x HF = transformers "
-        "`generate` step (static cache, SDPA; (time of N+1 tokens - time of 1) / N) / this step.",
+        "`generate` step (static cache, SDPA; median interval between its tokens) / this step.",
         markdown_table(table_rows, columns),
     ]
     if results.get("pools"):

@@ -1,0 +1,106 @@
+"""Tokens per second of transformers' `generate` with and without `sparsedecode.hf.sparse_decoding`.
+
+Per model and context, batch 1, greedy: plain `generate` with a static cache, eager and compiled (its
+default on CUDA), against `generate` inside `sparse_decoding` for each method. A decode step's time is
+the median interval between consecutive generated tokens (`generate_step_seconds`). The transformers
+model's parameters are views of the engine's loaded weights (`hf_model_like`), so every row decodes the
+very same weights.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..hf import sparse_decoding
+from ..methods import method_class
+from ..models.loader import default_device, default_dtype, load_model
+from .common import markdown_table, prompts, write_atomic
+from .e2e import generate_step_seconds, hf_model_like
+
+
+@dataclass
+class HFBenchOptions:
+    models: list[str]
+    contexts: list[int]
+    methods: list[str]
+    budget: int = 4096
+    roles: str | None = "random:24"  # lychee-type roles on random-weight shapes (real models use their own)
+    steps: int = 32
+    compiled_baseline: bool = True
+    haystack: str | None = None
+    device: str | None = None
+
+
+COLUMNS = ["model", "ctx", "generate", "ms/step", "tok/s", "x eager", "x compiled", "KV read"]
+
+
+def _method_options(method: str, opts: HFBenchOptions, real: bool) -> dict[str, Any]:
+    """The budget where the method takes one; `roles` where its default is the learned roles, on
+    random-weight shapes only (no roles can be learned for them)."""
+    accepted = method_class(method).defaults
+    options: dict[str, Any] = {}
+    if "budget" in accepted:
+        options["budget"] = opts.budget
+    if "roles" in accepted and accepted["roles"] is None and not real and opts.roles is not None:
+        options["roles"] = opts.roles
+    return options
+
+
+def run_hf_bench(opts: HFBenchOptions, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    device = torch.device(opts.device) if opts.device else default_device()
+    dtype = default_dtype(device)
+    rows: list[dict[str, Any]] = []
+    for spec in opts.models:
+        log(f"loading {spec}")
+        loaded = load_model(spec, device, dtype)
+        real = not spec.startswith("random:")
+        hf = hf_model_like(loaded.model)
+        for context in opts.contexts:
+            ids = torch.tensor(prompts(loaded.tokenizer, loaded.config.vocab_size, context, 1, opts.haystack),
+                               device=device)
+            plain = {"cache_implementation": "static"}
+            timed: list[tuple[str, float, float | None]] = []
+            modes = ["eager"] + (["compiled"] if opts.compiled_baseline and device.type == "cuda" else [])
+            for mode in modes:
+                log(f"[{spec} {context}] plain generate ({mode})")
+                seconds = generate_step_seconds(hf, ids, opts.steps, warm_up_whole=mode == "compiled",
+                                                disable_compile=mode == "eager", **plain)
+                timed.append((f"plain, {mode}", seconds, 1.0))
+            for method in opts.methods:
+                log(f"[{spec} {context}] sparse_decoding({method})")
+                with sparse_decoding(hf, method=method, **_method_options(method, opts, real)) as sd:
+                    seconds = generate_step_seconds(hf, ids, opts.steps, disable_compile=True)
+                    fraction = sd.kv_fraction_read
+                timed.append((f"sparse_decoding {method}", seconds, fraction))
+            base = {name: s for name, s, _ in timed}
+            for name, seconds, fraction in timed:
+                rows.append({
+                    "model": spec, "ctx": context, "generate": name, "ms/step": seconds * 1e3,
+                    "tok/s": 1 / seconds, "x eager": base["plain, eager"] / seconds,
+                    "x compiled": base["plain, compiled"] / seconds if "plain, compiled" in base else None,
+                    "KV read": fraction,
+                })
+        del hf, loaded
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+            "torch": torch.__version__, "steps": opts.steps, "budget": opts.budget}
+    results = {"meta": meta, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", json.dumps(results, indent=1))
+    write_atomic(out / "results.md", results_markdown(results))
+    return results
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    head = (f"# transformers generate with sparse_decoding\n\n{meta['device']}, torch {meta['torch']}, batch 1, "
+            f"greedy, budget {meta['budget']}; a step = the median interval between {meta['steps']} + 1 "
+            "generated tokens. x eager / x compiled: plain generate's step (static cache) over this one.\n\n")
+    return head + markdown_table(results["rows"], COLUMNS) + "\n"
