@@ -34,6 +34,8 @@ LONG_PROMPT = " ".join(PROMPTS * 8)  # about 250 tokens: many blocks of 16
 NEW_TOKENS = 10
 MAX_CONTEXT = 512
 
+pytestmark = pytest.mark.slow  # real model weights (transformers dequantises each GGUF)
+
 
 def covering(name: str) -> dict:
     """Options under which the method reads every cached token."""
@@ -95,7 +97,6 @@ def test_covering_settings_generate_as_plain_transformers(name: str, smollm: Mod
     assert sd.stats().decode_steps == out.shape[1] - smollm.batch["input_ids"].shape[1] - 1  # 1st token: prefill's
 
 
-@pytest.mark.slow  # transformers dequantises the 0.5B GGUF for minutes on a CPU
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_covering_settings_generate_as_plain_transformers_on_qwen(name: str, qwen: Model) -> None:
     with sparse_decoding(qwen.model, name, max_context=MAX_CONTEXT, **covering(name)):
