@@ -56,10 +56,11 @@ def test_block_lse_matches_the_op(rows: str, paged: bool) -> None:
 @pytest.mark.parametrize("index", ["cpu", "gpu"])
 @pytest.mark.parametrize("pool_blocks", [2, 3, 6])
 def test_staged_pool_matches_the_device_pool_under_eviction(pool_blocks: int, index: str) -> None:
-    """Random lists (longer than the staging pool: streamed in chunks), full rows, prefetches of other
-    lists before the layer's store, a row turning idle and a new sequence reusing the freed blocks with
-    new K/V: every attention and index call over the offloaded pool gives the device pool's results,
-    so no call read a block evicted or overwritten while it still needed it (issue 25)."""
+    """Random lists (most longer than the staging pool: read in place from host memory), full rows,
+    prefetches of other lists before the layer's store, a row turning idle and a new sequence reusing the
+    freed blocks with new K/V: every attention and index call over the offloaded pool gives the device
+    pool's results, so no call read a block evicted or overwritten while it still needed it (issue 25;
+    tests/test_offload_stress.py presses the staging itself)."""
     gen = torch.Generator().manual_seed(pool_blocks)
     layers, num_blocks, kv_heads, bs, dim, heads, max_blocks = 2, 48, 2, 16, 16, 8, 12
     shape = (layers, num_blocks, kv_heads, bs, dim, torch.float32, "cpu")
@@ -277,18 +278,35 @@ def test_cpu_index_runs_on_the_configured_threads(monkeypatch) -> None:
 def test_offloaded_decoding_on_cuda_gives_the_on_device_bits(method: str, options: dict, pool_blocks) -> None:
     """On the GPU, with the GPU index: the scores are the on-device op's and the staging pool lists its
     blocks in the same order, so every attention output is bit-identical (random weights, whose near-ties
-    flip on any rounding difference); the on-device run is eager, as offloaded decoding is. A second
-    request joins the first while it decodes, and gets its on-device tokens too."""
-    runs = []
+    flip on any rounding difference); both runs eager, to record the outputs. A second request joins the
+    first while it decodes, and gets its on-device tokens too. Then the offloaded steps captured in CUDA
+    graphs (values in mapped host memory, moved by the gather kernel): the same tokens again."""
+    arrivals = {0: [(PROMPT, 8)], 2: [(PROMPT[:300], 8)]}
+    runs, llms = [], []
     for offload in (None, OffloadConfig(index="gpu", pool_blocks=pool_blocks)):
         torch.manual_seed(0)
         llm = LLM("random:tiny-llama", device="cuda", block_size=16, max_context=1024, max_num_seqs=2,
                   cuda_graphs=False, enable_prefix_caching=False, method=method, kv_offload=offload, **options)
-        runs.append((*generate_recording(llm, PROMPT, 12), run_arrivals(llm, {0: [(PROMPT, 8)],
-                                                                            2: [(PROMPT[:300], 8)]})))
+        runs.append((*generate_recording(llm, PROMPT, 12), run_arrivals(llm, arrivals)))
+        llms.append(llm)
     (tokens, outputs, batch), (tokens2, outputs2, batch2) = runs
     assert tokens2 == tokens and batch2 == batch
     assert all(torch.equal(a, b) for a, b in zip(outputs, outputs2, strict=True))
+    offloaded = llms[1]
+    offloaded.use_method(method, **options)  # a fresh method, without the recording
+    offloaded.cuda_graphs = True
+    assert offloaded.cuda_graphs
+    assert offloaded.generate([PROMPT], max_new_tokens=12, stop_token_ids=[])[0].token_ids == tokens
+    assert run_arrivals(offloaded, arrivals) == batch
+    assert offloaded.engine.runner.graphs and offloaded.engine.runner.pool.transfer_counts().listed > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_only_the_cpu_index_keeps_offloaded_cuda_decoding_eager() -> None:
+    for index, graphs in (("gpu", True), ("cpu", False)):
+        llm = LLM("random:tiny-llama", device="cuda", block_size=16, max_context=256, max_num_seqs=1,
+                  method="lfps", kv_offload=OffloadConfig(index=index))
+        assert llm.cuda_graphs == graphs
 
 
 @pytest.mark.slow

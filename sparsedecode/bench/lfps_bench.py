@@ -1,7 +1,8 @@
 """LFPS measurements, run as `sparsedecode bench` subcommands: (a) `lfps-recall`, recall of the exact top-k
 while a real model decodes; (b) `lfps-index`, index time of LFPS candidate scoring against an exact top-k
-over all keys; (c) `offload`, KV offload: what fits, and a long run; (d) `lfps-check`, correctness checks
-of lfps and of offloaded decoding.
+over all keys; (c) `offload`, `offload-hits`, `offload-serve`: KV offload, what fits, step times against
+the floor, hit rates, serving capacity; (d) `lfps-check`, correctness checks of lfps and of offloaded
+decoding.
 
 (a) The model decodes a long prompt greedily with dense attention. At every step and layer a probe
 computes the exact block scores of every KV head (the per-block log-sum-exp over all keys) and the exact
@@ -21,15 +22,20 @@ over all keys + top-k, against LFPS candidates + scores over the candidates + to
 and scores in one pass) over full rows against candidate rows. The previous selection is random, so its
 candidates overlap less than real ones do (an upper bound).
 (c) Per context, the memory dense decoding and offloaded decoding need (GPU, host) for a model shape;
-then `lfps` decoding from an offloaded KV pool (`LLM(kv_offload=...)`) of a chosen context (random K/V
-or a real prefill): median step time per step kind and the GPU memory peak.
+then `lfps` decoding from an offloaded KV pool (`LLM(kv_offload=...)`) of a chosen context (random K/V,
+K/V with a stable top-k, or a real prefill): per step kind the median step time, bytes read from host
+memory, hit rate and the floor, against bandwidths measured in the same run (`run_offload`); the hit rate
+on real weights and prompts (`run_offload_hits`); sequences held and tokens/s, dense against offloaded
+(`run_offload_serving`).
 (d) Dense against lfps with a budget covering the context (equal), CUDA-graph replay against eager
 decoding (equal), and, with an `OffloadConfig`, offloaded decoding against on-device decoding.
 """
 from __future__ import annotations
 
+import gc
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -41,14 +47,15 @@ from ..core import DecodeBatch, KVPool
 from ..engine import LLM, SamplingParams
 from ..engine.model_runner import DecodeRow
 from ..kernels import gather_blocks, sparse_decode_attention
+from ..kernels.gather_host_blocks import gather_host_blocks
 from ..methods.dense import Dense
 from ..methods.lfps import PastSelection, candidate_offsets, lfps_candidates
 from ..core.selection import BlockSelector, block_scores
 from ..models.config import ModelConfig
 from ..models.shapes import SHAPES
-from ..offload import OffloadConfig
+from ..offload import OffloadConfig, TransferCounts
 from ..offload.scoring import block_lse
-from .common import markdown_table, median_time, prompts, write_atomic
+from .common import markdown_table, measure_copy_bandwidth, median_time, prompts, write_atomic
 
 REFRESH_INTERVALS = (1, 4, 8, 16, 32)
 METRICS = ("block_recall", "block_recall_predicted", "token_recall", "token_recall_ceiling", "mass_ratio",
@@ -281,66 +288,284 @@ def fit_table(shape: str, contexts: list[int], gpu_bytes: int, host_bytes: int, 
     return rows
 
 
-def run_offload(model: str, context: int, steps: int, device: str | None, options: dict[str, Any],
-                config: OffloadConfig, fill: str, warmup: int = 2) -> dict[str, Any]:
-    """`lfps` decoding from an offloaded KV pool holding one sequence of `context` tokens: the median step
-    time per kind of step (refresh / default) over `steps` decode steps after `warmup` untimed ones (the
-    first of each kind compiles kernels), and the memory it took. fill "prefill": a real prefill of a
-    prompt through the engine, whose steps are timed; "random": random K/V stored into blocks 1 .. n of
-    the pool (speed does not depend on the values; a prefill of 512K tokens of an 8B model takes
-    minutes), and the engine's runner decodes that block table (the engine holds no sequence then)."""
-    total = warmup + steps
-    llm = LLM(model, method="lfps", device=device, max_context=context + total + 1, max_num_seqs=1,
-              enable_prefix_caching=False, kv_offload=config, **options)
-    engine, runner = llm.engine, llm.engine.runner
-    on_gpu = llm.device.type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(llm.device)
-    t0 = time.perf_counter()
-    if fill == "prefill":
-        engine.decode_steps = 1
-        engine.add_request(_prompt(llm, context), SamplingParams(max_tokens=total + 1, ignore_eos=True))
-        while not engine.step():  # until the prefill's last chunk samples the first token
-            pass
+HOT_SCALE = 4.0  # keys of fill "hot"'s hot blocks are this much larger: their block scores lead for any query
+PINNED_COPY_BYTES = 1 << 30
+GATHER_SLABS = 4096  # (block, KV head) slabs per launch when timing the gather kernel alone
+OFFLOAD_SERVING_GPU_SHARE = 0.8  # of the GPU's free memory for the offloaded pool's keys (the rest: staging)
 
-        def step(i: int) -> None:  # the sequence's decode step i
-            engine.step()
-    else:
-        table = list(range(1, 1 + -(-(context + total) // runner.pool.block_size)))
-        _store_random(runner.pool, table, context)
-        runner.start_decoding(0, table, context)
 
-        def step(i: int) -> None:
-            runner.decode([DecodeRow(0, 1, context + i, i, table)], 1)
-    sync()
-    fill_seconds = time.perf_counter() - t0
+def store_keys(pool: KVPool, table: list[int], length: int, hot_blocks: int = 0) -> None:
+    """The same random K/V at positions 0 .. length - 1 of every layer of the sequence whose blocks are
+    `table`. With `hot_blocks`, per KV head that many random blocks (the first and the newest left out) get
+    keys HOT_SCALE times larger: every step's top-k is then mostly those blocks, the locality of real
+    text at its most stable (random keys have no structure: their top-k moves from step to step)."""
+    device, bs = pool.device, pool.block_size
+    positions = torch.arange(length, device=device)
+    block_ids = torch.tensor(table, device=device)[positions // bs]
+    offsets = positions % bs
+    k, v = (torch.randn(length, pool.num_kv_heads, pool.head_dim, device=device) for _ in range(2))
+    held = -(-length // bs)
+    if hot_blocks:
+        hot = torch.rand(pool.num_kv_heads, held - 2, device=device).topk(min(hot_blocks, held - 2)).indices + 1
+        scale = torch.ones(pool.num_kv_heads, held, device=device).scatter_(1, hot, HOT_SCALE)
+        k *= scale.T.repeat_interleave(bs, dim=0)[:length, :, None]
+    k, v = k.to(pool.dtype), v.to(pool.dtype)
+    for layer in range(pool.num_layers):
+        pool.store(layer, block_ids, offsets, k, v)
+
+
+def _step_kind(method: Any, step: int) -> str:
+    past = getattr(method, "past", None)
+    return "refresh" if past is not None and past.refresh_step(step) else "default"
+
+
+def time_steps(llm: LLM, step: Callable[[int], Any], total: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """Decode steps 0 .. total - 1 (`step(i)` runs step i), the first `warmup` untimed: per kind of step
+    (refresh / default; every step of a method without refreshes is a default one) the count, the median ms and, over an
+    offloaded pool, the median bytes read from host memory per step and the hit rate of those steps."""
+    pool = llm.engine.runner.pool
+    counts = getattr(pool, "transfer_counts", None)
+    sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {}
+    moved: dict[str, list[TransferCounts]] = {}
     for i in range(total):
+        before = counts() if counts else None
+        sync()
         t0 = time.perf_counter()
         step(i)
         sync()
-        if i >= warmup:
-            kind = "refresh" if llm.method.past.refresh_step(i) else "default"
-            times.setdefault(kind, []).append(time.perf_counter() - t0)
-    pool = runner.pool
-    return dict(model=model, options=options, offload=vars(config), context=context, fill=fill, fill_s=fill_seconds,
-                **{f"{kind}_step_ms": 1e3 * median(t) for kind, t in times.items()},
-                **{f"{kind}_steps": len(t) for kind, t in times.items()},
-                host_kv_gib=pool.host_nbytes() / 2**30, staging_gib=pool.staging_nbytes() / 2**30,
-                gpu_keys_gib=(pool.nbytes() - pool.host_nbytes()) / 2**30,
-                gpu_peak_gib=torch.cuda.max_memory_allocated(llm.device) / 2**30 if on_gpu else None,
-                weights_gib=sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**30)
+        seconds = time.perf_counter() - t0
+        if i < warmup:
+            continue
+        kind = _step_kind(llm.method, i)
+        times.setdefault(kind, []).append(seconds)
+        if counts:
+            moved.setdefault(kind, []).append(counts() - before)
+    out = {}
+    for kind, seconds in times.items():
+        row: dict[str, Any] = dict(steps=len(seconds), step_ms=1e3 * median(seconds), total_s=sum(seconds))
+        if kind in moved:
+            listed, fetched = (sum(getattr(m, f) for m in moved[kind]) for f in ("listed", "fetched"))
+            row.update(link_mb=median(m.link_bytes for m in moved[kind]) / 1e6,
+                       hit_rate=1 - fetched / listed if listed else None)
+        out[kind] = row
+    return out
 
 
-def _store_random(pool: KVPool, table: list[int], length: int) -> None:
-    """The same random K/V at positions 0 .. length - 1 of every layer of the sequence whose blocks are `table`."""
-    positions = torch.arange(length, device=pool.device)
-    block_ids = torch.tensor(table, device=pool.device)[positions // pool.block_size]
-    offsets = positions % pool.block_size
-    k, v = (torch.randn(length, pool.num_kv_heads, pool.head_dim, device=pool.device).to(pool.dtype) for _ in range(2))
-    for layer in range(pool.num_layers):
-        pool.store(layer, block_ids, offsets, k, v)
+def pinned_copy_bandwidth(device: torch.device, nbytes: int = PINNED_COPY_BYTES) -> float:
+    """Host-to-device bytes/s of one large copy from pinned host memory (cudaMemcpy)."""
+    src = torch.randint(1, 255, (nbytes,), dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return nbytes / median_time(lambda: dst.copy_(src, non_blocking=True), repeats=10, warmup=2, device=device).median
+
+
+def gather_bandwidth(pool: KVPool, slabs: int = GATHER_SLABS) -> float:
+    """Bytes/s from host memory of the offload gather kernel alone: `slabs` random (block, KV head)
+    slabs of layer 0's values in host memory, each moved twice (as K and as V), in one launch."""
+    width = pool.block_size * pool.head_dim
+    host = pool.v[0].view(-1, width)
+    n = min(slabs, host.shape[0])
+    src = torch.randperm(host.shape[0], device=pool.device)[:n]
+    dst = torch.arange(n, device=pool.device)
+    targets = [torch.empty(n, width, dtype=pool.dtype, device=pool.device) for _ in range(2)]
+    seconds = median_time(lambda: gather_host_blocks(host, host, *targets, src, dst), repeats=10, warmup=2,
+                          device=pool.device).median
+    return 2 * n * width * pool.dtype.itemsize / seconds
+
+
+def _decode_steps(llm: LLM, context: int, total: int, fill: str, hot_blocks: int,
+                  prompt: list[int] | None = None) -> Callable[[int], Any]:
+    """Put one sequence of `context` tokens in the pool (fill "prefill": a real prefill of `prompt`, by
+    default one from the essays, through the engine; else K/V stored by `store_keys`, decoded by the
+    engine's runner, the engine holding no sequence) and return its step function."""
+    engine, runner = llm.engine, llm.engine.runner
+    if fill == "prefill":
+        engine.decode_steps = 1
+        engine.add_request(prompt or _prompt(llm, context), SamplingParams(max_tokens=total + 1, ignore_eos=True))
+        while not engine.step():  # until the prefill's last chunk samples the first token
+            pass
+        return lambda i: engine.step()
+    table = list(range(1, 1 + -(-(context + total) // runner.pool.block_size)))
+    store_keys(runner.pool, table, context, hot_blocks if fill == "hot" else 0)
+    runner.start_decoding(0, table, context)
+    return lambda i: runner.decode([DecodeRow(0, 1, context + i, i, table)], 1)
+
+
+def _free_memory() -> None:
+    """Give back the GPU and pinned memory of engines no longer referenced, before the next one is built."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def weights_bytes(llm: LLM) -> int:
+    return sum(p.numel() * p.element_size() for p in llm.model.parameters())
+
+
+def run_offload(model: str, context: int, steps: int, device: str | None, options: dict[str, Any],
+                config: OffloadConfig, fill: str, warmup: int = 2, on_gpu: bool = False
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`lfps` decoding from an offloaded KV pool holding one sequence of `context` tokens, `steps` timed
+    decode steps after `warmup` untimed ones (the first compiles kernels and captures the step). fill
+    "prefill": a real prefill of a prompt through the engine; "random": random K/V stored into the pool
+    (no structure: the top-k moves from step to step, the issue's worst case); "hot": random K/V whose
+    top-k hardly changes (`store_keys`). Per kind of step: median ms, bytes read from host memory, the hit rate, the
+    link bandwidth that step achieved (bytes / step time) and the floor: the weights read at the
+    device-memory bandwidth plus those bytes at the pinned-copy bandwidth, both measured in this run.
+    With `on_gpu` the same decoding over an on-device pool follows (where it fits). Returns the rows per
+    kind of step and one row of memory and bandwidths."""
+    rows, setup = _offloaded_run(model, context, steps, device, options, config, fill, warmup)
+    if on_gpu:
+        _free_memory()
+        total = warmup + steps
+        llm = LLM(model, method="lfps", device=device, max_context=context + total + 1, max_num_seqs=1,
+                  num_blocks=-(-(context + total + 1) // setup["block_size"]) + 1, enable_prefix_caching=False,
+                  **options)
+        step = _decode_steps(llm, context, total, fill, llm.method.selector.list_length(context))
+        rows += [dict(pool="on-GPU", kind=kind, **row) for kind, row in time_steps(llm, step, total, warmup).items()]
+    return rows, setup
+
+
+def _offloaded_run(model: str, context: int, steps: int, device: str | None, options: dict[str, Any],
+                   config: OffloadConfig, fill: str, warmup: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    total = warmup + steps
+    llm = LLM(model, method="lfps", device=device, max_context=context + total + 1, max_num_seqs=1,
+              enable_prefix_caching=False, kv_offload=config, **options)
+    on_cuda = llm.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(llm.device)
+    t0 = time.perf_counter()
+    step = _decode_steps(llm, context, total, fill, llm.method.selector.list_length(context))
+    fill_seconds = time.perf_counter() - t0
+    kinds = time_steps(llm, step, total, warmup)
+    pool, weights = llm.engine.runner.pool, weights_bytes(llm)
+    hbm = measure_copy_bandwidth(llm.device) / 2 if on_cuda else None  # read + write: half is the read rate
+    pinned = pinned_copy_bandwidth(llm.device) if on_cuda else None
+    setup = dict(model=model, options=options, offload=vars(config), context=context, fill=fill, fill_s=fill_seconds,
+                 block_size=llm.block_size, graphs=llm.cuda_graphs, host_kv_gib=pool.host_nbytes() / 2**30,
+                 staging_gib=pool.staging_nbytes() / 2**30, gpu_keys_gib=(pool.nbytes() - pool.host_nbytes()) / 2**30,
+                 gpu_peak_gib=torch.cuda.max_memory_allocated(llm.device) / 2**30 if on_cuda else None,
+                 weights_gib=weights / 2**30, hbm_read_gbps=hbm and hbm / 1e9, pinned_copy_gbps=pinned and pinned / 1e9,
+                 gather_gbps=gather_bandwidth(pool) / 1e9 if on_cuda else None)
+    rows = []
+    for kind, row in kinds.items():
+        seconds, link = row["step_ms"] / 1e3, row["link_mb"] * 1e6
+        floor = weights / hbm + link / pinned if on_cuda else None
+        rows.append(dict(pool="offloaded", kind=kind, **row, link_gbps=link / seconds / 1e9,
+                         floor_ms=floor and 1e3 * floor, over_floor=floor and seconds / floor))
+    return rows, setup
+
+
+def run_offload_hits(model: str, contexts: list[int], refresh: tuple[int, ...], steps: int, options: dict[str, Any],
+                     config: OffloadConfig, suites: tuple[str, ...] = ("needle", "ruler"),
+                     ruler_tasks: tuple[str, ...] = ("niah_multikey_2", "vt"), seed: int = 0,
+                     device: str | None = None, warmup: int = 2, haystack: str | None = None
+                     ) -> list[dict[str, Any]]:
+    """The staging pool's hit rate on real weights: `lfps` (with `options`) decoding from an offloaded pool
+    after real prompts of each context (the needle at mid-depth, and `ruler_tasks`), per refresh interval
+    R, `steps` steps timed after `warmup` (the first fills the empty pool); beside them random K/V of the
+    same length (no structure: the worst case). `haystack`: the prompts' filler text (default:
+    the essays). Per prompt, R and kind of step: the hit rate, median bytes read from host memory per
+    step and median step time."""
+    from ..evals.runner import build_samples
+
+    total = warmup + steps
+    llm = LLM(model, method="lfps", device=device, max_context=max(contexts) + total + 64, max_num_seqs=1,
+              enable_prefix_caching=False, kv_offload=config, **options)
+    runs: list[tuple[str, int, list[int] | None]] = []
+    for context in contexts:
+        for suite in suites:
+            chosen = dict(depths=[0.5]) if suite == "needle" else dict(tasks=list(ruler_tasks))
+            samples, _ = build_samples(suite, llm.tokenizer, [context], 1, seed, haystack=haystack, **chosen)
+            runs += [(s.task, context, llm.tokenizer(s.prompt).input_ids) for s in samples]
+        runs.append(("random K/V", context, None))
+    rows = []
+    for task, context, ids in runs:
+        for r in refresh:
+            llm.use_method("lfps", **{**options, "refresh_every": r})
+            fill = "random" if ids is None else "prefill"
+            step = _decode_steps(llm, len(ids) if ids else context, total, fill, 0, prompt=ids)
+            for kind, row in time_steps(llm, step, total, warmup).items():
+                rows.append(dict(model=model, prompt=task, context=len(ids) if ids else context, R=r, kind=kind,
+                                 steps=row["steps"], hit_rate=row["hit_rate"], link_mb=row["link_mb"],
+                                 step_ms=row["step_ms"]))
+            while llm.engine.has_unfinished_requests():  # the prefilled request's last token
+                llm.engine.step()
+    return rows
+
+
+def run_offload_serving(model: str, context: int, steps: int, options: dict[str, Any], pool_blocks: int,
+                        sequences: int | None = None, fills: tuple[str, ...] = ("random", "hot"),
+                        warmup: int = 3, device: str | None = None, max_dense: int = 64) -> list[dict[str, Any]]:
+    """Sequences of `context` tokens decoding together, the KV cache on the GPU (dense) against offloaded
+    (lfps `options`, keys on the GPU, values in host memory, `pool_blocks` staging slots per row): dense at
+    1, 2, 4, ... sequences up to as many as its pool holds, then offloaded with `sequences` (default twice
+    that, fewer where the GPU or host memory does not hold them) for each fill (`store_keys`); dense holds
+    at most `max_dense` sequences. Random K/V, decoded by
+    the engine's runner. Per row: sequences, median ms per step and tokens/s over all timed steps."""
+    rows, capacity = _dense_serving(model, context, steps, warmup, device, max_dense)
+    _free_memory()
+    total = warmup + steps
+    max_context = context + total + 1
+    wanted = sequences or 2 * capacity
+    # The pool sized by the engine (keys on the GPU, values in host memory, as much as both hold), leaving
+    # a fifth of the GPU for the staging pools of `wanted` rows.
+    llm = LLM(model, method="lfps", device=device, max_context=max_context, max_num_seqs=wanted,
+              gpu_memory_utilization=OFFLOAD_SERVING_GPU_SHARE, enable_prefix_caching=False,
+              kv_offload=OffloadConfig(index="gpu", pool_blocks=pool_blocks), **options)
+    count = min(wanted, (llm.engine.runner.pool.num_blocks - 1) // -(-max_context // llm.block_size))
+    tables = _tables(llm, max_context, count)
+    for fill in fills:
+        for table in tables:
+            store_keys(llm.engine.runner.pool, table, context,
+                       llm.method.selector.list_length(context) if fill == "hot" else 0)
+        rows.append(_serve_row(llm, "offloaded", fill, tables, context, total, warmup))
+    return rows
+
+
+def _tables(llm: LLM, max_context: int, count: int) -> list[list[int]]:
+    """Block tables of `count` sequences of `max_context` tokens in consecutive blocks from block 1."""
+    per_sequence = -(-max_context // llm.block_size)
+    if count * per_sequence >= llm.engine.runner.pool.num_blocks:
+        raise RuntimeError(f"{count} sequences of {max_context} tokens do not fit the pool's "
+                           f"{llm.engine.runner.pool.num_blocks} blocks")
+    return [list(range(1 + i * per_sequence, 1 + (i + 1) * per_sequence)) for i in range(count)]
+
+
+def _dense_serving(model: str, context: int, steps: int, warmup: int, device: str | None,
+                   max_sequences: int) -> tuple[list[dict[str, Any]], int]:
+    """Dense decoding of 1, 2, 4, ... sequences up to as many as the GPU's KV pool holds (at most
+    `max_sequences`); the rows and that number."""
+    total = warmup + steps
+    max_context = context + total + 1
+    llm = LLM(model, method="dense", device=device, max_context=max_context, max_num_seqs=max_sequences,
+              enable_prefix_caching=False)
+    capacity = min(max_sequences, (llm.engine.runner.pool.num_blocks - 1) // -(-max_context // llm.block_size))
+    if capacity < 1:
+        raise RuntimeError(f"the GPU holds no sequence of {context} tokens with dense attention")
+    tables = _tables(llm, max_context, capacity)
+    for table in tables:
+        store_keys(llm.engine.runner.pool, table, context)
+    batches = sorted({*(1 << i for i in range(capacity.bit_length())), capacity})
+    return [_serve_row(llm, "dense", "random", tables[:n], context, total, warmup) for n in batches], capacity
+
+
+def _serve_row(llm: LLM, pool: str, fill: str, tables: list[list[int]], context: int, total: int,
+               warmup: int) -> dict[str, Any]:
+    runner = llm.engine.runner
+    for slot, table in enumerate(tables):
+        runner.start_decoding(slot, table, context)
+
+    def step(i: int) -> None:
+        runner.decode([DecodeRow(slot, 1, context + i, i, table) for slot, table in enumerate(tables)], 1)
+
+    kinds = time_steps(llm, step, total, warmup)
+    steps = sum(k["steps"] for k in kinds.values())
+    seconds = sum(k["total_s"] for k in kinds.values())
+    return dict(pool=pool, fill=fill, sequences=len(tables), context=context,
+                **{f"{kind}_step_ms": kinds.get(kind, {}).get("step_ms") for kind in ("default", "refresh")},
+                tokens_per_s=len(tables) * steps / seconds, hit_rate=kinds.get("default", {}).get("hit_rate"),
+                gpu_kv_gib=(runner.pool.nbytes() - getattr(runner.pool, "host_nbytes", lambda: 0)()) / 2**30)
 
 
 # -- (d) the checks --------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ class KVPool:
     #: whether `prefetch` does anything (methods skip computing the next layer's lists otherwise)
     prefetches = False
     #: whether the K/V live off the device (host memory): the runner then prefills a sequence whole, one
-    #: layer at a time (`ModelRunner.prefill_layer_major`), and decodes eagerly (the pool's calls read
-    #: block tables and lists on the host, which a CUDA graph cannot replay)
+    #: layer at a time (`ModelRunner.prefill_layer_major`)
     layer_major_prefill = False
+    #: whether decode steps over this pool can be captured in CUDA graphs (no call syncs with the host)
+    decode_graphs = True
 
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -105,6 +106,11 @@ class KVPool:
 
     def reserve(self, blocks_per_row: int) -> None:
         """How many blocks one (sequence, KV head) visits per step at most: sizes a staging pool elsewhere."""
+
+    def reserve_rows(self, rows: int) -> bool:
+        """Decode steps will cover `rows` rows: a pool with per-row device buffers grows them here, outside
+        any captured step. True when buffers were reallocated (steps captured before read the old ones)."""
+        return False
 
     def prefetch(self, layer: int, batch: DecodeBatch, unit_lists: torch.Tensor, unit_counts: torch.Tensor) -> None:
         """These lists will be read by layer `layer` next: a pool in host memory starts moving them."""

@@ -2,9 +2,11 @@
 
 `OffloadedKVPool` replaces the on-device `KVPool`: offload-aware methods (`supports_kv_offload = True`:
 lfps, lychee+lfps) reach it through the same interface (`attention`, `index`, `reserve`, `prefetch`),
-which it serves from a block staging pool on the GPU (or, for the index, the CPU). See `cache`.
+which it serves from a block staging pool on the GPU (or, for the index, the CPU); `transfer_counts`
+says what crossed the host link. See `cache`.
 """
-from .cache import (OffloadConfig, OffloadedKVPool, check_offload_method, offload_config,
+from .cache import (OffloadConfig, OffloadedKVPool, TransferCounts, check_offload_method, offload_config,
                     offload_pool_blocks)
 
-__all__ = ["OffloadConfig", "OffloadedKVPool", "check_offload_method", "offload_config", "offload_pool_blocks"]
+__all__ = ["OffloadConfig", "OffloadedKVPool", "TransferCounts", "check_offload_method", "offload_config",
+           "offload_pool_blocks"]
