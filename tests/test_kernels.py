@@ -120,13 +120,15 @@ def check(got, want, dtype):
         assert_close_inf(unit_lse, ref_unit_lse, **lse_tol)
 
 
-# (group, head_dim, unit_size): GQA 1/2/4/8, d 64/128, units 16/64, plus sub-unit tiles (U=128 > tile).
-SHAPES = [(1, 64, 16), (2, 128, 64), (4, 64, 64), (8, 128, 16), (4, 128, 128)]
+# (group, head_dim, unit_size, dtype): GQA 1/2/4/8, d 64/128, units 16/64, plus sub-unit tiles (U=128 > tile).
+# test_hybrid runs each shape in the other dtype, so every shape meets both dtypes across the two tests.
+SHAPES = [(1, 64, 16, torch.bfloat16), (2, 128, 64, torch.float32), (4, 64, 64, torch.bfloat16),
+          (8, 128, 16, torch.float32), (4, 128, 128, torch.bfloat16)]
+OTHER_DTYPE = {torch.bfloat16: torch.float32, torch.float32: torch.bfloat16}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("group,head_dim,unit_size", SHAPES)
+@pytest.mark.parametrize("group,head_dim,unit_size,dtype", SHAPES)
 def test_dense(device, dtype, group, head_dim, unit_size):
     capacity = 4 * max(unit_size, 64)
     lens = [capacity, capacity - unit_size // 2 - 3, 5, 0]  # ragged, partial units, an empty sequence
@@ -136,8 +138,7 @@ def test_dense(device, dtype, group, head_dim, unit_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("group,head_dim,unit_size", SHAPES)
+@pytest.mark.parametrize("group,head_dim,unit_size,dtype", [(*shape, OTHER_DTYPE[dtype]) for *shape, dtype in SHAPES])
 def test_hybrid(device, dtype, group, head_dim, unit_size):
     """Mixed full and list rows, ragged lengths, messy lists, unit_lse emission."""
     batch, kv_heads, num_units = 3, 2, 6
@@ -165,10 +166,12 @@ def test_lists_without_full_rows(device, unit_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_many_chunks_per_row(device):
-    """More chunks in a row than the merge takes in one step (8 at d=128 with this launch)."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_many_chunks_per_row(device, fused):
+    """More chunks in a row than the merge takes in one step (8 at d=128 with this launch; fused: groups
+    of 4 chunks, 10 groups, merged 4 at a time), and the fused kernel's arrival counters back at 0."""
     unit_size, capacity = 64, 64 * 80
-    launch = Launch(merge_elements=8 * 128)
+    launch = Launch(merge_elements=8 * 128, fused=fused)
     q, k, v, lens, _ = make_inputs(device, torch.float32, 2, 1, 2, 128, capacity, [capacity, capacity - 40], seed=3)
     lists = torch.arange(80, dtype=torch.int32, device=device).flip(0).expand(2, 1, 80).contiguous()
     counts = torch.tensor([[80], [60]], dtype=torch.int32, device=device)
@@ -176,6 +179,7 @@ def test_many_chunks_per_row(device):
     got, want = run_both(q, k, v, lens, unit_size, lists, counts, torch.tensor([[False], [True]], device=device),
                          chunk_tokens=unit_size, launch=launch)
     check(got, want, torch.float32)
+    assert all(not c.any() for counters in sd._COUNTERS.values() for c in counters)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -290,10 +294,10 @@ def test_chunks_sized_from_the_lengths(device, work_items):
     """Chunks sized on the device from the units the call visits: one item per row up to many chunks
     per row (a long full row next to short list rows), always the reference's result."""
     unit_size, head_dim, kv_heads = 16, 64, 3
-    capacity = 96 * unit_size
+    capacity = 48 * unit_size
     q, k, v, lens, gen = make_inputs(device, torch.float32, 2, kv_heads, 2, head_dim, capacity,
                                      [capacity - 7, 20 * unit_size + 3], seed=13)
-    lists, counts = random_lists(gen, 2, kv_heads, 24, 96, device)
+    lists, counts = random_lists(gen, 2, kv_heads, 24, 48, device)
     full = torch.tensor([[True, False, False], [False, False, True]], device=device)
     for args in [(), (lists, counts, full)]:
         check(*run_both(q, k, v, lens, unit_size, *args, work_items=work_items), torch.float32)
@@ -301,14 +305,16 @@ def test_chunks_sized_from_the_lengths(device, work_items):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("launch", [Launch(tile_elements=16384, merge_elements=8192, num_warps=8, num_stages=4),
-                                    Launch(tile_elements=1024, merge_elements=256, items_per_sm=1, min_chunk_tokens=16)])
+                                    Launch(tile_elements=1024, merge_elements=256, items_per_sm=1, min_chunk_tokens=16),
+                                    Launch(tile_elements=1024, min_chunk_tokens=16, fused=False)])
 def test_launch_settings_compute_the_same_op(device, launch):
-    """Other tiles, merge steps, warps and chunk sizes: still the reference's result (bf16, ragged)."""
+    """Other tiles, merge steps, warps and chunk sizes, and the two-launch path: still the reference's
+    result (bf16, ragged)."""
     unit_size, head_dim = 32, 64
-    capacity = 40 * unit_size
+    capacity = 20 * unit_size
     q, k, v, lens, gen = make_inputs(device, torch.bfloat16, 2, 2, 4, head_dim, capacity,
                                      [capacity - 5, 9 * unit_size + 1], seed=17)
-    lists, counts = random_lists(gen, 2, 2, 12, 40, device)
+    lists, counts = random_lists(gen, 2, 2, 12, 20, device)
     full = torch.tensor([[True, False], [False, True]], device=device)
     for args in [(), (lists, counts, full)]:
         check(*run_both(q, k, v, lens, unit_size, *args, launch=launch), torch.bfloat16)

@@ -34,6 +34,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 BLOCK = 16
 # valid blocks: 0 (empty), 1 and 2 (below sink + local), ragged, a whole multiple, the full capacity
+
+
+@pytest.fixture(autouse=True, params=[1, 8], ids=["bitwise", "histogram"])
+def digit_bits(request, monkeypatch):
+    """Every case with both selects of the kernel: 1 key bit a pass, and 8 (histograms)."""
+    monkeypatch.setattr(importlib.import_module("sparsedecode.kernels.select_blocks"), "DIGIT_BITS", request.param)
+    return request.param
+
+
 LENS = [0, 5, 17, 33, 100, 257, 400, 640]
 
 
@@ -158,11 +167,11 @@ def test_shared_heads_and_precomputed_scores(device, mode, kind):
     """TidalDecode's sum over the KV heads, and scores given instead of log-sum-exps."""
     if kind == "grid" and device == "cpu":
         pytest.skip("NumPy's exp: sums of grid values, equal in other orders, differ by an ulp from PyTorch's")
-    unit_lse, lse = make_scores(kind, len(LENS), 8, 2, 40, seed=11)
-    run_case(device, SELECTORS[mode], unit_lse, lse, LENS, "max", 8, share_heads=True, seed=11)
-    scores = block_scores(unit_lse, lse, 8, "sum")
-    run_case(device, SELECTORS[mode], scores, None, LENS, "sum", 8, seed=12)
-    run_case(device, SELECTORS[mode], scores, None, LENS, "sum", 8, share_heads=True, seed=13)
+    unit_lse, lse = make_scores(kind, len(LENS), 4, 2, 40, seed=11)
+    run_case(device, SELECTORS[mode], unit_lse, lse, LENS, "max", 4, share_heads=True, seed=11)
+    scores = block_scores(unit_lse, lse, 4, "sum")
+    run_case(device, SELECTORS[mode], scores, None, LENS, "sum", 4, seed=12)
+    run_case(device, SELECTORS[mode], scores, None, LENS, "sum", 4, share_heads=True, seed=13)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,12 +1,26 @@
-"""GPU benchmark of one decode-attention layer: PyTorch SDPA vs our kernel dense and hybrid (Lychee).
+"""GPU benchmark of one decode-attention layer: PyTorch SDPA and FlashInfer vs our kernel dense and hybrid (Lychee).
 
 Llama-3.1-8B layer shapes (32 query heads, 8 KV heads, d=128, bf16) at 32K and 128K tokens, batch 1
-and 8. Every call is captured in a CUDA graph (as in the engine's decode loop, so Python launch costs
-are not measured) and timed with triton.testing.do_bench (median), rotating over several random
-caches so the inputs exceed L2. The floor is the KV bytes actually read over the measured
-device-copy bandwidth.
+and 8, over a paged pool of 64-token blocks with shuffled block tables, as the engine holds its cache
+(SDPA reads a gathered static copy). Every call is captured in a CUDA graph (as in the engine's decode
+loop, so Python launch costs are not measured) and timed with triton.testing.do_bench (median),
+rotating over several random caches so the inputs exceed L2. The floor is the KV bytes actually read
+over the measured device-copy bandwidth.
+
+Our kernel runs in both launch variants (`Launch.fused`: one launch, or the partial kernel plus a merge
+launch and a fill of the block scores), so that one run compares them. With FlashInfer importable
+(`--flashinfer`, the default when it is), the same run times its paged decode (`BatchDecodeWithPaged
+KVCacheWrapper`, tensor cores, HND on our very pool and NHD on a copy) and, on the hybrid layer's
+selection, its paged decode fed only the selected pages (one request per sequence and KV head) and its
+`BlockSparseAttentionWrapper` over the same blocks: the same-selection comparison. Each FlashInfer
+output is checked against ours before it is timed.
+
+The block selection (`kernels.select_blocks`) has its own table (`--select`): Quest's top-k over
+16-token pages and Lychee's over 64-token blocks at the same contexts and batches, for both selects of
+the kernel (1 or 8 key bits a pass) and several warp counts.
 
     sparsedecode bench kernel           # the table
+    sparsedecode bench kernel --select  # the selection's table
     sparsedecode bench kernel --tune    # search the kernels' launch settings (`Launch`)
 """
 from __future__ import annotations
@@ -14,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -22,13 +37,21 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from ..kernels import sparse_decode_attention, sparse_decode_attention_ref
+from ..kernels import gather_blocks, select_blocks, sparse_decode_attention, sparse_decode_attention_ref
 from ..kernels.sparse_decode import LAUNCH, Launch
 from .common import kernel_times
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+GROUP = NUM_HEADS // NUM_KV_HEADS
+PAGE = 64  # the engine's block size
 UNIT, BUDGET_UNITS = 64, 64  # list rows: 64 units of 64 tokens = 4096 tokens
 L2_BYTES = 50 * 2**20  # H100 / H200
+SCALE = HEAD_DIM**-0.5
+#: the two-launch path of our kernel (partial kernel + merge; + a fill of the block scores)
+UNFUSED = replace(LAUNCH, fused=False)
+FLASHINFER_WORKSPACE_BYTES = 128 * 2**20
+
+Case = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -61,57 +84,70 @@ def timed(calls: list[Callable[[], object]]) -> float:
     return 1e3 * triton.testing.do_bench(lambda: next(cycle).replay(), return_mode="median")
 
 
-def make_cache(batch: int, context: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    shape = (batch, NUM_KV_HEADS, context, HEAD_DIM)
+def make_cache(batch: int, context: int, gen: torch.Generator) -> Case:
+    """A paged layer: pools [B * n, Hkv, 64, D] behind shuffled block tables [B, n], full rows (one KV
+    head in eight) and sorted lists of BUDGET_UNITS units (as the selection writes them)."""
+    pages = context // PAGE
+    shape = (batch * pages, NUM_KV_HEADS, PAGE, HEAD_DIM)
     units = context // UNIT
     lists = torch.rand(batch, NUM_KV_HEADS, units, device="cuda", generator=gen).argsort(-1)[..., :BUDGET_UNITS]
     full = torch.zeros(batch, NUM_KV_HEADS, dtype=torch.bool, device="cuda")
     full[:, 0] = True  # 32 retrieval KV heads of 256: one full row in eight
+    order = torch.randperm(batch * pages, device="cuda", generator=gen)
     return dict(
         q=torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen),
         k=torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen),
         v=torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen),
+        tables=order.view(batch, pages).to(torch.int32),
         lens=torch.full((batch,), context, dtype=torch.int32, device="cuda"),
-        lists=lists.to(torch.int32).contiguous(),
+        lists=lists.sort(-1).values.to(torch.int32).contiguous(),
         counts=torch.full((batch, NUM_KV_HEADS), BUDGET_UNITS, dtype=torch.int32, device="cuda"),
         full=full,
         unit_lse=torch.empty(batch, NUM_HEADS, units, device="cuda"),
     )
 
 
-def check(c: dict[str, torch.Tensor], scale: float) -> None:
-    """Kernel vs reference for sequence 0 of the config (the reference on all of 128K x 8 is slow)."""
-    one = {n: t[:1] for n, t in c.items()}
-    for args in [(), (UNIT, c["lists"], c["counts"], c["full"], c["unit_lse"])]:
-        out, lse = sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], scale, *args)
-        ref_args = (UNIT, one["lists"], one["counts"], one["full"], torch.empty_like(one["unit_lse"])) if args else ()
-        ref_out, ref_lse = sparse_decode_attention_ref(one["q"], one["k"], one["v"], one["lens"], scale, *ref_args)
+def dense(c: Case, launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], SCALE, launch=launch, block_tables=c["tables"])
+
+
+def hybrid(c: Case, with_lse: bool = True, launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full row (retrieval KV head) per sequence, the others 64 listed units: Lychee's layer, called
+    as the engine calls it (sorted lists)."""
+    return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], SCALE, UNIT, c["lists"], c["counts"],
+                                   c["full"], c["unit_lse"] if with_lse else None, launch=launch, sorted_lists=True,
+                                   block_tables=c["tables"])
+
+
+def check(c: Case) -> None:
+    """Both launch variants vs the reference for sequence 0 of the config (the reference on all of 128K x 8
+    is slow)."""
+    one = {n: t[:1] for n, t in c.items() if n not in ("k", "v")}
+    for launch in (LAUNCH, UNFUSED):
+        out, lse = dense(c, launch=launch)
+        ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE,
+                                                   block_tables=one["tables"])
         torch.testing.assert_close(out[:1].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(lse[:1], ref_lse, atol=2e-3, rtol=2e-3)
-        if args:
-            got, want = c["unit_lse"][:1], ref_args[-1]
-            assert torch.equal(torch.isfinite(got), torch.isfinite(want))
-            finite = torch.isfinite(want)
-            torch.testing.assert_close(got[finite], want[finite], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(lse[:1], ref, atol=2e-3, rtol=2e-3)
+        out, lse = hybrid(c, launch=launch)
+        ref_lse = torch.empty_like(one["unit_lse"])
+        ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE, UNIT, one["lists"],
+                                                   one["counts"], one["full"], ref_lse, block_tables=one["tables"])
+        torch.testing.assert_close(out[:1].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse[:1], ref, atol=2e-3, rtol=2e-3)
+        got = c["unit_lse"][:1]
+        assert torch.equal(torch.isfinite(got), torch.isfinite(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(got[finite], ref_lse[finite], atol=2e-3, rtol=2e-3)
 
 
-def make_caches(context: int, batch: int) -> list[dict[str, torch.Tensor]]:
+def make_caches(context: int, batch: int) -> list[Case]:
     """Enough random caches that rotating over them exceeds L2, the first checked against the reference."""
     gen = torch.Generator(device="cuda").manual_seed(context + batch)
     cache_bytes = 2 * batch * NUM_KV_HEADS * context * HEAD_DIM * 2
     caches = [make_cache(batch, context, gen) for _ in range(max(2, -(-4 * L2_BYTES // cache_bytes)))]
-    check(caches[0], HEAD_DIM**-0.5)
+    check(caches[0])
     return caches
-
-
-def dense(c: dict[str, torch.Tensor], launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
-    return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], HEAD_DIM**-0.5, launch=launch)
-
-
-def hybrid(c: dict[str, torch.Tensor], with_lse: bool = True, launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
-    """One full row (retrieval KV head) per sequence, the others 64 listed units: Lychee's layer."""
-    return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], HEAD_DIM**-0.5, UNIT, c["lists"], c["counts"],
-                                   c["full"], c["unit_lse"] if with_lse else None, launch=launch)
 
 
 def kv_bytes(context: int, batch: int, method: str) -> int:
@@ -123,31 +159,142 @@ def kv_bytes(context: int, batch: int, method: str) -> int:
     return per_token * (batch * context + batch * (NUM_KV_HEADS - 1) * min(context, BUDGET_UNITS * UNIT))
 
 
-def bench_config(context: int, batch: int, bandwidth: float) -> list[Row]:
-    caches = make_caches(context, batch)
-    scale = HEAD_DIM**-0.5
+# ----------------------------------------------------------------------------------------- FlashInfer
 
-    def sdpa(c):
-        q = c["q"][:, :, None, :]
-        return F.scaled_dot_product_attention(q, c["k"][:, :, :context], c["v"][:, :, :context], scale=scale,
-                                              enable_gqa=True)
+def import_flashinfer() -> tuple[ModuleType | None, str]:
+    """flashinfer, or None and why it cannot be imported."""
+    try:
+        import flashinfer
+    except Exception as e:  # not installed, or its import fails on this machine (versions, CUDA)
+        return None, f"{type(e).__name__}: {e}"
+    return flashinfer, getattr(flashinfer, "__version__", "?")
 
-    methods = [
-        ("sdpa dense", sdpa, kv_bytes(context, batch, "dense")),
-        ("ours dense", dense, kv_bytes(context, batch, "dense")),
-        ("ours hybrid", lambda c: hybrid(c, with_lse=False), kv_bytes(context, batch, "hybrid")),
-        ("ours hybrid + unit_lse", hybrid, kv_bytes(context, batch, "hybrid")),
-    ]
+
+def selected_pages(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hybrid layer's selection as one request per (sequence, KV head) over the pool seen as pages of
+    one KV head ([NB * Hkv, 1, 64, D], page id = block * Hkv + head): CSR indptr and page ids, int32."""
+    pages, lengths = [], []
+    for b in range(c["q"].shape[0]):
+        table = c["tables"][b].long()
+        for h in range(NUM_KV_HEADS):
+            units = (torch.arange(table.numel(), device=table.device) if c["full"][b, h]
+                     else c["lists"][b, h, : c["counts"][b, h]].long())
+            pages.append(table[units] * NUM_KV_HEADS + h)
+            lengths.append(units.numel())
+    indptr = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
+    return indptr, torch.cat(pages).to(torch.int32)
+
+
+def flashinfer_calls(fi: ModuleType, workspace: torch.Tensor, c: Case) -> dict[str, Callable[[], Callable]]:
+    """FlashInfer's calls on cache `c`, by row name: each entry plans when called and returns the call, which
+    returns out [B, Hq, D]."""
+    batch, pages = c["tables"].shape
+    plan_args = dict(q_data_type=DTYPE, kv_data_type=DTYPE, sm_scale=SCALE)
+
+    def paged_decode(layout, k, v, indptr, indices, kv_heads):
+        wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, layout, use_tensor_cores=True)
+        requests = indptr.numel() - 1
+        last = torch.full((requests,), PAGE, dtype=torch.int32, device="cuda")  # contexts are whole pages
+        wrapper.plan(indptr, indices, last, GROUP * kv_heads, kv_heads, HEAD_DIM, PAGE, **plan_args)
+        q = c["q"].view(requests, GROUP * kv_heads, HEAD_DIM)
+        out = torch.empty_like(q)
+        return lambda: wrapper.run(q, (k, v), out=out).view(batch, NUM_HEADS, HEAD_DIM)
+
+    def dense_pages(layout):
+        indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages
+        k, v = (c["k"], c["v"]) if layout == "HND" else (c["k"].transpose(1, 2).contiguous(),
+                                                          c["v"].transpose(1, 2).contiguous())
+        return paged_decode(layout, k, v, indptr, c["tables"].flatten(), NUM_KV_HEADS)
+
+    def selected_paged_decode():
+        one_head = (-1, 1, PAGE, HEAD_DIM)
+        return paged_decode("HND", c["k"].view(one_head), c["v"].view(one_head), *selected_pages(c), 1)
+
+    def block_sparse():
+        bsr = fi.BlockSparseAttentionWrapper(workspace, backend="fa2")
+        rows, tokens = batch * NUM_KV_HEADS, c["k"].numel() // HEAD_DIM
+        bsr.plan(*selected_pages(c), rows, tokens, 1, PAGE, GROUP, 1, HEAD_DIM, o_data_type=DTYPE, **plan_args)
+        q = c["q"].view(rows, GROUP, HEAD_DIM)
+        k, v = c["k"].view(tokens, 1, HEAD_DIM), c["v"].view(tokens, 1, HEAD_DIM)
+        out = torch.empty_like(q)
+        return lambda: bsr.run(q, k, v, out=out).view(batch, NUM_HEADS, HEAD_DIM)
+
+    return {
+        "flashinfer dense (HND, our pool)": lambda: dense_pages("HND"),
+        "flashinfer dense (NHD copy)": lambda: dense_pages("NHD"),
+        "flashinfer sparse (selected pages)": selected_paged_decode,
+        "flashinfer block-sparse (BSR, fa2)": block_sparse,
+    }
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def flashinfer_rows(fi: ModuleType, caches: list[Case]) -> list[tuple[str, list[Callable[[], object]], str]]:
+    """(row name, one call per cache, dense or hybrid) of every FlashInfer call that plans, runs and
+    matches our output on the first cache; the others are skipped with a note."""
+    workspace = torch.zeros(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    want = {"dense": dense(caches[0])[0], "hybrid": hybrid(caches[0], with_lse=False)[0]}
+    builders = [flashinfer_calls(fi, workspace, c) for c in caches]
     rows = []
-    for name, fn, nbytes in methods:
-        us = timed([lambda c=c: fn(c) for c in caches])
-        rows.append(Row(name, context, batch, us, nbytes, 1e6 * nbytes / bandwidth))
+    for name in builders[0]:
+        kind = "dense" if "dense" in name else "hybrid"
+        try:  # an API this FlashInfer version lacks, a failed JIT build, a layout it refuses
+            calls = [per_cache[name]() for per_cache in builders]
+            error = relative_error(calls[0](), want[kind])
+        except Exception as e:
+            print(f"  {name} skipped: {type(e).__name__}: {e}")
+            continue
+        if error > 2e-2:
+            print(f"  {name} skipped: its output differs from ours by {error:.3f} (relative L2)")
+            continue
+        rows.append((name, calls, kind))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+def bench_config(context: int, batch: int, bandwidth: float, fi: ModuleType | None) -> list[Row]:
+    caches = make_caches(context, batch)
+    methods: list[tuple[str, list[Callable[[], object]], str]] = [
+        ("ours dense", [lambda c=c: dense(c) for c in caches], "dense"),
+        ("ours dense, merge launch", [lambda c=c: dense(c, launch=UNFUSED) for c in caches], "dense"),
+        ("ours hybrid", [lambda c=c: hybrid(c, with_lse=False) for c in caches], "hybrid"),
+        ("ours hybrid + unit_lse", [lambda c=c: hybrid(c) for c in caches], "hybrid"),
+        ("ours hybrid + unit_lse, fill + merge launches", [lambda c=c: hybrid(c, launch=UNFUSED) for c in caches],
+         "hybrid"),
+    ]
+    rows = [Row("sdpa dense", context, batch, time_sdpa(caches), kv_bytes(context, batch, "dense"), 0.0)]
+    for name, calls, kind in methods:
+        rows.append(Row(name, context, batch, timed(calls), kv_bytes(context, batch, kind), 0.0))
+    for name, calls, kind in flashinfer_rows(fi, caches) if fi is not None else []:
+        try:
+            us = timed(calls)
+        except Exception as e:  # e.g. a call that cannot be captured in a CUDA graph
+            print(f"  {name} skipped: {type(e).__name__}: {e}")
+            continue
+        rows.append(Row(name, context, batch, us, kv_bytes(context, batch, kind), 0.0))
+    for row in rows:
+        row.floor_us = 1e6 * row.kv_bytes / bandwidth
     if batch == 1:
         first = caches[0]
         profile(lambda: hybrid(first), f"hybrid + unit_lse, {context // 1024}K, batch 1")
+        profile(lambda: hybrid(first, launch=UNFUSED), f"hybrid + unit_lse, fill + merge launches, "
+                f"{context // 1024}K, batch 1")
     caches.clear()
     torch.cuda.empty_cache()
     return rows
+
+
+def time_sdpa(caches: list[Case]) -> float:
+    """PyTorch SDPA (GQA) over static copies [B, Hkv, T, D] of the caches, freed afterwards."""
+    static = [(c["q"][:, :, None, :], gather_blocks(c["k"], c["tables"]), gather_blocks(c["v"], c["tables"]))
+              for c in caches]
+    us = timed([lambda s=s: F.scaled_dot_product_attention(*s, scale=SCALE, enable_gqa=True) for s in static])
+    static.clear()
+    torch.cuda.empty_cache()
+    return us
 
 
 def profile(call: Callable[[], object], title: str) -> None:
@@ -157,21 +304,85 @@ def profile(call: Callable[[], object], title: str) -> None:
         print(f"  {name[:60]:60s} {seconds * 1e6:8.1f} us")
 
 
-def run(contexts: tuple[int, ...] = (32768, 131072), batches: tuple[int, ...] = (1, 8)) -> list[Row]:
+def run(contexts: tuple[int, ...] = (32768, 131072), batches: tuple[int, ...] = (1, 8),
+        flashinfer: bool | None = None) -> list[Row]:
+    """The table; flashinfer: True needs it importable, None adds its rows when it is."""
     bandwidth = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    fi = None
+    if flashinfer is not False:
+        fi, about = import_flashinfer()
+        if fi is None and flashinfer:
+            raise RuntimeError(f"--flashinfer: flashinfer cannot be imported ({about})")
+        print(f"flashinfer {about}" if fi is not None else f"flashinfer rows skipped: not importable ({about})")
     rows = []
     for context, batch in itertools.product(contexts, batches):
-        print(f"context {context} batch {batch}")
-        rows += bench_config(context, batch, bandwidth)
+        print(f"context {context} batch {batch}", flush=True)
+        rows += bench_config(context, batch, bandwidth, fi)
     print("\n| method | context | batch | median us | GB/s | floor us | time/floor | speedup vs SDPA |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        config = (row.context, row.batch)
-        base = next(r.us for r in rows if r.method == "sdpa dense" and (r.context, r.batch) == config)
+        base = same_config(rows, row, "sdpa dense")
         print(f"| {row.method} | {row.context // 1024}K | {row.batch} | {row.us:.1f} | {row.kv_bytes / row.us / 1e3:.0f} "
-              f"| {row.floor_us:.1f} | {row.us / row.floor_us:.2f} | {base / row.us:.2f} |")
+              f"| {row.floor_us:.1f} | {row.us / row.floor_us:.2f} | {base.us / row.us:.2f} |")
+    if fi is not None:
+        print_against_flashinfer(rows)
     return rows
+
+
+def same_config(rows: list[Row], row: Row, method: str) -> Row | None:
+    return next((r for r in rows if r.method == method and (r.context, r.batch) == (row.context, row.batch)), None)
+
+
+def print_against_flashinfer(rows: list[Row]) -> None:
+    """Our time over FlashInfer's on the same work: dense against its faster layout, the hybrid layer
+    (without block scores, as FlashInfer computes none) against each same-selection call."""
+    print("\n| ours | flashinfer | context | batch | ours us | flashinfer us | ours / flashinfer |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        if not row.method.startswith("flashinfer"):
+            continue
+        ours = same_config(rows, row, "ours dense" if "dense" in row.method else "ours hybrid")
+        print(f"| {ours.method} | {row.method} | {row.context // 1024}K | {row.batch} | {ours.us:.1f} | {row.us:.1f} "
+              f"| {ours.us / row.us:.3f} |")
+
+
+#: (name, tokens per block, kept tokens, sink blocks, with lse: scores from unit_lse [B, Hq, NB], rows:
+#: "all" or "retrieval" (one KV head per sequence, as Lychee's selecting layers))
+SELECT_CASES = (("quest", 16, 4096, 0, False, "all"), ("lychee", 64, 4096, 1, True, "retrieval"),
+                ("lfps", 64, 4096, 1, True, "all"))
+SELECT_WARPS = (4, 8, 16)
+
+
+def select_rows(contexts: tuple[int, ...], batches: tuple[int, ...]) -> None:
+    """Time `select_blocks` alone (CUDA graph, median) on random scores for every case, context and batch,
+    with 1 and 8 key bits a pass and SELECT_WARPS warps; the default setting is marked."""
+    from ..kernels.select_blocks import DIGIT_BITS, launch_warps
+
+    print(f"device: {torch.cuda.get_device_name()}")
+    print("\n| select | context | batch | blocks | kept | digit bits | warps | us |")
+    print("|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for (name, block, kept, sink, with_lse, rows), context, batch in itertools.product(SELECT_CASES, contexts,
+                                                                                         batches):
+        num_blocks = context // block
+        heads = NUM_HEADS if with_lse else NUM_KV_HEADS
+        scores = torch.randn(batch, heads, num_blocks, device="cuda", generator=gen) * 3
+        lse = torch.logsumexp(scores, -1) if with_lse else None
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        mask = torch.ones(batch, NUM_KV_HEADS, dtype=torch.bool, device="cuda")
+        if rows == "retrieval":
+            mask[:, 1:] = False
+        blocks = torch.zeros(batch, NUM_KV_HEADS, kept // block + 2, dtype=torch.int32, device="cuda")
+        counts = torch.zeros(batch, NUM_KV_HEADS, dtype=torch.int32, device="cuda")
+        default = (DIGIT_BITS, launch_warps(max(16, triton.next_power_of_2(num_blocks))))
+        for bits, warps in itertools.product((1, 8), SELECT_WARPS):
+            us = timed([lambda: select_blocks(scores, lse, lens, mask, blocks, counts, aggregate="sum", mode="tokens",
+                                              budget=kept, block_size=block, sink_blocks=sink, local_blocks=1,
+                                              digit_bits=bits, num_warps=warps)])
+            mark = " (default)" if (bits, warps) == default else ""
+            print(f"| {name} | {context // 1024}K | {batch} | {num_blocks} | {kept // block} | {bits} | {warps}{mark} "
+                  f"| {us:.1f} |", flush=True)
 
 
 #: the values `tune` tries for each `Launch` field
