@@ -225,10 +225,13 @@ def test_lfps_check_passes_with_and_without_offload(one_thread):
 
 
 def test_offload_run_of_a_prefilled_prompt(one_thread):
-    row = lfps_bench.run_offload("random:tiny-llama", 700, 15, "cpu", dict(budget=128), OffloadConfig(), "prefill")
-    assert (row["refresh_steps"], row["default_steps"]) == (1, 14)  # steps 0-1 untimed; step 16 refreshes
-    assert row["refresh_step_ms"] > 0 and row["default_step_ms"] > 0
-    assert row["gpu_keys_gib"] == 0 and row["host_kv_gib"] > 0  # the CPU index: K and V in host memory
+    rows, setup = lfps_bench.run_offload("random:tiny-llama", 700, 15, "cpu", dict(budget=128), OffloadConfig(),
+                                         "prefill")
+    kinds = {r["kind"]: r for r in rows}
+    assert (kinds["refresh"]["steps"], kinds["default"]["steps"]) == (1, 14)  # steps 0-1 untimed; 16 refreshes
+    assert kinds["refresh"]["step_ms"] > 0 and kinds["default"]["step_ms"] > 0
+    assert kinds["default"]["link_mb"] > 0 and 0 <= kinds["default"]["hit_rate"] <= 1
+    assert setup["gpu_keys_gib"] == 0 and setup["host_kv_gib"] > 0  # the CPU index: K and V in host memory
 
 
 def test_parity_of_continuous_batching(one_thread):
@@ -315,13 +318,13 @@ def test_kernel_subcommand_calls_the_kernel_benchmark(monkeypatch):
 
     got = []
     fake = types.ModuleType("sparsedecode.bench.kernel_bench")
-    fake.run = lambda contexts, batches: got.append((contexts, batches))
+    fake.run = lambda contexts, batches, flashinfer: got.append((contexts, batches, flashinfer))
     monkeypatch.setitem(sys.modules, "sparsedecode.bench.kernel_bench", fake)
     monkeypatch.setattr(sparsedecode.bench, "kernel_bench", fake, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "128k,32k", "--batches", "8"])
     assert result.exit_code == 0, result.output
-    assert got == [((32768, 131072), (8,))]
+    assert got == [((32768, 131072), (8,), None)]
     result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "lots"])
     assert result.exit_code == 2 and "bad token count 'lots'" in result.output
 

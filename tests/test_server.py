@@ -274,9 +274,9 @@ def test_pool_all_free_after_many_requests_with_disconnects(dense_url) -> None:
     assert values["kv_blocks_free"] == total
 
 
-def test_tensor_parallel_other_than_one_is_refused() -> None:
+def test_tensor_parallel_size_that_does_not_divide_the_kv_heads_is_refused() -> None:
     result = CliRunner().invoke(serve_command, ["--model", MODEL, "--tensor-parallel-size", "2"])
-    assert result.exit_code == 2 and "tensor parallelism is not supported" in result.output
+    assert result.exit_code == 2 and "num_kv_heads=3" in result.output and "sizes that work: 1, 3" in result.output
 
 
 def test_text_deltas_hold_back_half_characters() -> None:

@@ -1,5 +1,6 @@
 """`sparsedecode bench`: the kernel benchmark, the end-to-end decode benchmark, the serving benchmark, the LFPS
-and KV-offload measurements (`lfps-recall`, `lfps-index`, `offload`, `lfps-check`) and the engine check."""
+and KV-offload measurements (`lfps-recall`, `lfps-index`, `offload`, `offload-hits`, `offload-serve`,
+`lfps-check`) and the engine check."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -115,8 +116,13 @@ def bench_group() -> None:
 @click.option("--batches", default="1,8", show_default=True, callback=_batches)
 @click.option("--tune", is_flag=True, help="Instead of the table, search the kernels' launch settings (tiles, "
               "warps, pipelining, chunking) on fixed cases and print every setting tried.")
-def kernel(contexts: list[int], batches: list[int], tune: bool) -> None:
-    """One decode-attention layer (Llama-3.1-8B shapes): PyTorch SDPA against our dense and hybrid kernel."""
+@click.option("--flashinfer/--no-flashinfer", default=None,
+              help="Add FlashInfer's paged decode and block-sparse rows (default: when flashinfer imports).")
+@click.option("--select", "select", is_flag=True, help="Instead of the table, time the block selection kernel "
+              "(both selects, several warp counts) on Quest's, Lychee's and LFPS's top-k.")
+def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool | None, select: bool) -> None:
+    """One decode-attention layer (Llama-3.1-8B shapes): PyTorch SDPA and FlashInfer against our dense and hybrid
+    kernel."""
     import torch
 
     if not torch.cuda.is_available():  # it times Triton kernels on the device: nothing to measure without one
@@ -125,8 +131,10 @@ def kernel(contexts: list[int], batches: list[int], tune: bool) -> None:
 
     if tune:
         kernel_bench.tune()
+    elif select:
+        kernel_bench.select_rows(tuple(contexts), tuple(batches))
     else:
-        kernel_bench.run(tuple(contexts), tuple(batches))
+        kernel_bench.run(tuple(contexts), tuple(batches), flashinfer=flashinfer)
 
 
 @bench_group.command("e2e")
@@ -168,17 +176,20 @@ def kernel(contexts: list[int], batches: list[int], tune: bool) -> None:
               help="Share of the GPU's memory the engine takes (weights, activations, KV pool).")
 @click.option("--num-blocks", default=None, type=click.IntRange(min=2),
               help="KV pool blocks of 64 tokens, instead of sizing the pool from --gpu-memory-utilization.")
+@click.option("--tensor-parallel-size", "-tp", default=1, show_default=True, type=click.IntRange(min=1),
+              help="GPUs each model is split over (from --device on); bytes, floor and ceiling are then per GPU.")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--out", default="out/bench-e2e", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json, results.md and the PNG plots.")
 def e2e(models: list[str], contexts: list[int], batches: list[int | str], methods: list[str], budget: int,
         roles: str, steps: int, warmup: int, hf_baseline: bool, hf_modes: tuple[str, ...], hf_context: int,
         hf_random_shapes: bool, haystack: str | None, compile_decode: bool, profile: bool,
-        gpu_memory_utilization: float, num_blocks: int | None, device: str | None, out: Path) -> None:
+        gpu_memory_utilization: float, num_blocks: int | None, tensor_parallel_size: int, device: str | None,
+        out: Path) -> None:
     """Whole decode steps per method: ms/step with spread, GB/s, the bytes floor, x dense, ceiling, x transformers."""
     from .e2e import E2EOptions, results_markdown, run_e2e
 
-    if hf_baseline and hf_context not in contexts:
+    if hf_baseline and tensor_parallel_size == 1 and hf_context not in contexts:
         raise click.BadParameter(f"{hf_context} is not one of the contexts {contexts}: add it to --contexts "
                                  "or pass --no-hf-baseline", param_hint="--hf-context")
     opts = E2EOptions(
@@ -186,6 +197,7 @@ def e2e(models: list[str], contexts: list[int], batches: list[int | str], method
         steps=steps, warmup=warmup, hf_modes=hf_modes if hf_baseline else (), hf_context=hf_context,
         hf_random_shapes=hf_random_shapes, haystack=haystack, device=device, compile_decode=compile_decode,
         profile=profile, gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
+        tensor_parallel_size=tensor_parallel_size,
     )
     results = run_e2e(opts, out)
     click.echo(results_markdown(results))
@@ -362,10 +374,15 @@ def lfps_index(contexts: list[int], budget: int, repeats: int, out: Path, tiny: 
                 ["device", "context", "candidate_tokens", "candidate_fraction", "case", "ms", "ratio"])
 
 
-def _offload_config(index_side: str, prefetch: bool = True) -> OffloadConfig:
+def _offload_config(index_side: str, prefetch: bool = True, pool_blocks: int | None = None) -> OffloadConfig:
     from ..offload import OffloadConfig
 
-    return OffloadConfig(index=index_side, prefetch=prefetch)
+    return OffloadConfig(index=index_side, prefetch=prefetch, pool_blocks=pool_blocks)
+
+
+_POOL_BLOCKS = click.option("--pool-blocks", type=click.IntRange(min=2), default=None,
+                            help="Staging slots per (layer, sequence, KV head), the newest block's included "
+                                 "(default: as many as the method's candidate lists).")
 
 
 @bench_group.command("offload")
@@ -373,19 +390,26 @@ def _offload_config(index_side: str, prefetch: bool = True) -> OffloadConfig:
 @click.option("--context", default="512k", show_default=True, callback=_context)
 @click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
               help="Timed decode steps after 2 untimed ones (refresh every 16: steps 16 and 32 are timed).")
-@click.option("--fill", type=click.Choice(["random", "prefill"]), default="random", show_default=True,
-              help="Random K/V stored into the pool, or a real prefill of a prompt.")
+@click.option("--fill", type=click.Choice(["random", "hot", "prefill"]), default="random", show_default=True,
+              help="Random K/V stored into the pool (no structure: the worst case), random K/V with a stable "
+                   "top-k (hot blocks), or a real prefill of a prompt.")
 @click.option("--attend", type=click.Choice(["candidates", "selected"]), default="selected", show_default=True)
-@click.option("--index", "index_side", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--index", "index_side", type=click.Choice(["cpu", "gpu"]), default="gpu", show_default=True,
+              help="Side of the index; with the GPU index the decode step is captured in a CUDA graph.")
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="Copy the next layer's candidate blocks while this layer computes (with --attend candidates; "
                    "attend=selected never prefetches).")
+@_POOL_BLOCKS
+@click.option("--on-gpu/--no-on-gpu", default=False, show_default=True,
+              help="Then the same decoding over an on-device pool (where the context fits the GPU).")
 @_LFPS_OUT
 @click.option("--tiny", is_flag=True, help="random:tiny-llama on the CPU, 2K context.")
 def offload(model: str, context: int, steps: int, fill: str, attend: str, index_side: str, prefetch: bool,
-            out: Path, tiny: bool) -> None:
+            pool_blocks: int | None, on_gpu: bool, out: Path, tiny: bool) -> None:
     """KV offload: what each context needs on the GPU and the host, dense against offloaded, then lfps
-    decoding from an offloaded pool: step time per kind of step, GPU memory peak."""
+    decoding from an offloaded pool: per kind of step its time, the bytes read from host memory, the hit
+    rate, the link bandwidth achieved and the floor (weights at the measured device-memory bandwidth plus
+    those bytes at the measured pinned-copy bandwidth); memory and bandwidths."""
     import os
 
     import torch
@@ -400,8 +424,64 @@ def offload(model: str, context: int, steps: int, fill: str, attend: str, index_
     device = "cpu" if tiny else None
     model, context = ("random:tiny-llama", 2048) if tiny else (model, context)
     options = dict(attend=attend, budget=256 if tiny else 4096)
-    _echo_table(out, "offload_run", run_offload(model, context, steps, device, options,
-                                                _offload_config(index_side, prefetch), fill))
+    rows, setup = run_offload(model, context, steps, device, options,
+                              _offload_config(index_side, prefetch, pool_blocks), fill, on_gpu=on_gpu)
+    _echo_table(out, "offload_run", rows, ["pool", "kind", "steps", "step_ms", "link_mb", "hit_rate", "link_gbps",
+                                          "floor_ms", "over_floor"])
+    _echo_table(out, "offload_setup", setup)
+
+
+@bench_group.command("offload-hits")
+@click.option("--model", default="qwen2.5-coder-1.5b", show_default=True, callback=_model)
+@click.option("--contexts", default="16k,32k", show_default=True, callback=_contexts)
+@click.option("--refresh", default="4,8,16,32", show_default=True, callback=_ints,
+              help="Refresh intervals R (an exact step every R steps).")
+@click.option("--steps", default=64, show_default=True, type=click.IntRange(min=1), help="Decode steps per run.")
+@click.option("--budget", default=2048, show_default=True, type=click.IntRange(min=64))
+@_POOL_BLOCKS
+@click.option("--haystack", type=click.Path(exists=True), default=None,
+              help="Filler text of the prompts: a text file or a folder of *.txt (default: the essays).")
+@_LFPS_OUT
+@click.option("--tiny", is_flag=True, help="smollm2-135m on the CPU, 2K context, 8 steps.")
+def offload_hits(model: str, contexts: list[int], refresh: tuple[int, ...], steps: int, budget: int,
+                 pool_blocks: int | None, haystack: str | None, out: Path, tiny: bool) -> None:
+    """The staging pool's hit rate on real weights: lfps (attend=selected, GPU index) decoding after needle
+    and RULER prompts, per refresh interval, beside random K/V (the worst case)."""
+    from .lfps_bench import run_offload_hits
+
+    device = None
+    if tiny:
+        model, contexts, steps, budget, device = "smollm2-135m", [2048], 8, 256, "cpu"
+    options = dict(attend="selected", budget=budget)
+    rows = run_offload_hits(model, contexts, refresh, steps, options, _offload_config("gpu", pool_blocks=pool_blocks),
+                            device=device, haystack=haystack)
+    _echo_table(out, "offload_hits", rows)
+
+
+@bench_group.command("offload-serve")
+@click.option("--model", default="random:llama-3.1-8b", show_default=True, callback=_model)
+@click.option("--context", default="128k", show_default=True, callback=_context)
+@click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Timed decode steps after 3 untimed ones.")
+@click.option("--sequences", type=click.IntRange(min=1), default=None,
+              help="Sequences decoding offloaded (default: twice what dense holds).")
+@click.option("--pool-blocks", type=click.IntRange(min=2), default=96, show_default=True,
+              help="Staging slots per (layer, sequence, KV head), the newest block's included.")
+@_LFPS_OUT
+@click.option("--tiny", is_flag=True, help="random:tiny-llama on the CPU, 1K context, dense at most 4 sequences.")
+def offload_serve(model: str, context: int, steps: int, sequences: int | None, pool_blocks: int, out: Path,
+                  tiny: bool) -> None:
+    """Sequences held and tokens/s: dense with the KV cache on the GPU (1, 2, 4, ... sequences, up to all
+    its pool holds) against lfps with the values offloaded to host memory (twice as many sequences), random
+    K/V and K/V with a stable top-k."""
+    from .lfps_bench import run_offload_serving
+
+    options, device, max_dense = dict(attend="selected", budget=4096), None, 64
+    if tiny:
+        model, context, options, device, max_dense = "random:tiny-llama", 1024, dict(attend="selected", budget=128), "cpu", 4
+    rows = run_offload_serving(model, context, steps, options, pool_blocks, sequences, device=device,
+                               max_dense=max_dense)
+    _echo_table(out, "offload_serve", rows)
 
 
 @bench_group.command("lfps-check")
@@ -449,19 +529,26 @@ def lfps_check(model: str, context: int, steps: int, attend: str, index_side: st
 @click.option("--requests", default=16, show_default=True, type=click.IntRange(min=2))
 @click.option("--min-len", default="4k", show_default=True, callback=_context, help="Shortest parity prompt.")
 @click.option("--max-len", default="64k", show_default=True, callback=_context, help="Longest parity prompt.")
+@click.option("--tensor-parallel-size", "-tp", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Above 1, the parity check serves the requests on that many GPUs against on one.")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--out", default="out/engine-check", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 def engine_check(timing: bool, parity: bool, model: str, context: int, steps: int, warmup: int,
                  gpu_memory_utilization: float, parity_model: str, parity_dtype: str, requests: int, min_len: int,
-                 max_len: int, device: str | None, out: Path) -> None:
+                 max_len: int, tensor_parallel_size: int, device: str | None, out: Path) -> None:
     """The engine on one GPU in one process: decode-step timing at 128K and continuous-batching parity."""
     from .engine_check import ParityOptions, run_engine_check, timing_options
 
     if min_len > max_len:
         raise click.BadParameter(f"--min-len {min_len} is above --max-len {max_len}", param_hint="--min-len")
     timing_opts = timing_options(model, context, device, steps, warmup, gpu_memory_utilization) if timing else None
-    parity_opts = ParityOptions(model=parity_model, dtype=parity_dtype, requests=requests, min_len=min_len,
-                                max_len=max_len, device=device) if parity else None
+    try:
+        parity_opts = ParityOptions(model=parity_model, dtype=parity_dtype, requests=requests, min_len=min_len,
+                                    max_len=max_len, device=device,
+                                    tensor_parallel_size=tensor_parallel_size) if parity else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--parity-model") from None
     if not run_engine_check(timing_opts, parity_opts, out, click.echo):
-        raise click.ClickException("continuous batching changed the tokens of a request (table above)")
+        changed = "continuous batching" if tensor_parallel_size == 1 else "tensor parallelism"
+        raise click.ClickException(f"{changed} changed the tokens of a request (table above)")
     click.echo(f"written to {out}/")

@@ -30,6 +30,10 @@ How a row is measured:
 - Bytes per step = weights + batch * KV rows the method reads (`kv_tokens_read`) * bytes per row.
   Floor = bytes / copy bandwidth measured in the same run (read + write bytes per second). Ceiling =
   dense bytes / method bytes: the speedup over dense if both ran at the same bandwidth.
+- Over several GPUs (`tensor_parallel_size` N: the model split by KV head, the engine's own worker processes
+  beside this one, rank 0) the step is timed on rank 0's GPU, whose collectives wait for the others. Bytes,
+  floor and ceiling are per GPU: (weights + batch * KV rows read) / N, against one GPU's copy bandwidth. The
+  transformers baseline is left out (it runs on one GPU).
 - `sdpa` is dense attention through PyTorch SDPA (FlashAttention) over a contiguous copy of each
   sequence's blocks, made per layer inside the step because SDPA takes no block table: it moves the KV
   three times, and is counted at dense's bytes. `sparsedecode bench kernel` compares the attention alone
@@ -134,6 +138,7 @@ class E2EOptions:
     profile: bool = False  # also record the device time per kernel of one step of each method (CUDA)
     gpu_memory_utilization: float = 0.9  # the share of the GPU the engine takes: weights, activations, KV pool
     num_blocks: int | None = None  # KV pool blocks, instead of sizing the pool from gpu_memory_utilization
+    tensor_parallel_size: int = 1  # GPUs the model is split over (the engine starts its own workers)
 
 
 @dataclass
@@ -199,7 +204,7 @@ def _meta(opts: E2EOptions, device: torch.device, bandwidth: float) -> dict[str,
         copy_bandwidth=bandwidth, steps=opts.steps, warmup=opts.warmup, budget=opts.budget, roles=opts.roles,
         hf_context=opts.hf_context, compile_decode=opts.compile_decode,
         gpu_memory_utilization=opts.gpu_memory_utilization, num_blocks=opts.num_blocks,
-        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        tensor_parallel_size=opts.tensor_parallel_size, date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
 
 
@@ -228,7 +233,7 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
             _note(results, log, f"{spec}: contexts above its trained {config.max_position_embeddings} skipped")
     if not contexts:
         return
-    options = {m: _options_for(m, opts, real) for m in methods}
+    options = {m: method_options(m, opts.budget, opts.roles, real) for m in methods}
     instances = {}
     for m in methods:
         try:  # refuse a method that cannot run on this shape now, not after minutes of measurements
@@ -238,7 +243,10 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
     methods = [m for m in methods if m in instances]
     dtype = default_dtype(device)
     hf_seconds = {}
-    if opts.hf_modes and (real or opts.hf_random_shapes):
+    if opts.hf_modes and (real or opts.hf_random_shapes) and opts.tensor_parallel_size > 1:
+        _note(results, log, f"{spec}: transformers baseline skipped: it runs on one GPU, the engine on "
+                            f"{opts.tensor_parallel_size}")
+    elif opts.hf_modes and (real or opts.hf_random_shapes):
         hf_seconds = _hf_baseline(spec, config, tokenizer, contexts, opts, device, dtype, results, log)
     # The pool is sized while the method keeping the most per-block state is set: every other fits after it.
     sizing = max((m for m in methods if m != SDPA), key=lambda m: instances[m].block_state_bytes(BLOCK_SIZE, dtype))
@@ -250,18 +258,19 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
         llm = LLM(spec, method=sizing, device=device, dtype=dtype, max_context=max(contexts) + DECODE_MARGIN,
                   block_size=BLOCK_SIZE, compile_decode=opts.compile_decode, max_num_seqs=slots,
                   num_blocks=opts.num_blocks, gpu_memory_utilization=opts.gpu_memory_utilization,
-                  enable_prefix_caching=False, **options[sizing])
+                  enable_prefix_caching=False, tensor_parallel_size=opts.tensor_parallel_size, **options[sizing])
     except Exception as e:  # noqa: BLE001 - e.g. no memory left for a pool: the other models still run
         _note(results, log, f"{spec}: the engine could not start, skipped: {_first_line(e)}")
         return
     llm.engine.decode_steps = 1  # one decode step per engine step: the step `engine_ms` times
     rows_of_model = []
-    for context in contexts:
-        rows = _bench_context(llm, spec, context, methods, options, opts, bandwidth, results, log)
-        rows_of_model += rows
-        results["rows"] += rows
-        if out is not None:
-            write_results(results, out)
+    with llm:  # stops the workers of a model split over GPUs before the next model loads
+        for context in contexts:
+            rows = _bench_context(llm, spec, context, methods, options, opts, bandwidth, results, log)
+            rows_of_model += rows
+            results["rows"] += rows
+            if out is not None:
+                write_results(results, out)
     for mode, seconds in hf_seconds.items():
         for r in rows_of_model:
             if (r["context"], r["batch"]) == (opts.hf_context, 1):
@@ -269,27 +278,27 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
     if out is not None:
         write_results(results, out)
     del llm
-    _release_memory()
+    release_memory()
 
 
 def _method_class(name: str) -> type[DecodeMethod]:
     return SdpaDense if name == SDPA else method_class(name)
 
 
-def _options_for(method: str, opts: E2EOptions, real: bool) -> dict[str, Any]:
+def method_options(method: str, budget: int, roles: str | None, real: bool) -> dict[str, Any]:
     """The budget for every method that takes one; `roles` only where the method's default is the
     learned roles (a preset such as tidal's is the method's definition) and only for random-weight
     shapes, for which no roles can be learned."""
     accepted = _method_class(method).defaults
     options: dict[str, Any] = {}
     if "budget" in accepted:
-        options["budget"] = opts.budget
-    if "roles" in accepted and accepted["roles"] is None and not real and opts.roles is not None:
-        options["roles"] = opts.roles
+        options["budget"] = budget
+    if "roles" in accepted and accepted["roles"] is None and not real and roles is not None:
+        options["roles"] = roles
     return options
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -356,7 +365,8 @@ def _bench_context(llm: LLM, spec: str, context: int, methods: list[str], option
                 continue
             t = measured[m].timing
             log(f"[{label}] {m}: {t.median * 1e3:.3f} ms/step (p10 {t.p10 * 1e3:.3f}, p90 {t.p90 * 1e3:.3f})")
-        rows += _rows(spec, context, batch, measured, options, llm.config, llm.dtype.itemsize, bandwidth)
+        rows += _rows(spec, context, batch, measured, options, llm.config, llm.dtype.itemsize, bandwidth,
+                      opts.tensor_parallel_size)
     for r in request_ids:
         engine.abort(r)
     return rows
@@ -429,21 +439,22 @@ def _device_step(runner: ModelRunner, rows_at: Callable[[int], list[DecodeRow]],
 
 
 def _rows(spec: str, context: int, batch: int, measured: dict[str, Measurement], options: dict[str, dict],
-          config: ModelConfig, itemsize: int, bandwidth: float) -> list[dict[str, Any]]:
-    weights = config.weight_bytes(itemsize)
+          config: ModelConfig, itemsize: int, bandwidth: float, gpus: int = 1) -> list[dict[str, Any]]:
+    # Bytes per GPU: each holds 1/gpus of the weights and reads the KV rows of its 1/gpus of the KV heads.
+    weights = config.weight_bytes(itemsize) / gpus
     row_bytes = 2 * config.head_dim * itemsize
     dense = measured["dense"]
-    dense_bytes = step_bytes(weights, dense.kv_rows, row_bytes, batch)
+    dense_bytes = step_bytes(weights, dense.kv_rows / gpus, row_bytes, batch)
     rows = []
     for method, m in measured.items():
-        nbytes = step_bytes(weights, m.kv_rows, row_bytes, batch)
+        nbytes = step_bytes(weights, m.kv_rows / gpus, row_bytes, batch)
         engine_ms = host_ms = None
         if m.engine_step is not None:
             common_kind = max(m.variants.values(), key=lambda v: v["weight"])
             engine_ms = m.engine_step.median * 1e3
             host_ms = (m.engine_step.median - common_kind["median"]) * 1e3
         rows.append(dict(
-            model=spec, context=context, batch=batch, method=method,
+            model=spec, gpus=gpus, context=context, batch=batch, method=method,
             options=" ".join(f"{k}={v}" for k, v in options[method].items()),
             **derive(m.timing, nbytes, batch, dense.timing.median, dense_bytes, bandwidth),
             engine_ms=engine_ms, host_ms=host_ms, kv_rows=m.kv_rows, variants=m.variants,
@@ -485,7 +496,7 @@ def _hf_baseline(spec: str, config: ModelConfig, tokenizer: Any, contexts: list[
             log(f"[{spec} ctx={context} batch=1] transformers generate ({mode}): {seconds[mode] * 1e3:.3f} ms/step")
         del hf
     del loaded
-    _release_memory()
+    release_memory()
     return seconds
 
 
@@ -548,7 +559,7 @@ def generate_step_seconds(hf: torch.nn.Module, ids: torch.Tensor, steps: int, wa
 
 # -- output -------------------------------------------------------------------------------------
 TABLE_COLUMNS = {  # table header -> row key
-    "model": "model", "ctx": "ctx", "B": "batch", "method": "method", "ms/step": "ms", "p10-p90 ms": "spread",
+    "model": "model", "GPUs": "gpus", "ctx": "ctx", "B": "batch", "method": "method", "ms/step": "ms", "p10-p90 ms": "spread",
     "engine ms": "engine_ms", "host ms": "host_ms", "tok/s": "tokens_per_s", "GB/s": "gbps", "floor ms": "floor_ms", "time/floor": "time_over_floor",
     "x dense": "speedup", "ceiling": "ceiling", "of ceiling": "ceiling_fraction",
     "x HF eager": "vs_hf_eager", "x HF compiled": "vs_hf_compiled",
@@ -562,6 +573,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         {header: _table_value(r, key) for header, key in TABLE_COLUMNS.items()} for r in results["rows"]
     ]
     columns = [h for h in TABLE_COLUMNS if any(t[h] is not None for t in table_rows)]  # no empty HF columns
+    if all(r.get("gpus", 1) == 1 for r in results["rows"]):
+        columns = [h for h in columns if h != "GPUs"]
     parts = [
         "# sparsedecode end-to-end decode benchmark",
         f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}. "
@@ -571,7 +584,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         "ms/step = the engine runner's decode step at the context (on GPU without loading its rows and the "
         "host sync); engine ms = `engine.step()`, scheduler and bookkeeping included; host ms = engine ms - "
         "the step of the method's most common kind; "
-        "floor = (weights + KV read) / copy bandwidth; x dense = our dense step / this step (same run); "
+        "floor = (weights + KV read) / copy bandwidth, per GPU for a model split over several (GPUs): "
+        "(weights + KV read) / GPUs; x dense = our dense step / this step (same run); "
         "ceiling = dense bytes / these bytes; of ceiling = x dense / ceiling; x HF = transformers "
         "`generate` step (static cache, SDPA; median interval between its tokens) / this step.",
         markdown_table(table_rows, columns),

@@ -4,10 +4,11 @@ continuous-batching engine, and (b) continuous-batching parity.
     sparsedecode bench engine-check                                # (a) then (b)
     sparsedecode bench engine-check --no-parity                    # (a) only; --no-timing: (b) only
     sparsedecode bench engine-check --parity-model smollm2-135m   # (b) on real weights (the model pulled)
+    sparsedecode bench engine-check --no-timing --parity-model qwen2.5-coder-1.5b --tensor-parallel-size 2
 
 (a) `bench e2e` (the same code, `e2e.run_e2e`) of `random:llama-3.1-8b` at 128K, batches 1, 2, 4 and the
 largest that fits in the KV pool (`max`), methods dense, lychee and lychee+lfps with the options of the
-128K rows of docs/results.md (budget 4096, roles random:24; lychee+lfps refreshing every 16 steps, its
+128K rows of docs/benchmarks.md (budget 4096, roles random:24; lychee+lfps refreshing every 16 steps, its
 default), decode compiled and in CUDA graphs. It prints the e2e table (ms/step, x dense, ceiling, share
 of the ceiling reached, engine and host ms) and the KV pool's fit, and writes results.json, results.md
 and the plots to `<out>/timing`.
@@ -23,6 +24,10 @@ differences between batch shapes flip in bf16. A real model (`--parity-model smo
 the model cache: the GPU machine may have no network) runs with max_context raised beyond its trained
 length to hold the longest prompt: RoPE then extrapolates, which changes what the tokens mean, not the
 parity checked. It prints a table per request and writes parity.json and parity.md to `out`.
+
+With `tensor_parallel_size` N > 1, (b) checks tensor parallelism instead: the same arriving requests served
+by the model split over N GPUs (the engine's own worker processes) against served on one GPU, each method
+alike; the tokens must match.
 """
 from __future__ import annotations
 
@@ -35,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import LLM, LLMEngine, SamplingParams
+from ..models.shapes import RANDOM_PREFIX
 from .common import markdown_table, prompts, write_atomic
-from .e2e import MAX_BATCH, E2EOptions, results_markdown, run_e2e
+from .e2e import MAX_BATCH, E2EOptions, release_memory, results_markdown, run_e2e
 
 TIMING_METHODS = ["dense", "lychee", "lychee+lfps"]
 
@@ -56,6 +62,12 @@ class ParityOptions:
     sparse_budget: int = 1024  # lychee+lfps's token budget
     device: str | None = None
     seed: int = 0
+    tensor_parallel_size: int = 1  # > 1: served on that many GPUs against served on one
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size > 1 and self.model.startswith(RANDOM_PREFIX):
+            raise ValueError(f"the tensor-parallel parity compares two loads of the model, and random weights "
+                             f"differ from load to load: give a real model ({self.model} was given)")
 
 
 def timing_options(model: str = "random:llama-3.1-8b", context: int = 131072, device: str | None = None,
@@ -91,28 +103,64 @@ def run_parity(opts: ParityOptions, log: Callable[[str], None] = print) -> list[
                for _ in range(opts.requests)]
     new_tokens = [rng.randint(opts.min_new_tokens, opts.max_new_tokens) for _ in range(opts.requests)]
     arrivals = [i * opts.arrival_gap for i in range(opts.requests)]
+    max_context = max(lengths) + opts.max_new_tokens
+    gpus = opts.tensor_parallel_size
     log(f"parity: loading {opts.model} ({opts.dtype})")
-    llm = LLM(opts.model, device=opts.device, dtype=opts.dtype, max_context=max(lengths) + opts.max_new_tokens,
-              max_num_seqs=opts.max_num_seqs, enable_prefix_caching=False)
-    engine = llm.engine
-    engine.decode_steps = opts.decode_steps
-    longest = prompts(llm.tokenizer, llm.config.vocab_size, max(lengths), opts.requests, seed=opts.seed)
-    requests = [(p[:n], m, a) for p, n, m, a in zip(longest, lengths, new_tokens, arrivals)]
-    covering = -(-llm.max_context // llm.block_size) * llm.block_size
-    methods = [("dense", "dense", {}), ("lychee, roles all", "lychee", dict(roles="all", budget=covering)),
-               ("lychee+lfps", "lychee+lfps", dict(budget=opts.sparse_budget))]
+    with _engine(opts, max_context, 1) as llm:
+        longest = prompts(llm.tokenizer, llm.config.vocab_size, max(lengths), opts.requests, seed=opts.seed)
+        requests = [(p[:n], m, a) for p, n, m, a in zip(longest, lengths, new_tokens, arrivals)]
+        covering = -(-llm.max_context // llm.block_size) * llm.block_size
+        methods = [("dense", "dense", {}), ("lychee, roles all", "lychee", dict(roles="all", budget=covering)),
+                   ("lychee+lfps", "lychee+lfps", dict(budget=opts.sparse_budget))]
+        served = _serve_each(llm, methods, requests, opts, log)
+        # The reference: each request alone on the same engine; or, for `gpus`, served on one GPU.
+        references = (_alone_each(llm, methods, requests, log) if gpus == 1 else
+                      {label: tokens for label, (tokens, _) in served.items()})
+    del llm
+    release_memory()
+    if gpus > 1:
+        log(f"parity: loading {opts.model} on {gpus} GPUs")
+        with _engine(opts, max_context, gpus) as llm:
+            served = _serve_each(llm, methods, requests, opts, log)
+        del llm
+        release_memory()
     rows = []
-    for label, method, options in methods:
-        llm.use_method(method, **options)
-        log(f"parity: {label}, {len(requests)} requests arriving every {opts.arrival_gap} engine steps")
-        together, peak = serve(engine, requests)
-        log(f"parity: {label}, up to {peak} sequences ran together; now each request alone")
-        alone = [serve(engine, [(prompt, max_tokens, 0)])[0][0] for prompt, max_tokens, _ in requests]
-        for i, (a, b) in enumerate(zip(together, alone)):
+    for label, (tokens, peak) in served.items():
+        for i, (a, b) in enumerate(zip(tokens, references[label])):
             differs = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
             rows.append(dict(method=label, request=i, prompt_tokens=lengths[i], arrival_step=arrivals[i],
                              new_tokens=new_tokens[i], ran_together=peak, same=a == b, first_difference=differs))
     return rows
+
+
+def _engine(opts: ParityOptions, max_context: int, gpus: int) -> LLM:
+    llm = LLM(opts.model, device=opts.device, dtype=opts.dtype, max_context=max_context,
+              max_num_seqs=opts.max_num_seqs, enable_prefix_caching=False, tensor_parallel_size=gpus)
+    llm.engine.decode_steps = opts.decode_steps
+    return llm
+
+
+def _serve_each(llm: LLM, methods: list[tuple[str, str, dict[str, Any]]], requests: list[tuple[list[int], int, int]],
+                opts: ParityOptions, log: Callable[[str], None]) -> dict[str, tuple[list[list[int]], int]]:
+    """Per method label: `serve`'s tokens of the arriving requests, and the most that ran together."""
+    served = {}
+    for label, method, options in methods:
+        llm.use_method(method, **options)
+        log(f"parity: {label}, {len(requests)} requests arriving every {opts.arrival_gap} engine steps")
+        served[label] = serve(llm.engine, requests)
+        log(f"parity: {label}, up to {served[label][1]} sequences ran together")
+    return served
+
+
+def _alone_each(llm: LLM, methods: list[tuple[str, str, dict[str, Any]]], requests: list[tuple[list[int], int, int]],
+                log: Callable[[str], None]) -> dict[str, list[list[int]]]:
+    """Per method label: the tokens of each request served alone."""
+    alone = {}
+    for label, method, options in methods:
+        llm.use_method(method, **options)
+        log(f"parity: {label}, each request alone")
+        alone[label] = [serve(llm.engine, [(prompt, max_tokens, 0)])[0][0] for prompt, max_tokens, _ in requests]
+    return alone
 
 
 def parity_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -135,5 +183,7 @@ def run_engine_check(timing: E2EOptions | None, parity: ParityOptions | None, ou
     details = markdown_table(rows)
     write_atomic(out / "parity.json", json.dumps(rows, indent=1))
     write_atomic(out / "parity.md", f"{summary}\n\n{details}\n")
-    log(f"\n## Continuous-batching parity ({parity.model}, {parity.dtype})\n\n{summary}\n\n{details}\n")
+    kind = ("Continuous-batching parity" if parity.tensor_parallel_size == 1 else
+            f"Tensor-parallel parity, {parity.tensor_parallel_size} GPUs against 1")
+    log(f"\n## {kind} ({parity.model}, {parity.dtype})\n\n{summary}\n\n{details}\n")
     return all(r["same"] for r in rows)

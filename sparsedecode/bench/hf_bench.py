@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from ..hf import sparse_decoding
-from ..methods import method_class
 from ..models.loader import default_device, default_dtype, load_model
 from .common import markdown_table, prompts, write_atomic
-from .e2e import generate_step_seconds, hf_model_like
+from .e2e import generate_step_seconds, hf_model_like, method_options, release_memory
 
 
 @dataclass
@@ -38,18 +37,6 @@ class HFBenchOptions:
 
 
 COLUMNS = ["model", "ctx", "generate", "ms/step", "tok/s", "x eager", "x compiled", "KV read"]
-
-
-def _method_options(method: str, opts: HFBenchOptions, real: bool) -> dict[str, Any]:
-    """The budget where the method takes one; `roles` where its default is the learned roles, on
-    random-weight shapes only (no roles can be learned for them)."""
-    accepted = method_class(method).defaults
-    options: dict[str, Any] = {}
-    if "budget" in accepted:
-        options["budget"] = opts.budget
-    if "roles" in accepted and accepted["roles"] is None and not real and opts.roles is not None:
-        options["roles"] = opts.roles
-    return options
 
 
 def run_hf_bench(opts: HFBenchOptions, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -74,7 +61,7 @@ def run_hf_bench(opts: HFBenchOptions, out: Path, log: Callable[[str], None] = p
                 timed.append((f"plain, {mode}", seconds, 1.0))
             for method in opts.methods:
                 log(f"[{spec} {context}] sparse_decoding({method})")
-                with sparse_decoding(hf, method=method, **_method_options(method, opts, real)) as sd:
+                with sparse_decoding(hf, method=method, **method_options(method, opts.budget, opts.roles, real)) as sd:
                     seconds = generate_step_seconds(hf, ids, opts.steps, disable_compile=True)
                     fraction = sd.kv_fraction_read
                 timed.append((f"sparse_decoding {method}", seconds, fraction))
@@ -87,8 +74,7 @@ def run_hf_bench(opts: HFBenchOptions, out: Path, log: Callable[[str], None] = p
                     "KV read": fraction,
                 })
         del hf, loaded
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory()
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
             "torch": torch.__version__, "steps": opts.steps, "budget": opts.budget}
     results = {"meta": meta, "rows": rows}

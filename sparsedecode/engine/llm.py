@@ -1,6 +1,7 @@
 """The public entry point: `LLM(model, method=...)`, `generate` and `stream`, on the continuous-batching engine."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -11,12 +12,15 @@ import torch
 
 from ..core import KVPool
 from ..methods import make_method, method_class
-from ..models.loader import load_model
+from ..models.loader import default_device, default_dtype, load_config, load_model
+from ..models.parallel import TensorParallel, check_tensor_parallel
 from ..offload import OffloadConfig, OffloadedKVPool, check_offload_method, offload_config, offload_pool_blocks
 from .llm_engine import LLMEngine, RequestOutput
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
 from .sequence import Sequence
+from .tensor_parallel import TensorParallelRunner
+from .workers import ShardSpec, Workers
 
 
 @dataclass
@@ -45,9 +49,15 @@ class LLM:
 
     KV offload: `kv_offload="cpu"` (or an `OffloadConfig`) keeps the pool in host memory and stages on the
     GPU the blocks a step reads (`sparsedecode.offload`; methods `lfps` and `lychee+lfps`). Sequences then
-    prefill whole, one layer at a time, without prefix caching, and decode steps run eagerly. On a GPU
+    prefill whole, one layer at a time, without prefix caching; decode steps are captured in CUDA graphs
+    with the index on the GPU (`OffloadConfig(index="gpu")`), eager with the CPU index. On a GPU
     the pool holds every slot at `max_context`, or what the host's available memory (and, with the GPU
     index, the GPU's free memory for the keys) holds if less; `num_blocks` sets it.
+
+    Tensor parallelism: `tensor_parallel_size=N` splits the model over N GPUs (from `device` on: cuda:0 ..
+    cuda:N-1 by default; on a CPU, N processes), by KV head: N must divide the model's KV heads. The engine
+    starts N - 1 worker processes itself; `close()` (or leaving a `with LLM(...)` block) stops them. A script
+    that uses it needs the `if __name__ == "__main__":` guard (the workers are spawned).
     """
 
     def __init__(
@@ -66,6 +76,7 @@ class LLM:
         num_blocks: int | None = None,
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
+        tensor_parallel_size: int = 1,
         **method_options: Any,
     ) -> None:
         if block_size not in (16, 32, 64, 128):
@@ -76,14 +87,42 @@ class LLM:
         method_options = self._method_options(method, method_options)  # checked before the weights load
         if kv_offload is not None:
             check_offload_method(method_class(method))
-        loaded = load_model(model, device, dtype)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        config = load_config(model)
+        self.max_context = max_context or config.max_position_embeddings
+        fused = compile_decode and device.type == "cuda"
+        runner_options = dict(max_num_seqs=max_num_seqs, max_model_len=self.max_context, block_size=block_size,
+                              max_num_batched_tokens=prefill_chunk, num_blocks=num_blocks,
+                              gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused)
+        self.workers, self._stop_workers = None, None
+        if tensor_parallel_size != 1:
+            if kv_offload is not None:
+                raise ValueError("kv_offload keeps one GPU's KV cache in host memory; it does not combine with "
+                                 "tensor_parallel_size > 1")
+            check_tensor_parallel(config, tensor_parallel_size)
+            self.workers = Workers(tensor_parallel_size, device, ShardSpec(
+                str(model), dtype, fused, method_class(method), method_options, runner_options))
+            self._stop_workers = weakref.finalize(self, self.workers.close)
+        try:
+            self._start(model, method, device, dtype, kv_offload, method_options, runner_options,
+                        enable_prefix_caching)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, model: str | Path, method: str, device: torch.device, dtype: torch.dtype,
+               kv_offload: str | OffloadConfig | None, method_options: dict[str, Any],
+               runner_options: dict[str, Any], enable_prefix_caching: bool) -> None:
+        """Load the model (this process's slice of it) and build the engine over it."""
+        loaded = load_model(model, device, dtype, self.workers.tp if self.workers else TensorParallel())
+        if self.workers:
+            self.workers.expect("loaded")  # a worker that could not load says so before any collective waits
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.model_spec = str(model)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
-        self.max_context = max_context or self.config.max_position_embeddings
-        fused = compile_decode and self.device.type == "cuda"
-        if fused:
+        if runner_options["fused"]:
             self.model.compile_decode()
         self.method = make_method(method, self.config, **method_options)
         self.method_name = method
@@ -91,20 +130,36 @@ class LLM:
         pool_factory = KVPool
         if self.kv_offload is not None:
             # Prefills start at position 0 (layer-major), so no prompt starts from cached blocks.
-            pool_factory, enable_prefix_caching = partial(OffloadedKVPool, config=self.kv_offload), False
-            if num_blocks is None and self.device.type == "cuda":
-                c = self.config
+            pool_factory = partial(OffloadedKVPool, config=self.kv_offload, compiled=runner_options["fused"])
+            enable_prefix_caching = False
+            if runner_options["num_blocks"] is None and self.device.type == "cuda":
+                c, block_size, seqs = self.config, runner_options["block_size"], runner_options["max_num_seqs"]
                 block_bytes = KVPool.bytes_per_block(c.num_layers, c.num_kv_heads, block_size, c.head_dim, self.dtype)
-                num_blocks = offload_pool_blocks(self.kv_offload, max_num_seqs * -(-self.max_context // block_size) + 1,
-                                                 block_bytes, self.device, gpu_memory_utilization)
-        runner = ModelRunner(self.model, self.config, self.method, max_num_seqs=max_num_seqs,
-                             max_model_len=self.max_context, block_size=block_size,
-                             max_num_batched_tokens=prefill_chunk, num_blocks=num_blocks,
-                             gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused,
-                             pool_factory=pool_factory)
+                num_blocks = offload_pool_blocks(self.kv_offload, seqs * -(-self.max_context // block_size) + 1,
+                                                 block_bytes, self.device, runner_options["gpu_memory_utilization"])
+                runner_options = {**runner_options, "num_blocks": num_blocks}
+        runner = ModelRunner(self.model, self.config, self.method, **runner_options, pool_factory=pool_factory)
+        if self.workers:
+            self.workers.expect("ready")
+            runner = TensorParallelRunner(runner, self.workers)
         self.engine = LLMEngine(runner, self.tokenizer, self._eos_ids(), max_model_len=self.max_context,
-                                max_num_seqs=max_num_seqs, max_num_batched_tokens=prefill_chunk,
+                                max_num_seqs=runner_options["max_num_seqs"],
+                                max_num_batched_tokens=runner_options["max_num_batched_tokens"],
                                 enable_prefix_caching=enable_prefix_caching)
+
+    def close(self) -> None:
+        """Stop the worker processes of a model split over GPUs (nothing to do on one): the LLM serves no
+        more requests. Also when the LLM is garbage-collected, at exit, and on leaving `with LLM(...) as llm:`."""
+        if self._stop_workers is not None and self._stop_workers.alive:
+            if hasattr(self, "engine"):  # rank 0's graphs captured the collectives: they go before the group
+                self.engine.runner.local.drop_graphs()
+            self._stop_workers()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- configuration -------------------------------------------------------------------------
     def _method_options(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -129,9 +184,7 @@ class LLM:
 
     @cuda_graphs.setter
     def cuda_graphs(self, value: bool) -> None:
-        runner = self.engine.runner
-        runner.cuda_graphs = value and self.device.type == "cuda" and not runner.pool.layer_major_prefill
-        runner.drop_graphs()
+        self.engine.runner.set_cuda_graphs(value)
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.config.hf_config, "eos_token_id", None)

@@ -19,6 +19,7 @@ from .model_runner import DecodeRow, ModelRunner, PrefillRequest
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .tensor_parallel import TensorParallelRunner
 
 
 @dataclass
@@ -34,9 +35,9 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Any, eos_token_ids: set[int], *, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, enable_prefix_caching: bool = True,
-                 decode_steps: int = 1) -> None:
+    def __init__(self, runner: ModelRunner | TensorParallelRunner, tokenizer: Any, eos_token_ids: set[int], *,
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_prefix_caching: bool = True, decode_steps: int = 1) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -197,7 +198,7 @@ class LLMEngine:
         steps = seq.steps_since_reset
         if steps:  # reads decided on the device, priced at the mean length of the decode
             mean_len = seq.num_tokens - 1 - (steps - 1) / 2
-            seq.kv_rows += self.runner.method.extra_kv_tokens_read(seq.slot, mean_len)
+            seq.kv_rows += self.runner.extra_kv_tokens_read(seq.slot, mean_len)
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq, reason)
 

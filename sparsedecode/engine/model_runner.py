@@ -10,7 +10,11 @@ steps with one host synchronisation at the end.
 Prefill chunks of several sequences go through the weights as one batch of tokens; each chunk stores
 its K/V in the pool and attends causally to its sequence's prefix (gathered from the pool when the
 chunk does not start the sequence). A pool that keeps its K/V in host memory (`KVPool.layer_major_prefill`)
-takes each sequence's prefill whole, one layer at a time (`prefill_layer_major`), and decodes eagerly.
+takes each sequence's prefill whole, one layer at a time (`prefill_layer_major`); its decode steps are
+captured unless the pool says otherwise (`KVPool.decode_graphs`).
+
+On one GPU of a tensor-parallel model (`model.tp`) the runner holds that GPU's KV heads (`kv_heads`): its
+pool, and the method's state, are theirs; the logits, and so the sampled tokens, are the whole model's.
 """
 from __future__ import annotations
 
@@ -70,6 +74,7 @@ class ModelRunner:
                  gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True, fused: bool = False,
                  pool_factory: Callable[..., KVPool] = KVPool) -> None:
         self.model, self.config = model, config
+        self.kv_heads = model.tp.part(config.num_kv_heads)  # the model's KV heads this runner holds
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.block_size = block_size
@@ -93,19 +98,21 @@ class ModelRunner:
         self.prompt_queries: dict[int, list[torch.Tensor]] = {}  # slot -> per layer, the last prefill queries
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.method = method
+        method.use_kv_heads(self.kv_heads)
         if num_blocks is None:
-            num_blocks = self.pool_blocks_for_memory(method, gpu_memory_utilization)
+            # every GPU of a tensor-parallel model holds the same blocks: as many as the fullest one has room for
+            num_blocks = model.tp.min(self.pool_blocks_for_memory(method, gpu_memory_utilization))
         # `pool_factory` takes KVPool's arguments: another pool keeps the K/V elsewhere (sparsedecode.offload)
-        self.pool = pool_factory(config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim,
+        self.pool = pool_factory(config.num_layers, num_blocks, len(self.kv_heads), block_size, config.head_dim,
                                  self.dtype, device)
-        if self.pool.layer_major_prefill:  # its steps read block tables and lists on the host: eager
+        if not self.pool.decode_graphs:  # its steps sync with the host: eager
             self.cuda_graphs = False
         self.use_method(method)
 
     # -- set-up ---------------------------------------------------------------------------------
     def block_bytes(self, method: DecodeMethod) -> int:
         c = self.config
-        kv = KVPool.bytes_per_block(c.num_layers, c.num_kv_heads, self.block_size, c.head_dim, self.dtype)
+        kv = KVPool.bytes_per_block(c.num_layers, len(self.kv_heads), self.block_size, c.head_dim, self.dtype)
         return kv + method.block_state_bytes(self.block_size, self.dtype)
 
     @torch.inference_mode()
@@ -122,7 +129,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        probe = KVPool(self.config.num_layers, 2, self.config.num_kv_heads, self.block_size, self.config.head_dim,
+        probe = KVPool(self.config.num_layers, 2, len(self.kv_heads), self.block_size, self.config.head_dim,
                        self.dtype, self.device)
         method.plan(probe, self.max_num_seqs, self.max_blocks)  # per-slot state, measured
         tokens = torch.zeros(self.max_num_batched_tokens, dtype=torch.int64, device=self.device)
@@ -137,7 +144,8 @@ class ModelRunner:
         del probe, tokens, positions
         c = self.config
         # The last prefill chunk of a full-length prompt gathers its prefix and expands it to every query head.
-        prefix = self.max_blocks * self.block_size * (c.num_heads + c.num_kv_heads) * c.head_dim * 2 * self.dtype.itemsize
+        heads = len(self.kv_heads) * (c.group_size + 1)
+        prefix = self.max_blocks * self.block_size * heads * c.head_dim * 2 * self.dtype.itemsize
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * utilization - before - outside_torch - peak - prefix - GPU_MARGIN_BYTES
@@ -153,8 +161,14 @@ class ModelRunner:
     def use_method(self, method: DecodeMethod) -> None:
         """Decode with `method` from now on (the pool's K/V are kept)."""
         self.method = method
+        method.use_kv_heads(self.kv_heads)
         self.drop_graphs()
         method.plan(self.pool, self.max_num_seqs, self.max_blocks)
+
+    def set_cuda_graphs(self, value: bool) -> None:
+        """Capture decode steps as CUDA graphs (on a GPU, over a pool that allows it) or run them eagerly."""
+        self.cuda_graphs = value and self.device.type == "cuda" and self.pool.decode_graphs
+        self.drop_graphs()
 
     def drop_graphs(self) -> None:
         """Forget the captured steps (a new method, or graphs turned off). Their memory pool goes with them:
@@ -219,7 +233,7 @@ class ModelRunner:
         positions = torch.arange(n, device=device)
         table = torch.tensor(block_table, dtype=torch.int64, device=device)
         block_ids, offsets = table[positions // bs], positions % bs
-        k_all = torch.empty(n, c.num_kv_heads, c.head_dim, dtype=dtype, device=device)
+        k_all = torch.empty(n, len(self.kv_heads), c.head_dim, dtype=dtype, device=device)
         v_all = torch.empty_like(k_all)
         x = self.model.embed_tokens(torch.tensor(token_ids, device=device))
         for layer in range(c.num_layers):
@@ -262,6 +276,10 @@ class ModelRunner:
             else:
                 self.method.after_prefill(layer, self.pool, blocks, length, queries=queries[layer])
 
+    def extra_kv_tokens_read(self, slot: int, mean_seq_len: float) -> float:
+        """The method's `extra_kv_tokens_read` of `slot`, for the KV heads this runner holds."""
+        return self.method.extra_kv_tokens_read(slot, mean_seq_len)
+
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: list[DecodeRow]) -> list[int]:
         """Tokens for logits [n, vocab] with each row's sampling parameters (its `position`: the token's)."""
@@ -279,6 +297,8 @@ class ModelRunner:
         """Run `num_steps` decode steps for `rows`; returns per row its `num_steps` sampled tokens (one host
         synchronisation)."""
         size = self.bucket_for(max(r.slot for r in rows) + 1)
+        if self.pool.reserve_rows(size):  # the pool's per-row buffers moved: steps captured before are stale
+            self.drop_graphs()
         self._load(rows, size)
         greedy = all(r.temperature == 0 for r in rows)
         out = torch.empty(num_steps, size, dtype=torch.int64, device=self.device)

@@ -7,7 +7,9 @@ capturable in a CUDA graph: fixed shapes, no host synchronisation. Everything a 
 (an exact refresh, a dense correction step) is decided on the device from `DecodeBatch.steps`, so a
 sequence decodes the same whether it joined the batch first or last.
 
-State lives per decode slot ([max_seqs, ...] tensors); a step of batch size B uses rows [:B].
+State lives per decode slot ([max_seqs, ...] tensors); a step of batch size B uses rows [:B]. On one GPU of a
+tensor-parallel model a method attends for that GPU's KV heads only (`use_kv_heads`): no head's selection
+needs another GPU's.
 """
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ class DecodeMethod:
         self.config = config
         self.options = {**self.defaults, **options}
         self.scale = config.head_dim**-0.5
+        self.kv_heads = range(config.num_kv_heads)  # the model's KV heads this instance attends for
+
+    def use_kv_heads(self, heads: range) -> None:
+        """Attend for the model's KV heads `heads` only: one GPU's of a tensor-parallel model, whose pool holds
+        just those. Call before `plan`: per-head state follows the pool, per-head options (lychee's roles) are
+        sliced to `heads`. The KV accounting (`kv_tokens_read`) stays the whole model's."""
+        self.kv_heads = heads
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:

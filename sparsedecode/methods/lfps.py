@@ -10,8 +10,8 @@ log-sum-exp in the same pass as the attention output. Their top-k is I(t).
 On CUDA a layer's bookkeeping besides the attention op is one Triton launch for the candidate lists
 (`kernels.lfps_candidates_into`, which also fills in the handed lists of lychee+lfps's sparse rows) and
 one per top-k (`kernels.select_blocks`: the new selection, and lychee+lfps's hand-on), into fixed
-buffers for CUDA graphs; a refresh threshold adds a few elementwise ops. Elsewhere their PyTorch
-references run.
+buffers for CUDA graphs; a refresh threshold adds a few elementwise ops. The top-k runs on a side stream
+(`lychee.SelectionStream`), overlapping the rest of the layer. Elsewhere their PyTorch references run.
 
 Refresh: a sequence's decode step 0 and every `refresh_every`-th step after it make its rows full (exact
 top-k over all blocks); each sequence counts its own steps, on the device (`DecodeBatch.steps`).
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..core import DecodeBatch, KVPool
 from ..kernels import lfps_candidates_into
 from .base import DecodeMethod
-from .lychee import Lychee
+from .lychee import Lychee, SelectionStream
 from ..core.selection import BlockSelector
 
 ATTEND_MODES = ("candidates", "selected")
@@ -182,7 +182,10 @@ class PastSelection:
         return lists, counts
 
     def full_rows(self, layer: int, size: int) -> torch.Tensor:
-        """This step's full rows of `layer`: the refreshing sequences', and the threshold's."""
+        """This step's full rows of `layer`: the refreshing sequences', and the threshold's (without a
+        threshold the refresh flags themselves: no launch per layer)."""
+        if self.log_threshold is None:
+            return self.refresh_rows[:size]
         return self.refresh_rows[:size] | self.force_full[layer, :size]
 
     def count_forced_rows(self, layer: int, size: int) -> None:
@@ -252,8 +255,9 @@ class LFPS(DecodeMethod):
                                   o["refresh_threshold"])
 
     def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
-        self.past.plan(pool, max_seqs, max_blocks, self.config.num_heads)
+        self.past.plan(pool, max_seqs, max_blocks, pool.num_kv_heads * self.config.group_size)
         pool.reserve(self.past.width + 1)
+        self.selection = SelectionStream(pool)
 
     def reset_slot(self, slot: int) -> None:
         self.past.reset_slot(slot)
@@ -266,6 +270,7 @@ class LFPS(DecodeMethod):
 
     def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         past, block_size, size, seq_lens = self.past, self.options["block_size"], batch.size, batch.seq_lens
+        self.selection.join()  # the previous layer's top-k reads the block scores overwritten below
         full = past.full_rows(layer, size)
         past.count_forced_rows(layer, size)
         lists, counts = past.candidates(layer, seq_lens)
@@ -273,7 +278,10 @@ class LFPS(DecodeMethod):
         if self.options["attend"] == "candidates":
             out, lse = pool.attention(layer, q, batch, self.scale, block_size, lists, counts, full, unit_lse,
                                       sorted_lists=True)
-            past.update(layer, lse, seq_lens, full)
+            # The top-k is read at this layer's next step: it overlaps the rest of the step (see SelectionStream).
+            self.selection.run(lambda: past.update(layer, lse, seq_lens, full), lse, full)
+            if layer == pool.num_layers - 1:
+                self.selection.join()
             if pool.prefetches and layer + 1 < pool.num_layers:
                 pool.prefetch(layer + 1, batch, *past.candidates(layer + 1, seq_lens))
             return out
@@ -312,7 +320,7 @@ class LycheeLFPS(Lychee):
 
     def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
         super().plan(pool, max_seqs, max_blocks)
-        self.past.plan(pool, max_seqs, max_blocks, self.config.num_heads, self.unit_lse)
+        self.past.plan(pool, max_seqs, max_blocks, pool.num_kv_heads * self.config.group_size, self.unit_lse)
         pool.reserve(self.past.width + 1)
 
     def reset_slot(self, slot: int) -> None:
@@ -320,9 +328,17 @@ class LycheeLFPS(Lychee):
         self.past.reset_slot(slot)
 
     def begin_step(self, batch: DecodeBatch) -> None:
-        # Not LycheeDecode's: its full rows are not read here (attend derives them with the refresh flags).
+        # Not LycheeDecode's: every layer's full rows of the step at once, in up to three launches per step
+        # instead of three per layer: retrieval rows of refreshing sequences, rows the threshold collapsed
+        # (retrieval rows, set by the previous step's `update` of the layer), and every row of a sequence
+        # taking a dense correction step.
         self.past.begin_step(batch)
-        self.dense_rows = self.dense_step(batch.steps)[:, None]
+        full = self.full_rows[:, : batch.size]
+        torch.logical_and(self.retrieval_rows[:, : batch.size], self.past.refresh_rows[None, : batch.size], out=full)
+        if self.past.log_threshold is not None:
+            full |= self.past.force_full[:, : batch.size]
+        if self.options["dense_every"]:
+            full |= self.dense_step(batch.steps)[None, :, None]
 
     def extra_kv_tokens_read(self, slot: int, mean_seq_len: float) -> float:
         return self.past.extra_tokens_read(slot, mean_seq_len)
@@ -335,10 +351,9 @@ class LycheeLFPS(Lychee):
 
     def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         size, seq_lens = batch.size, batch.seq_lens
+        self.selection.join()  # the previous layer's selection: its handed blocks are read, its scores overwritten
         retrieval = self.retrieval_rows[layer, :size]
-        # Retrieval rows of refreshing sequences, rows the threshold collapsed (retrieval rows, `update`), and
-        # every row of a sequence taking a dense correction step.
-        full = (retrieval & self.past.refresh_rows[:size]) | self.past.force_full[layer, :size] | self.dense_rows
+        full = self.full_rows[layer, :size]  # see begin_step
         self.past.count_forced_rows(layer, size)
         lists, counts = self.row_lists(layer, seq_lens)
         unit_lse = self.past.unit_lse[:size]
@@ -348,10 +363,16 @@ class LycheeLFPS(Lychee):
         # rows and selector: one selection writes both (unless the heads share one, TidalDecode-style).
         hands_on = self.selects[layer]
         shared = self.options["share_heads"]
-        self.past.update(layer, lse, seq_lens, full, rows=retrieval,
-                         copy_to=(self.blocks[:size], self.counts[:size]) if hands_on and not shared else None)
-        if hands_on and shared:
-            self.hand_on(layer, unit_lse, seq_lens, lse=lse)
+
+        def select() -> None:
+            self.past.update(layer, lse, seq_lens, full, rows=retrieval,
+                             copy_to=(self.blocks[:size], self.counts[:size]) if hands_on and not shared else None)
+            if hands_on and shared:
+                self.hand_on(layer, unit_lse, seq_lens, lse=lse)
+
+        self.selection.run(select, lse)  # overlaps the GEMVs up to the next layer's attend (see SelectionStream)
+        if layer == pool.num_layers - 1:
+            self.selection.join()
         if pool.prefetches and layer + 1 < pool.num_layers:
             pool.prefetch(layer + 1, batch, *self.row_lists(layer + 1, seq_lens))
         return out

@@ -26,7 +26,8 @@ class Quest(DecodeMethod):
 
     def block_state_bytes(self, block_size: int, dtype: torch.dtype) -> int:
         c = self.config  # min and max keys per page
-        return 2 * c.num_layers * c.num_kv_heads * (block_size // self.options["page_size"]) * c.head_dim * dtype.itemsize
+        heads = len(self.kv_heads)
+        return 2 * c.num_layers * heads * (block_size // self.options["page_size"]) * c.head_dim * dtype.itemsize
 
     def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
         page = self.options["page_size"]

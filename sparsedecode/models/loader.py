@@ -6,6 +6,9 @@ Registry models are converted once. transformers dequantises a GGUF slowly (most
 (`<stem>.<dtype>.safetensors`) and the transformers config and tokenizer (`<stem>.hf/`). Both are written
 atomically and keyed by the GGUF's sha256 (the weights also by the dtype); a cache whose key does not match
 is ignored and rebuilt.
+
+Over several GPUs (`TensorParallel`) each process loads only its slice of every weight: random weights are
+made per slice on its device, and the converted cache is read slice by slice.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,10 @@ import torch
 
 from ..utils.files import atomic_path
 from .config import ModelConfig, model_config_from_hf
+from .parallel import TensorParallel, shard_weight
 from .shapes import RANDOM_PREFIX, random_shape_config
 from .transformer import Transformer
+from .weights import Weight, from_transformers, weight_names
 
 #: part of every cache key: bump it when the converted form changes (e.g. Transformer's parameter layout)
 CONVERTED_FORMAT = "1"
@@ -102,14 +108,21 @@ def _auto_tokenizer(folder: str, gguf_file: str | None, mtime_ns: int) -> Any:
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
 
 
-def load_model(spec: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(spec: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               tp: TensorParallel = TensorParallel()) -> LoadedModel:
+    """The model `spec` on `device`; with `tp`, this GPU's slice of it."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     spec = str(spec)
     config = load_config(spec)  # refuses an unsupported architecture before any weight is read
     if spec.startswith(RANDOM_PREFIX):
-        with torch.device(device):
-            model = Transformer(config).to(dtype)
+        if tp.sharded:  # only this GPU's slice, made in the dtype on its device: no whole or float32 copy
+            with torch.device("meta"):
+                model = Transformer(config, tp).to(dtype)
+            model = _finish(model.to_empty(device=device), config, device)
+        else:  # as it always was: a seed gives the same weights as before
+            with torch.device(device):
+                model = Transformer(config).to(dtype)
         with torch.no_grad():
             for p in model.parameters():  # small, varied weights keep activations finite
                 p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
@@ -117,22 +130,30 @@ def load_model(spec: str | Path, device: str | torch.device | None = None, dtype
 
     tokenizer = load_tokenizer(spec)
     if spec in _registry_names():
-        model = _registry_weights(spec, config, device, dtype)
+        model = _registry_weights(spec, config, device, dtype, tp)
     else:
-        model = _from_transformers(*model_files(spec), config, device, dtype)
+        model = _from_transformers(*model_files(spec), config, device, dtype, tp)
     return LoadedModel(model, config, tokenizer, spec)
 
 
 def _from_transformers(folder: str, gguf_file: str | None, config: ModelConfig, device: torch.device,
-                       dtype: torch.dtype) -> Transformer:
+                       dtype: torch.dtype, tp: TensorParallel = TensorParallel()) -> Transformer:
     """The slow path: transformers reads (for a GGUF: dequantises) the weights, which we then take over."""
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, gguf_file=gguf_file)
+    return _assembled(from_transformers(hf_model.state_dict(), config).__getitem__, config, device, tp)
+
+
+def _assembled(get: Callable[[str], Any], config: ModelConfig, device: torch.device,
+               tp: TensorParallel) -> Transformer:
+    """The model (this GPU's slice, with `tp`) from `get(name)`: the whole weight of each of our parameter
+    names (a tensor, or a safetensors slice), the tied output head left out."""
     with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device=device).to(dtype)
-    model.load_hf_state_dict(hf_model.state_dict())
+        model = Transformer(config, tp)
+    state = {name: shard_weight(w, get(name), config, tp).to(device) for name, w in _stored_weights(config).items()}
+    # assign: the loaded tensors become the parameters (no second copy of the weights in memory)
+    model.load_state_dict(state, strict=False, assign=True)
     return _finish(model, config, device)
 
 
@@ -174,41 +195,45 @@ def _folder_key(folder: Path) -> dict | None:
         return None
 
 
-def _registry_weights(name: str, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """`name`'s weights from the converted cache when its key matches, else converted from the GGUF and cached."""
+def _registry_weights(name: str, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                      tp: TensorParallel = TensorParallel()) -> Transformer:
+    """`name`'s weights from the converted cache when its key matches, else converted from the GGUF and cached
+    (whole, in host memory when this process holds only a slice)."""
     from .registry import converted_weights, get_spec, model_lock, model_path
 
     dtype_name = str(dtype).removeprefix("torch.")
     path = converted_weights(name, dtype_name)
     key = {"gguf_sha256": get_spec(name).sha256, "dtype": dtype_name, "format": CONVERTED_FORMAT}
     with model_lock(name):
-        model = _load_converted(path, key, config, device)
+        model = _load_converted(path, key, config, device, tp)
         if model is None:
             gguf = model_path(name)
-            model = _from_transformers(str(gguf.parent), gguf.name, config, device, dtype)
+            model = _from_transformers(str(gguf.parent), gguf.name, config,
+                                       torch.device("cpu") if tp.sharded else device, dtype)
             _save_converted(model, config, path, key)
+            if tp.sharded:
+                model = _assembled(model.state_dict().__getitem__, config, device, tp)
     return model
 
 
-def _load_converted(path: Path, key: dict[str, str], config: ModelConfig, device: torch.device) -> Transformer | None:
-    """The cached weights at `path`, or None when there are none, or none with this key and layout."""
+def _load_converted(path: Path, key: dict[str, str], config: ModelConfig, device: torch.device,
+                    tp: TensorParallel = TensorParallel()) -> Transformer | None:
+    """The cached weights at `path` (this GPU's slices, with `tp`), or None when there are none, or none with
+    this key and layout."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     try:
-        with safe_open(path, "pt") as f:
-            if f.metadata() != key:
+        with safe_open(path, "pt", device=str(device)) as f:
+            if f.metadata() != key or set(f.keys()) != set(_stored_weights(config)):
                 return None
-        state = load_file(path, device=str(device))
+            return _assembled(f.get_slice, config, device, tp)
     except (OSError, SafetensorError):
         return None
-    with torch.device("meta"):
-        model = Transformer(config)
-    # assign: the loaded tensors become the parameters (no second copy of the weights in memory)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if set(missing) != _tied_names(config) or unexpected:
-        return None
-    return _finish(model, config, device)
+
+
+def _stored_weights(config: ModelConfig) -> dict[str, Weight]:
+    """Our parameter names, with their table rows, as the cache stores them."""
+    return {name: w for name, w in weight_names(config) if name not in _tied_names(config)}
 
 
 def _tied_names(config: ModelConfig) -> set[str]:

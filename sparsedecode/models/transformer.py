@@ -3,6 +3,9 @@ the caller passes (`AttentionFn`), which stores the new K/V wherever its cache l
 
 The arithmetic follows transformers' modeling code operation for operation (RMSNorm in float32, RoPE
 tables cast to the model dtype) so that greedy decoding matches `generate` token for token.
+
+Over several GPUs (`parallel.TensorParallel`) each holds its KV heads' share of attention, its share of the
+MLP and of the vocabulary; the residual stream is whole on every GPU.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelConfig
-from .weights import from_transformers
+from .parallel import TensorParallel, VocabParallelEmbedding, check_tensor_parallel
 
 #: attention(layer, q [n, Hq, D], k [n, Hkv, D], v [n, Hkv, D]) -> [n, Hq, D], for the n tokens of one call
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,14 +79,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
-        self.config = config
-        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.config, self.tp = config, tp
+        # this GPU's heads and MLP columns
+        self.num_heads, self.num_kv_heads = (len(tp.part(n)) for n in (config.num_heads, config.num_kv_heads))
+        intermediate = len(tp.part(config.intermediate_size))
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.o_bias)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * config.head_dim, config.hidden_size, bias=config.o_bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, config.hidden_size, bias=False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.qk_norm:
@@ -93,21 +99,22 @@ class DecoderLayer(nn.Module):
     def attention_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The residual stream x: [tokens, hidden] -> rotated q [tokens, Hq, D], k and v [tokens, Hkv, D]
         of the normalised x."""
-        c = self.config
+        c, heads, kv_heads = self.config, self.num_heads, self.num_kv_heads
         q, k, v = self.qkv_proj(self.input_layernorm(x)).split(
-            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1
+            [heads * c.head_dim, kv_heads * c.head_dim, kv_heads * c.head_dim], dim=-1
         )
-        q = q.view(-1, c.num_heads, c.head_dim)
-        k = k.view(-1, c.num_kv_heads, c.head_dim)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        q = q.view(-1, heads, c.head_dim)
+        k = k.view(-1, kv_heads, c.head_dim)
+        v = v.view(-1, kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attention_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The residual stream after this layer, from its attention output attn: [tokens, Hq, D]."""
-        x = x + self.o_proj(attn.reshape(x.shape[0], -1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """The residual stream after this layer, from its attention output attn: [tokens, Hq, D] (this GPU's
+        heads; each projection back to the residual stream is a partial sum over the GPUs)."""
+        x = x + self.tp.all_reduce(self.o_proj(attn.reshape(x.shape[0], -1)))
+        return x + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -115,13 +122,15 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        check_tensor_parallel(config, tp.world_size)
+        self.config, self.tp = config, tp
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp) if tp.sharded
+                             else nn.Embedding(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, tp.vocab_rows(config.vocab_size), bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
@@ -137,14 +146,6 @@ class Transformer(nn.Module):
         inputs); the attention itself stays the caller's."""
         self.attention_input = torch.compile(DecoderLayer.attention_input, fullgraph=True)
         self.attention_output = torch.compile(DecoderLayer.attention_output, fullgraph=True)
-
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load transformers' parameter names, fusing q/k/v and gate/up projections (`weights`)."""
-        own = from_transformers(state, self.config)
-        missing, unexpected = self.load_state_dict(own, strict=False)
-        missing = [m for m in missing if not m.startswith("rope.")]
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
@@ -171,5 +172,8 @@ class Transformer(nn.Module):
         return DecoderLayer.attention_output(layer, x, attention(i, q, k, v))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 logits [n, vocab] of residual-stream rows x [n, hidden]."""
-        return self.lm_head(self.norm(x)).float()
+        """float32 logits [n, vocab] of residual-stream rows x [n, hidden] (all of them, on every GPU)."""
+        logits = self.lm_head(self.norm(x))
+        if self.tp.sharded:
+            logits = self.tp.gather_columns(logits)[:, : self.config.vocab_size]
+        return logits.float()

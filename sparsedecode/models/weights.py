@@ -1,7 +1,8 @@
 """The one table between our parameter names and transformers' (Llama, Qwen2, Qwen3, Mistral).
 
 Our decoder fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`: such a parameter is the
-concatenation, along dim 0 and in the table's order, of the transformers parameters it names.
+concatenation, along dim 0 and in the table's order, of the transformers parameters it names. `split` says
+how tensor parallelism cuts a weight over GPUs (`parallel.shard_weight`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ class Weight(NamedTuple):
     theirs: tuple[str, ...]  # concatenated along dim 0, in this order
     needs: str | None = None  # the ModelConfig flag without which the weight does not exist
     rows: Callable[[ModelConfig], list[int]] | None = None  # fused: the rows of each of `theirs`
+    # Over GPUs: "rows" (each fused part by rows: attention by heads, the MLP by intermediate columns),
+    # "columns" (the projections back to the residual stream), "vocab" (vocabulary rows), "first" (a bias
+    # added after a partial sum: GPU 0 holds it), None (every GPU holds it whole).
+    split: str | None = None
 
 
 def _qkv_rows(c: ModelConfig) -> list[int]:
@@ -30,20 +35,20 @@ def _gate_up_rows(c: ModelConfig) -> list[int]:
 
 #: the weights outside the layers
 MODEL_WEIGHTS = (
-    Weight("embed_tokens.weight", ("model.embed_tokens.weight",)),
+    Weight("embed_tokens.weight", ("model.embed_tokens.weight",), split="vocab"),
     Weight("norm.weight", ("model.norm.weight",)),
-    Weight("lm_head.weight", ("lm_head.weight",)),
+    Weight("lm_head.weight", ("lm_head.weight",), split="vocab"),
 )
 #: the weights of layer i, below `layers.{i}.` (ours) and `model.layers.{i}.` (theirs)
 LAYER_WEIGHTS = (
     Weight("qkv_proj.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-           rows=_qkv_rows),
+           rows=_qkv_rows, split="rows"),
     Weight("qkv_proj.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv_bias",
-           _qkv_rows),
-    Weight("o_proj.weight", ("self_attn.o_proj.weight",)),
-    Weight("o_proj.bias", ("self_attn.o_proj.bias",), "o_bias"),
-    Weight("gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), rows=_gate_up_rows),
-    Weight("down_proj.weight", ("mlp.down_proj.weight",)),
+           _qkv_rows, "rows"),
+    Weight("o_proj.weight", ("self_attn.o_proj.weight",), split="columns"),
+    Weight("o_proj.bias", ("self_attn.o_proj.bias",), "o_bias", split="first"),
+    Weight("gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), rows=_gate_up_rows, split="rows"),
+    Weight("down_proj.weight", ("mlp.down_proj.weight",), split="columns"),
     Weight("input_layernorm.weight", ("input_layernorm.weight",)),
     Weight("post_attention_layernorm.weight", ("post_attention_layernorm.weight",)),
     Weight("q_norm.weight", ("self_attn.q_norm.weight",), "qk_norm"),

@@ -29,7 +29,7 @@ from ..cli import parse_method_options
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
               help="Tokens per KV-cache block (default: the engine's).")
 @click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True,
-              help="GPUs per model; only 1 for now.")
+              help="GPUs the model is split over (by KV head: it must divide the model's KV heads).")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Compute dtype (default: the loader's choice).")
@@ -46,15 +46,12 @@ def serve_command(model: str, method: str, options: tuple[str, ...], host: str, 
     from .. import LLM
     from .app import build_app
 
-    if tensor_parallel_size != 1:
-        raise click.BadParameter(f"{tensor_parallel_size}: the engine runs on one GPU; tensor parallelism is "
-                                 "not supported yet", param_hint="--tensor-parallel-size")
     engine_args = {"max_num_seqs": max_num_seqs, "max_context": max_model_len,
                    "gpu_memory_utilization": gpu_memory_utilization, "num_blocks": num_gpu_blocks_override,
                    "block_size": int(block_size) if block_size else None, "dtype": dtype}
     try:
-        llm = LLM(model, method=method, device=device, **{k: v for k, v in engine_args.items() if v is not None},
-                  **parse_method_options(options))
+        llm = LLM(model, method=method, device=device, tensor_parallel_size=tensor_parallel_size,
+                  **{k: v for k, v in engine_args.items() if v is not None}, **parse_method_options(options))
     except (ValueError, TypeError, FileNotFoundError) as e:  # unknown model or method, bad option, pool too big
         raise click.UsageError(str(e)) from None
     app = build_app(llm, list(served_model_names) or [model], api_key)
