@@ -1,5 +1,5 @@
-"""Sparse decoding inside transformers (`sparsedecode.hf`), on real weights loaded by transformers from the
-registry's GGUF files: under settings that read every cached token, every method generates the tokens of
+"""Sparse decoding inside transformers (`sparsedecode.hf`), on real weights (smollm2-135m loaded by
+transformers from the registry's GGUF; qwen2.5-coder-0.5b as transformers' model over the engine's weights): under settings that read every cached token, every method generates the tokens of
 plain `model.generate` (SDPA) for a left-padded batch; under sparse budgets every method decodes the
 tokens the engine decodes, reads a fraction of the KV cache, and does not depend on the pool growing;
 the model is unchanged after the block; unsupported settings raise."""
@@ -18,10 +18,12 @@ from transformers import (
 )
 
 from sparsedecode import LLM
+from sparsedecode.bench.e2e import hf_model_like
 from sparsedecode.hf import SparseCache, UnsupportedSettingError, sparse_decoding
 from sparsedecode.hf import cache as hf_cache
 from sparsedecode.methods import METHODS
 from sparsedecode.models.config import UnsupportedModelError
+from sparsedecode.models.loader import load_model
 from sparsedecode.models.registry import resolve_model
 from sparsedecode.roles.head_roles import HeadRoles, shipped_roles_path
 
@@ -53,12 +55,19 @@ def sparse(name: str) -> dict:
 
 
 class Model:
-    """A registry model loaded by transformers from its GGUF, with a left-padding tokenizer."""
+    """A registry model with a left-padding tokenizer, as transformers' own model class: loaded by
+    transformers from its GGUF (`gguf_file=`), or with `engine_weights` built over the engine's converted
+    weights (`hf_model_like`: the same values without transformers' slow dequantisation)."""
 
-    def __init__(self, name: str) -> None:
-        path = resolve_model(name)
-        self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, padding_side="left")
+    def __init__(self, name: str, engine_weights: bool = False) -> None:
+        if engine_weights:
+            loaded = load_model(name, torch.device("cpu"), torch.float32)
+            self.model, self.tokenizer = hf_model_like(loaded.model), loaded.tokenizer
+            self.tokenizer.padding_side = "left"
+        else:
+            path = resolve_model(name)
+            self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, padding_side="left")
         self.batch = self.inputs(PROMPTS)
         self.plain = self.generate(self.batch)
 
@@ -81,7 +90,7 @@ def engine() -> LLM:
 
 @pytest.fixture(scope="module")
 def qwen() -> Model:
-    return Model("qwen2.5-coder-0.5b")
+    return Model("qwen2.5-coder-0.5b", engine_weights=True)
 
 
 def test_the_batch_is_left_padded(smollm: Model) -> None:

@@ -81,6 +81,7 @@ def test_engine_check_refuses_a_tensor_parallel_parity_of_random_weights() -> No
         engine_check.ParityOptions(tensor_parallel_size=2)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_e2e_benchmark_over_two_processes_counts_bytes_per_gpu() -> None:
     """The benchmark's path through the engine on two processes (a benchmark-only method, sdpa, rebuilt in the
     worker from its class; lfps's two kinds of step), with each GPU's bytes: half the weights and KV reads."""
@@ -128,6 +129,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # spawns an engine and its workers
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_exit_when_the_engine_process_dies(tmp_path) -> None:
     script = tmp_path / "engine.py"
