@@ -209,13 +209,9 @@ def ruler_command(**options: Any) -> None:
     """RULER's synthetic tasks (NIAH variants, variable tracking, common/frequent words, QA).
 
     \b
-    Duration (an estimate, not a measurement): the 2-sample run of docs/quality.md (11 tasks x 4 lengths,
-    dense + 5 sparse methods x 2 budgets = 11 method runs, --batch-size 8, qwen2.5-coder-1.5b) took 507 s
-    on an H100. Scaled linearly in the samples, 25 samples take ~12.5x that: ~6,300 s (1 h 45 min) for
-    those 11 runs, ~10 min per method run at --batch-size 8 (longer at the default batch size of 1),
-    x13/11 with both QA tasks. Model loading does not grow with the samples and batches are fuller now,
-    so expect somewhat less. Split a long run by --lengths / --budget over calls into the same --out
-    (or merge folders with `eval merge`). See docs/evals.md.
+    A standard run (25 samples per task and length) is long on one GPU (docs/evals.md estimates its
+    duration). Split a long run by --lengths / --budget over calls into the same --out (or merge folders
+    with `eval merge`).
     """
     _run("ruler", **options)
 

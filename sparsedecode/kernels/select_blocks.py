@@ -64,10 +64,8 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def launch_warps(nb_pad: int) -> int:
-    """Warps of a program for a padded row of `nb_pad` blocks (measured on an H100: 4 and 8 tie up to
-    2048 blocks, 8 is best at 4096, 16 at 8192 with one sequence (Quest's pages at 128K;
-    docs/notes/2026-11-24-static-engine.md), 8-32 tie at 16384; 1-2 warps are several times slower from
-    2048 blocks on)."""
+    """Warps of a program for a padded row of `nb_pad` blocks: the fastest per row size in the launch
+    tuning of docs/notes/2026-11-24-static-engine.md."""
     return 4 if nb_pad <= 2048 else 8 if nb_pad <= 4096 else 16
 
 
