@@ -62,10 +62,10 @@ def live_server(llm: LLM, names: list[str], api_key: str | None = None) -> Itera
         thread.join(30)
 
 
-def references(llm: LLM) -> list[str]:
+def references(llm: LLM, questions: list[str] = QUESTIONS) -> list[str]:
     """Greedy texts of the chat-templated questions, one `generate` call each."""
     return [llm.generate([llm.apply_chat_template(q)], max_new_tokens=NEW_TOKENS, temperature=0)[0].text
-            for q in QUESTIONS]
+            for q in questions]
 
 
 @contextmanager
@@ -277,6 +277,25 @@ def test_pool_all_free_after_many_requests_with_disconnects(dense_url) -> None:
 def test_tensor_parallel_size_that_does_not_divide_the_kv_heads_is_refused() -> None:
     result = CliRunner().invoke(serve_command, ["--model", MODEL, "--tensor-parallel-size", "2"])
     assert result.exit_code == 2 and "num_kv_heads=3" in result.output and "sizes that work: 1, 3" in result.output
+
+
+def test_a_model_split_over_two_processes_serves_concurrent_requests() -> None:
+    """A server over a tensor-parallel engine (qwen2.5-coder-0.5b, 2 KV heads: rank 0 here and one spawned
+    gloo worker): concurrent chat requests give the split engine's own greedy texts."""
+    llm = LLM("qwen2.5-coder-0.5b", device="cpu", max_num_seqs=4, max_context=MAX_CONTEXT, tensor_parallel_size=2)
+    try:
+        expected = references(llm, QUESTIONS[:4])
+        with live_server(llm, ["qwen"]) as url:
+            async def run() -> list[str]:
+                c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+                outs = await asyncio.gather(*(c.chat.completions.create(
+                    model="qwen", messages=[{"role": "user", "content": q}], max_tokens=NEW_TOKENS, temperature=0)
+                    for q in QUESTIONS[:4]))
+                return [o.choices[0].message.content for o in outs]
+
+            assert asyncio.run(run()) == expected
+    finally:
+        llm.close()
 
 
 def test_text_deltas_hold_back_half_characters() -> None:
