@@ -387,3 +387,16 @@ def test_bench_hf_times_plain_and_sparse_generate(tmp_path, one_thread):
     # a 64-token budget over a 256-token prompt: lychee's sparse heads read a part of the KV
     assert 0 < by_name["sparse_decoding lychee"]["KV read"] < 1
     assert "| sparse_decoding lychee |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--contexts", "8k"], "over its 4096 positions"),
+    (["--methods", "sdpa"], "benchmark-only method"),
+    (["--roles", "random:24"], "random:N needs"),
+])
+def test_bench_hf_bad_input_is_one_error_line(tmp_path, args, words, one_thread):
+    result = CliRunner().invoke(bench_cli.bench_group, [
+        "hf", "--models", "random:tiny-llama", "--contexts", "256", "--methods", "dense,lychee", "--steps", "2",
+        "--device", "cpu", "--out", str(tmp_path), *args])
+    assert result.exit_code != 0 and words in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "results.json").exists()  # nothing half-written

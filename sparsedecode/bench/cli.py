@@ -226,9 +226,16 @@ def hf(models: list[str], contexts: list[int], methods: list[str], budget: int, 
     eager and compiled): ms per decode step and tokens/s, batch 1."""
     from .hf_bench import HFBenchOptions, results_markdown, run_hf_bench
 
+    if "sdpa" in methods:
+        raise click.BadParameter("sdpa is a benchmark-only method of bench e2e; give methods of sparsedecode.hf",
+                                 param_hint="--methods")
     opts = HFBenchOptions(models=models, contexts=contexts, methods=methods, budget=budget, roles=roles,
                           steps=steps, compiled_baseline=compiled_baseline, device=device)
-    click.echo(results_markdown(run_hf_bench(opts, out)))
+    try:
+        results = run_hf_bench(opts, out)
+    except ValueError as e:  # a prompt over the model's positions, options the method refuses
+        raise click.ClickException(str(e)) from None
+    click.echo(results_markdown(results))
     click.echo(f"written to {out}/")
 
 

@@ -49,6 +49,9 @@ def run_hf_bench(opts: HFBenchOptions, out: Path, log: Callable[[str], None] = p
         real = not spec.startswith("random:")
         hf = hf_model_like(loaded.model)
         for context in opts.contexts:
+            if context + opts.steps + 1 > loaded.config.max_position_embeddings:
+                raise ValueError(f"{spec}: a {context}-token prompt plus {opts.steps + 1} generated tokens is over its "
+                                 f"{loaded.config.max_position_embeddings} positions; give a shorter --contexts")
             ids = torch.tensor(prompts(loaded.tokenizer, loaded.config.vocab_size, context, 1, opts.haystack),
                                device=device)
             plain = {"cache_implementation": "static"}
