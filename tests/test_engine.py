@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from sparsedecode import LLM
+from sparsedecode.bench.e2e import hf_model_like
 from sparsedecode.engine.model_runner import PrefillRequest
 from sparsedecode.kernels import sparse_decode_attention_ref
 from sparsedecode.models.config import UnsupportedModelError
-from sparsedecode.models.registry import resolve_model
 
 pytestmark = pytest.mark.slow  # real model weights
 
@@ -27,33 +26,24 @@ def smollm() -> LLM:
     return LLM("smollm2-135m", device="cpu")
 
 
-def hf_greedy(path, ids: list[int], new_tokens: int) -> list[int]:
-    model = hf_model(path)
+def hf_greedy(llm: LLM, ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' own generate (its modeling code, SDPA) over the engine's weights: the converted weights
+    are transformers' own GGUF dequantisation, so this checks every layer of the engine's decoder."""
+    model = hf_model_like(llm.engine.runner.model)
     out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
     return out[0, len(ids):].tolist()
-
-
-_HF = {}
-
-
-def hf_model(path):
-    if path not in _HF:
-        _HF.clear()
-        _HF[path] = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return _HF[path]
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b"])
 def test_greedy_matches_transformers_generate(name: str, smollm: LLM) -> None:
     llm = smollm if name == "smollm2-135m" else LLM(name, device="cpu")
-    path = resolve_model(name)
     prompts = [*PROMPTS, llm.apply_chat_template("Name three colours.")]
     token_lists = [llm.tokenizer(p).input_ids for p in prompts]
     new_tokens = 20
     # One batch of prompts of different lengths: every sequence must match its own HF generation.
     batched = llm.generate(token_lists, max_new_tokens=new_tokens, stop_token_ids=[])
     for ids, got in zip(token_lists, batched):
-        expected = hf_greedy(path, ids, new_tokens)  # HF stops at end-of-sequence; we ran on
+        expected = hf_greedy(llm, ids, new_tokens)  # HF stops at end-of-sequence; we ran on
         assert got.token_ids[: len(expected)] == expected and len(expected) >= 2
     assert len({len(t) for t in token_lists}) > 1
 
