@@ -84,6 +84,21 @@ def _lazy_docstring(target: str) -> str:
     return ""
 
 
+#: `--kv-offload` of `generate` and `serve`: where the offloaded pool's index scores
+KV_OFFLOAD_CHOICES = ["cpu-index", "gpu-index"]
+
+
+def offload_option(kv_offload: str | None, offload_threads: int | None) -> Any:
+    """The `kv_offload` argument of `LLM` for `--kv-offload` / `--offload-threads` (an OffloadConfig or None)."""
+    if offload_threads is not None and kv_offload != "cpu-index":
+        raise click.UsageError("--offload-threads sets the CPU index's threads: it needs --kv-offload cpu-index")
+    if kv_offload is None:
+        return None
+    from .offload import OffloadConfig
+
+    return OffloadConfig(index=kv_offload.removesuffix("-index"), cpu_threads=offload_threads)
+
+
 def parse_method_options(pairs: tuple[str, ...]) -> dict:
     """`key=value` pairs; values parsed as int, float, true/false/none, else kept as text."""
     options = {}
@@ -200,7 +215,7 @@ def main() -> None:
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int)
 @click.option("--device")
-@click.option("--kv-offload", type=click.Choice(["cpu-index", "gpu-index"]), default=None,
+@click.option("--kv-offload", type=click.Choice(KV_OFFLOAD_CHOICES), default=None,
               help="KV cache in host memory (methods lfps, lychee+lfps): the index scores on the CPU over host "
                    "keys, or on the GPU, where the keys then stay (only the values in host memory).")
 @click.option("--offload-threads", type=click.IntRange(min=1), default=None,
@@ -214,8 +229,7 @@ def generate(model, method, options, prompt, chat, max_new_tokens, temperature, 
     text = prompt if prompt is not None else sys.stdin.read()
     if not text.strip():
         raise click.UsageError("empty prompt: pass --prompt or pipe text on standard input")
-    if offload_threads is not None and kv_offload != "cpu-index":
-        raise click.UsageError("--offload-threads sets the CPU index's threads: it needs --kv-offload cpu-index")
+    offload_option(kv_offload, offload_threads)  # checked before the model loads
     config, tokenizer = check_model(model)
     if tokenizer is None:
         raise click.BadParameter("random-weight shapes have no tokenizer; give a registry model, a GGUF file or "
@@ -235,11 +249,9 @@ def generate(model, method, options, prompt, chat, max_new_tokens, temperature, 
             f"{config.max_position_embeddings}-token context of {model}; shorten the prompt or lower -n")
 
     from . import LLM
-    from .offload import OffloadConfig
 
-    offload = None if kv_offload is None else OffloadConfig(index=kv_offload.removesuffix("-index"),
-                                                            cpu_threads=offload_threads)
-    llm = LLM(model, method=method, device=device, kv_offload=offload, **method_options)
+    llm = LLM(model, method=method, device=device, kv_offload=offload_option(kv_offload, offload_threads),
+              **method_options)
     for piece in llm.stream(text, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
         click.echo(piece, nl=False)
     click.echo()

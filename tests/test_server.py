@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from sparsedecode import LLM
 from sparsedecode.bench.serve import free_port, wait_healthy
+from sparsedecode.cli import offload_option
 from sparsedecode.server.app import build_app
 from sparsedecode.server.cli import serve_command
 from sparsedecode.server.responses import TextDeltas
@@ -296,6 +297,32 @@ def test_a_model_split_over_two_processes_serves_concurrent_requests() -> None:
             assert asyncio.run(run()) == expected
     finally:
         llm.close()
+
+
+def test_an_offloaded_kv_cache_serves_concurrent_requests() -> None:
+    """`serve --kv-offload`: the engine's pool in host memory (whole prefills, staged blocks) behind the server;
+    concurrent chats give the offloaded engine's own greedy texts."""
+    llm = LLM(MODEL, method="lychee+lfps", budget=64, device="cpu", max_num_seqs=4, max_context=MAX_CONTEXT,
+              kv_offload=offload_option("gpu-index", None))
+    expected = references(llm, QUESTIONS[:4])
+    with live_server(llm, [MODEL]) as url:
+        async def run() -> list[str]:
+            c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            outs = await asyncio.gather(*(c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=NEW_TOKENS, temperature=0)
+                for q in QUESTIONS[:4]))
+            return [o.choices[0].message.content for o in outs]
+
+        assert asyncio.run(run()) == expected
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--offload-threads", "2"], "needs --kv-offload cpu-index"),
+    (["--kv-offload", "gpu-index", "--method", "dense"], "cannot decode from an offloaded KV cache"),
+])
+def test_offload_flags_are_checked(args, words) -> None:
+    result = CliRunner().invoke(serve_command, ["--model", MODEL, "--device", "cpu", *args])
+    assert result.exit_code == 2 and words in result.output
 
 
 def test_text_deltas_hold_back_half_characters() -> None:

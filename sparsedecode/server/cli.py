@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import parse_method_options
+from ..cli import KV_OFFLOAD_CHOICES, offload_option, parse_method_options
 
 
 @click.command("serve")
@@ -30,6 +30,11 @@ from ..cli import parse_method_options
               help="Tokens per KV-cache block (default: the engine's).")
 @click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="GPUs the model is split over (by KV head: it must divide the model's KV heads).")
+@click.option("--kv-offload", type=click.Choice(KV_OFFLOAD_CHOICES), default=None,
+              help="KV cache in host memory, so the pool holds more sequences than GPU memory (methods lfps, "
+                   "lychee+lfps): the index scores on the CPU over host keys, or on the GPU, where the keys stay.")
+@click.option("--offload-threads", type=click.IntRange(min=1), default=None,
+              help="Threads of the CPU index (default: PyTorch's).")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Compute dtype (default: the loader's choice).")
@@ -39,14 +44,16 @@ def serve_command(model: str, method: str, options: tuple[str, ...], host: str, 
                   served_model_names: tuple[str, ...], api_key: str | None, max_num_seqs: int | None,
                   max_model_len: int | None, gpu_memory_utilization: float | None,
                   num_gpu_blocks_override: int | None, block_size: str | None, tensor_parallel_size: int,
-                  device: str | None, dtype: str | None, uvicorn_log_level: str) -> None:
+                  kv_offload: str | None, offload_threads: int | None, device: str | None, dtype: str | None,
+                  uvicorn_log_level: str) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     import uvicorn
 
     from .. import LLM
     from .app import build_app
 
-    engine_args = {"max_num_seqs": max_num_seqs, "max_context": max_model_len,
+    offload = offload_option(kv_offload, offload_threads)
+    engine_args = {"max_num_seqs": max_num_seqs, "max_context": max_model_len, "kv_offload": offload,
                    "gpu_memory_utilization": gpu_memory_utilization, "num_blocks": num_gpu_blocks_override,
                    "block_size": int(block_size) if block_size else None, "dtype": dtype}
     try:
