@@ -1,6 +1,7 @@
 """The contract every registered decode method inherits: a budget covering the context reproduces dense
 decoding token for token, in ragged batches and for sequences that join a running batch; a small budget
-reads less than dense; on a GPU, graph replays decode as eager steps do."""
+reads less than dense; several decode steps per host synchronisation decode as one step each; on a GPU,
+graph replays decode as eager steps do."""
 from __future__ import annotations
 
 import pytest
@@ -66,6 +67,17 @@ def test_a_small_budget_reads_less_than_dense(name: str, tiny: LLM) -> None:
     generation = tiny.generate([PROMPTS[-1]], max_new_tokens=NEW_TOKENS, stop_token_ids=[])[0]
     assert 0 < generation.kv_fraction_read < 1
     assert generation.kv_bytes_per_token > 0
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_several_steps_per_sync_decode_as_one_step_per_sync(name: str, tiny: LLM) -> None:
+    """`generate(sync_every=k)` runs k decode steps per host synchronisation (a GPU's default): with a
+    sparse budget, whose per-sequence step clocks and selections the steps advance, the tokens are those
+    of one step per synchronisation."""
+    tiny.use_method(name, **({"budget": 64} if "budget" in METHODS[name].defaults else {}))
+    runs = [[g.token_ids for g in tiny.generate(PROMPTS, max_new_tokens=NEW_TOKENS + 3, stop_token_ids=[],
+                                                sync_every=k)] for k in (1, 5)]
+    assert runs[0] == runs[1] and all(len(t) == NEW_TOKENS + 3 for t in runs[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

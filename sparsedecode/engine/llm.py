@@ -23,6 +23,9 @@ from .tensor_parallel import TensorParallelRunner
 from .workers import ShardSpec, Workers
 
 
+SYNC_EVERY_GPU = 16  # decode steps per host synchronisation of `generate` on a GPU
+
+
 @dataclass
 class Generation:
     text: str
@@ -209,12 +212,17 @@ class LLM:
         seed: int | None = None,
         stop: list[str] | None = None,
         stop_token_ids: list[int] | None = None,
-        sync_every: int = 16,
+        sync_every: int | None = None,
     ) -> list[Generation]:
         """Generate for each prompt. A string prompt is used as given (apply the chat template with
         `apply_chat_template` first for chat models). Greedy when temperature is 0. `max_new_tokens`
         may be one limit per prompt. `stop_token_ids` replace the model's end-of-sequence tokens ([]: none).
-        `sync_every`: decode steps between two looks at the tokens (stop checks)."""
+        `sync_every`: decode steps between two looks at the tokens (stop checks; steps after a sequence's
+        stop are wasted); default 16 on a GPU, where each look is a host synchronisation, and 1 on a CPU."""
+        if sync_every is None:
+            sync_every = SYNC_EVERY_GPU if self.device.type == "cuda" else 1
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be at least 1 decode step, not {sync_every}")
         outputs = self._run(prompts, max_new_tokens, temperature, top_p, seed, stop, stop_token_ids, sync_every)
         for _ in outputs:
             pass
