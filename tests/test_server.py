@@ -299,6 +299,27 @@ def test_a_model_split_over_two_processes_serves_concurrent_requests() -> None:
         llm.close()
 
 
+def test_several_decode_steps_per_engine_step_serve_the_same_texts(dense) -> None:
+    """`serve --num-scheduler-steps 4`: each engine step decodes 4 tokens per request; concurrent streams
+    still give the greedy texts, and their pieces join to them."""
+    url, expected = dense
+    llm = LLM(MODEL, device="cpu", max_num_seqs=8, max_context=MAX_CONTEXT)
+    llm.engine.decode_steps = 4
+    with live_server(llm, [MODEL]) as url:
+        async def run() -> list[str]:
+            c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+            async def streamed(q: str) -> str:
+                stream = await c.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=NEW_TOKENS, temperature=0,
+                    stream=True)
+                return "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+
+            return await asyncio.gather(*(streamed(q) for q in QUESTIONS))
+
+        assert asyncio.run(run()) == expected
+
+
 def test_an_offloaded_kv_cache_serves_concurrent_requests() -> None:
     """`serve --kv-offload`: the engine's pool in host memory (whole prefills, staged blocks) behind the server;
     concurrent chats give the offloaded engine's own greedy texts."""

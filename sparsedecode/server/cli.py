@@ -28,6 +28,9 @@ from ..cli import KV_OFFLOAD_CHOICES, offload_option, parse_method_options
               help="KV-cache blocks in the pool, instead of sizing it from --gpu-memory-utilization.")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
               help="Tokens per KV-cache block (default: the engine's).")
+@click.option("--num-scheduler-steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Decode steps per engine step (one host synchronisation each; a stream then gets up to that "
+                   "many tokens at once, and steps after a request's stop are wasted).")
 @click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="GPUs the model is split over (by KV head: it must divide the model's KV heads).")
 @click.option("--kv-offload", type=click.Choice(KV_OFFLOAD_CHOICES), default=None,
@@ -43,7 +46,8 @@ from ..cli import KV_OFFLOAD_CHOICES, offload_option, parse_method_options
 def serve_command(model: str, method: str, options: tuple[str, ...], host: str, port: int,
                   served_model_names: tuple[str, ...], api_key: str | None, max_num_seqs: int | None,
                   max_model_len: int | None, gpu_memory_utilization: float | None,
-                  num_gpu_blocks_override: int | None, block_size: str | None, tensor_parallel_size: int,
+                  num_gpu_blocks_override: int | None, block_size: str | None, num_scheduler_steps: int,
+                  tensor_parallel_size: int,
                   kv_offload: str | None, offload_threads: int | None, device: str | None, dtype: str | None,
                   uvicorn_log_level: str) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
@@ -61,5 +65,6 @@ def serve_command(model: str, method: str, options: tuple[str, ...], host: str, 
                   **{k: v for k, v in engine_args.items() if v is not None}, **parse_method_options(options))
     except (ValueError, TypeError, FileNotFoundError) as e:  # unknown model or method, bad option, pool too big
         raise click.UsageError(str(e)) from None
+    llm.engine.decode_steps = num_scheduler_steps
     app = build_app(llm, list(served_model_names) or [model], api_key)
     uvicorn.run(app, host=host, port=port, log_level=uvicorn_log_level, timeout_graceful_shutdown=5)
