@@ -26,7 +26,10 @@ def counters(url: str) -> dict[str, float]:
 
 def test_bench_serve_against_a_live_server(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server's torch: one thread is fastest on a busy machine
-    serve_args = ("--device", "cpu", "--max-model-len", "512", "--max-num-seqs", "4")
+    # engine flags away from their defaults: 64-token prompts prefilled in two chunks, two decode steps per
+    # engine step (chunks carrying two tokens), no prefix cache
+    serve_args = ("--device", "cpu", "--max-model-len", "512", "--max-num-seqs", "4", "--max-num-batched-tokens",
+                  "32", "--num-scheduler-steps", "2", "--no-enable-prefix-caching")
     with launch_server("smollm2-135m", "dense", {}, serve_args, tmp_path / "server.log", 300) as url:
         result = CliRunner().invoke(bench_group, [
             "serve", "--url", url, "--concurrency", "1,2", "--num-prompts", str(PROMPTS), "--input-len", "64",

@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import httpx2
 import openai
@@ -212,6 +212,23 @@ def test_models_health_and_metrics(dense_url) -> None:
     assert after["time_per_output_token_seconds_count"] - before["time_per_output_token_seconds_count"] == 2
     assert after["request_kv_fraction_read_sum"] - before["request_kv_fraction_read_sum"] == pytest.approx(1.0)
     assert after["kv_blocks_free"] > 0 and after["kv_blocks_used"] == 0 and after["num_requests_running"] == 0
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_prefix_cache_counters(caching: bool, dense_url) -> None:
+    """A prompt sent twice: with prefix caching its second prefill reuses the two full blocks of 64 tokens
+    (the counters say so); without it nothing is found."""
+    prompt = [(17 * i) % 4000 + 10 for i in range(150)]
+    llm = None
+    if not caching:
+        llm = LLM(MODEL, device="cpu", max_num_seqs=2, max_context=MAX_CONTEXT, enable_prefix_caching=False)
+    with (live_server(llm, [MODEL]) if llm else nullcontext(dense_url)) as url:
+        before = metrics(url)
+        for _ in range(2):
+            client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body={"ignore_eos": True})
+        after = metrics(url)
+    assert after["prefix_cache_queries_total"] - before.get("prefix_cache_queries_total", 0) == 2 * len(prompt)
+    assert after["prefix_cache_hits_total"] - before.get("prefix_cache_hits_total", 0) == (128 if caching else 0)
 
 
 def wait_idle(url: str, seconds: float) -> dict[str, float]:

@@ -28,6 +28,11 @@ from ..cli import KV_OFFLOAD_CHOICES, offload_option, parse_method_options
               help="KV-cache blocks in the pool, instead of sizing it from --gpu-memory-utilization.")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
               help="Tokens per KV-cache block (default: the engine's).")
+@click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
+              help="Prompt tokens prefilled per engine step at most (chunked prefill; default: the engine's): "
+                   "larger chunks prefill faster, smaller ones keep running streams' time per token lower.")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
+              help="Reuse the KV blocks of an earlier prompt's identical leading blocks.")
 @click.option("--num-scheduler-steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Decode steps per engine step (one host synchronisation each; a stream then gets up to that "
                    "many tokens at once, and steps after a request's stop are wasted).")
@@ -46,7 +51,8 @@ from ..cli import KV_OFFLOAD_CHOICES, offload_option, parse_method_options
 def serve_command(model: str, method: str, options: tuple[str, ...], host: str, port: int,
                   served_model_names: tuple[str, ...], api_key: str | None, max_num_seqs: int | None,
                   max_model_len: int | None, gpu_memory_utilization: float | None,
-                  num_gpu_blocks_override: int | None, block_size: str | None, num_scheduler_steps: int,
+                  num_gpu_blocks_override: int | None, block_size: str | None,
+                  max_num_batched_tokens: int | None, enable_prefix_caching: bool, num_scheduler_steps: int,
                   tensor_parallel_size: int,
                   kv_offload: str | None, offload_threads: int | None, device: str | None, dtype: str | None,
                   uvicorn_log_level: str) -> None:
@@ -59,7 +65,8 @@ def serve_command(model: str, method: str, options: tuple[str, ...], host: str, 
     offload = offload_option(kv_offload, offload_threads)
     engine_args = {"max_num_seqs": max_num_seqs, "max_context": max_model_len, "kv_offload": offload,
                    "gpu_memory_utilization": gpu_memory_utilization, "num_blocks": num_gpu_blocks_override,
-                   "block_size": int(block_size) if block_size else None, "dtype": dtype}
+                   "block_size": int(block_size) if block_size else None, "dtype": dtype,
+                   "prefill_chunk": max_num_batched_tokens, "enable_prefix_caching": enable_prefix_caching}
     try:
         llm = LLM(model, method=method, device=device, tensor_parallel_size=tensor_parallel_size,
                   **{k: v for k, v in engine_args.items() if v is not None}, **parse_method_options(options))

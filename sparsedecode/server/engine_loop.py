@@ -162,8 +162,8 @@ class EngineLoop:
             if out.finished:
                 del self._requests[out.request_id]
                 if out.finish_reason != "abort":
-                    self.metrics.finished(out.finish_reason, len(out.prompt_token_ids), now - request.arrival,
-                                          out.kv_fraction_read)
+                    self.metrics.finished(out.finish_reason, len(out.prompt_token_ids), out.num_cached_tokens,
+                                          now - request.arrival, out.kv_fraction_read)
             request.deliver(out)
 
     def _abort(self, request_id: str) -> None:

@@ -35,6 +35,10 @@ class ServerMetrics:
         self.blocks_free = gauge("kv_blocks_free", "KV-cache blocks free.")
         self.cache_usage = gauge("kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (0 to 1).")
         self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens of finished requests.").labels(**labels)
+        self.prefix_queries = make(Counter, "prefix_cache_queries", "Prompt tokens of finished requests looked up "
+                                   "in the prefix cache.").labels(**labels)
+        self.prefix_hits = make(Counter, "prefix_cache_hits", "Prompt tokens of finished requests found in the prefix "
+                                "cache (their KV blocks reused).").labels(**labels)
         self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.").labels(**labels)
         self._success = make(Counter, "request_success", "Finished requests by finish reason.", ("finished_reason",))
         self._labels = labels
@@ -65,9 +69,12 @@ class ServerMetrics:
         for _ in range(count):
             self.tpot.observe(seconds_each)
 
-    def finished(self, reason: str, prompt_tokens: int, seconds: float, kv_fraction_read: float) -> None:
+    def finished(self, reason: str, prompt_tokens: int, cached_tokens: int, seconds: float,
+                 kv_fraction_read: float) -> None:
         self._success.labels(**self._labels, finished_reason=reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_queries.inc(prompt_tokens)
+        self.prefix_hits.inc(cached_tokens)
         self.e2e.observe(seconds)
         self.kv_fraction.observe(kv_fraction_read)
 
