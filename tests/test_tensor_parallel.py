@@ -20,7 +20,7 @@ from sparsedecode.bench import e2e, engine_check
 MODEL = "qwen2.5-coder-0.5b"
 OPTIONS = dict(device="cpu", dtype="float32", block_size=16, max_context=512, prefill_chunk=64, max_num_seqs=4,
                num_blocks=48)
-NEW_TOKENS = 16
+NEW_TOKENS = 10
 LYCHEE = dict(budget=64)  # 4 blocks of 16 (sink, local and 2 chosen) of prompts 11 and 17 blocks long
 
 
