@@ -10,9 +10,12 @@ import ast
 import importlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:  # imported where used: `--help` loads no torch
+    from .offload import OffloadConfig
 
 #: subcommands that live beside their code, imported only when used (keeps `--help` fast)
 LAZY_COMMANDS = {
@@ -88,8 +91,8 @@ def _lazy_docstring(target: str) -> str:
 KV_OFFLOAD_CHOICES = ["cpu-index", "gpu-index"]
 
 
-def offload_option(kv_offload: str | None, offload_threads: int | None) -> Any:
-    """The `kv_offload` argument of `LLM` for `--kv-offload` / `--offload-threads` (an OffloadConfig or None)."""
+def offload_option(kv_offload: str | None, offload_threads: int | None) -> OffloadConfig | None:
+    """The `kv_offload` argument of `LLM` for `--kv-offload` / `--offload-threads`."""
     if offload_threads is not None and kv_offload != "cpu-index":
         raise click.UsageError("--offload-threads sets the CPU index's threads: it needs --kv-offload cpu-index")
     if kv_offload is None:

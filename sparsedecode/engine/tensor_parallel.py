@@ -22,20 +22,12 @@ class TensorParallelRunner:
 
     def __init__(self, local: ModelRunner, workers: Workers) -> None:
         self.local, self.workers = local, workers
+        # what the engine reads: rank 0's (every rank's pool has the same blocks)
+        self.config: ModelConfig = local.config
+        self.pool: KVPool = local.pool
+        self.block_size: int = local.block_size
 
-    # -- what the engine reads: rank 0's (every rank's pool has the same blocks) -----------------------
-    @property
-    def config(self) -> ModelConfig:
-        return self.local.config
-
-    @property
-    def pool(self) -> KVPool:
-        return self.local.pool
-
-    @property
-    def block_size(self) -> int:
-        return self.local.block_size
-
+    # -- what changes with the calls below: read through -----------------------------------------
     @property
     def method(self) -> DecodeMethod:
         """Rank 0's method: its KV accounting is the whole model's."""
