@@ -34,15 +34,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 BLOCK = 16
 # valid blocks: 0 (empty), 1 and 2 (below sink + local), ragged, a whole multiple, the full capacity
-
-
-@pytest.fixture(autouse=True, params=[1, 8], ids=["bitwise", "histogram"])
-def digit_bits(request, monkeypatch):
-    """Every case with both selects of the kernel: 1 key bit a pass, and 8 (histograms)."""
-    monkeypatch.setattr(importlib.import_module("sparsedecode.kernels.select_blocks"), "DIGIT_BITS", request.param)
-    return request.param
-
-
 LENS = [0, 5, 17, 33, 100, 257, 400, 640]
 
 

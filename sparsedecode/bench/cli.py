@@ -119,7 +119,7 @@ def bench_group() -> None:
 @click.option("--flashinfer/--no-flashinfer", default=None,
               help="Add FlashInfer's paged decode and block-sparse rows (default: when flashinfer imports).")
 @click.option("--select", "select", is_flag=True, help="Instead of the table, time the block selection kernel "
-              "(both selects, several warp counts) on Quest's, Lychee's and LFPS's top-k.")
+              "(several warp counts) on Quest's, Lychee's and LFPS's top-k.")
 def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool | None, select: bool) -> None:
     """One decode-attention layer (Llama-3.1-8B shapes): PyTorch SDPA and FlashInfer against our dense and hybrid
     kernel."""

@@ -7,17 +7,15 @@ loop, so Python launch costs are not measured) and timed with triton.testing.do_
 rotating over several random caches so the inputs exceed L2. The floor is the KV bytes actually read
 over the measured device-copy bandwidth.
 
-Our kernel runs in both launch variants (`Launch.fused`: one launch, or the partial kernel plus a merge
-launch and a fill of the block scores), so that one run compares them. With FlashInfer importable
-(`--flashinfer`, the default when it is), the same run times its paged decode (`BatchDecodeWithPaged
-KVCacheWrapper`, tensor cores, HND on our very pool and NHD on a copy) and, on the hybrid layer's
-selection, its paged decode fed only the selected pages (one request per sequence and KV head) and its
-`BlockSparseAttentionWrapper` over the same blocks: the same-selection comparison. Each FlashInfer
-output is checked against ours before it is timed.
+With FlashInfer importable (`--flashinfer`, the default when it is), the same run times its paged
+decode (`BatchDecodeWithPagedKVCacheWrapper`, tensor cores, HND on our very pool and NHD on a copy)
+and, on the hybrid layer's selection, its paged decode fed only the selected pages (one request per
+sequence and KV head) and its `BlockSparseAttentionWrapper` over the same blocks: the same-selection
+comparison. Each FlashInfer output is checked against ours before it is timed.
 
 The block selection (`kernels.select_blocks`) has its own table (`--select`): Quest's top-k over
-16-token pages and Lychee's over 64-token blocks at the same contexts and batches, for both selects of
-the kernel (1 or 8 key bits a pass) and several warp counts.
+16-token pages and Lychee's over 64-token blocks at the same contexts and batches, at several warp
+counts.
 
     sparsedecode bench kernel           # the table
     sparsedecode bench kernel --select  # the selection's table
@@ -47,8 +45,6 @@ PAGE = 64  # the engine's block size
 UNIT, BUDGET_UNITS = 64, 64  # list rows: 64 units of 64 tokens = 4096 tokens
 L2_BYTES = 50 * 2**20  # H100 / H200
 SCALE = HEAD_DIM**-0.5
-#: the two-launch path of our kernel (partial kernel + merge; + a fill of the block scores)
-UNFUSED = replace(LAUNCH, fused=False)
 FLASHINFER_WORKSPACE_BYTES = 128 * 2**20
 
 Case = dict[str, torch.Tensor]
@@ -120,25 +116,24 @@ def hybrid(c: Case, with_lse: bool = True, launch: Launch = LAUNCH) -> tuple[tor
 
 
 def check(c: Case) -> None:
-    """Both launch variants vs the reference for sequence 0 of the config (the reference on all of 128K x 8
+    """Dense and hybrid vs the reference for sequence 0 of the config (the reference on all of 128K x 8
     is slow)."""
     one = {n: t[:1] for n, t in c.items() if n not in ("k", "v")}
-    for launch in (LAUNCH, UNFUSED):
-        out, lse = dense(c, launch=launch)
-        ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE,
-                                                   block_tables=one["tables"])
-        torch.testing.assert_close(out[:1].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(lse[:1], ref, atol=2e-3, rtol=2e-3)
-        out, lse = hybrid(c, launch=launch)
-        ref_lse = torch.empty_like(one["unit_lse"])
-        ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE, UNIT, one["lists"],
-                                                   one["counts"], one["full"], ref_lse, block_tables=one["tables"])
-        torch.testing.assert_close(out[:1].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(lse[:1], ref, atol=2e-3, rtol=2e-3)
-        got = c["unit_lse"][:1]
-        assert torch.equal(torch.isfinite(got), torch.isfinite(ref_lse))
-        finite = torch.isfinite(ref_lse)
-        torch.testing.assert_close(got[finite], ref_lse[finite], atol=2e-3, rtol=2e-3)
+    out, lse = dense(c)
+    ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE,
+                                               block_tables=one["tables"])
+    torch.testing.assert_close(out[:1].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse[:1], ref, atol=2e-3, rtol=2e-3)
+    out, lse = hybrid(c)
+    ref_lse = torch.empty_like(one["unit_lse"])
+    ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE, UNIT, one["lists"],
+                                               one["counts"], one["full"], ref_lse, block_tables=one["tables"])
+    torch.testing.assert_close(out[:1].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse[:1], ref, atol=2e-3, rtol=2e-3)
+    got = c["unit_lse"][:1]
+    assert torch.equal(torch.isfinite(got), torch.isfinite(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(got[finite], ref_lse[finite], atol=2e-3, rtol=2e-3)
 
 
 def make_caches(context: int, batch: int) -> list[Case]:
@@ -259,11 +254,8 @@ def bench_config(context: int, batch: int, bandwidth: float, fi: ModuleType | No
     caches = make_caches(context, batch)
     methods: list[tuple[str, list[Callable[[], object]], str]] = [
         ("ours dense", [lambda c=c: dense(c) for c in caches], "dense"),
-        ("ours dense, merge launch", [lambda c=c: dense(c, launch=UNFUSED) for c in caches], "dense"),
         ("ours hybrid", [lambda c=c: hybrid(c, with_lse=False) for c in caches], "hybrid"),
         ("ours hybrid + unit_lse", [lambda c=c: hybrid(c) for c in caches], "hybrid"),
-        ("ours hybrid + unit_lse, fill + merge launches", [lambda c=c: hybrid(c, launch=UNFUSED) for c in caches],
-         "hybrid"),
     ]
     rows = [Row("sdpa dense", context, batch, time_sdpa(caches), kv_bytes(context, batch, "dense"), 0.0)]
     for name, calls, kind in methods:
@@ -280,8 +272,6 @@ def bench_config(context: int, batch: int, bandwidth: float, fi: ModuleType | No
     if batch == 1:
         first = caches[0]
         profile(lambda: hybrid(first), f"hybrid + unit_lse, {context // 1024}K, batch 1")
-        profile(lambda: hybrid(first, launch=UNFUSED), f"hybrid + unit_lse, fill + merge launches, "
-                f"{context // 1024}K, batch 1")
     caches.clear()
     torch.cuda.empty_cache()
     return rows
@@ -356,12 +346,12 @@ SELECT_WARPS = (4, 8, 16)
 
 def select_rows(contexts: tuple[int, ...], batches: tuple[int, ...]) -> None:
     """Time `select_blocks` alone (CUDA graph, median) on random scores for every case, context and batch,
-    with 1 and 8 key bits a pass and SELECT_WARPS warps; the default setting is marked."""
-    from ..kernels.select_blocks import DIGIT_BITS, launch_warps
+    with SELECT_WARPS warps; the default is marked."""
+    from ..kernels.select_blocks import launch_warps
 
     print(f"device: {torch.cuda.get_device_name()}")
-    print("\n| select | context | batch | blocks | kept | digit bits | warps | us |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| select | context | batch | blocks | kept | warps | us |")
+    print("|---|---|---|---|---|---|---|")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for (name, block, kept, sink, with_lse, rows), context, batch in itertools.product(SELECT_CASES, contexts,
                                                                                          batches):
@@ -375,13 +365,13 @@ def select_rows(contexts: tuple[int, ...], batches: tuple[int, ...]) -> None:
             mask[:, 1:] = False
         blocks = torch.zeros(batch, NUM_KV_HEADS, kept // block + 2, dtype=torch.int32, device="cuda")
         counts = torch.zeros(batch, NUM_KV_HEADS, dtype=torch.int32, device="cuda")
-        default = (DIGIT_BITS, launch_warps(max(16, triton.next_power_of_2(num_blocks))))
-        for bits, warps in itertools.product((1, 8), SELECT_WARPS):
+        default = launch_warps(max(16, triton.next_power_of_2(num_blocks)))
+        for warps in SELECT_WARPS:
             us = timed([lambda: select_blocks(scores, lse, lens, mask, blocks, counts, aggregate="sum", mode="tokens",
                                               budget=kept, block_size=block, sink_blocks=sink, local_blocks=1,
-                                              digit_bits=bits, num_warps=warps)])
-            mark = " (default)" if (bits, warps) == default else ""
-            print(f"| {name} | {context // 1024}K | {batch} | {num_blocks} | {kept // block} | {bits} | {warps}{mark} "
+                                              num_warps=warps)])
+            mark = " (default)" if warps == default else ""
+            print(f"| {name} | {context // 1024}K | {batch} | {num_blocks} | {kept // block} | {warps}{mark} "
                   f"| {us:.1f} |", flush=True)
 
 

@@ -27,9 +27,6 @@ distinct scores is well before the last bit. Blocks with a key above T are chose
 whose key equals T the first (count - #above) by index.
 One inclusive scan of (#above, #ties) packed in an int32 gives every chosen block its slot in ascending
 block order, and one scattered store writes it; a second store fills the sentinel slots.
-With `DIGIT_BITS` = 8 the select runs four passes instead, each a 256-bin histogram of the next 8-bit
-digit of the keys that share the digits fixed so far (T is then the count-th largest key itself); the
-same blocks are chosen. Which of the two is faster is measured by `sparsedecode bench kernel --select`.
 
 Scores equal the PyTorch path's bit for bit on CUDA: the exponential is libdevice's expf (measured equal
 to `torch.exp` on 16M float32 values in [-110, 5], subnormal results included; Triton's `tl.exp` is an
@@ -54,9 +51,6 @@ except ImportError:  # pragma: no cover - older triton
     from triton.language.extra.cuda import libdevice
 
 SELECT_MODES = ("tokens", "ratio")
-#: bits of the key fixed per pass of the select: 1 (up to 32 block-wide counts, stopping early) or 8 (four
-#: 256-bin histograms); `select_blocks(digit_bits=None)` reads this
-DIGIT_BITS = 1
 #: largest number of blocks per row the kernel takes (the padded block axis lives in registers)
 MAX_BLOCKS = 16384
 
@@ -64,9 +58,9 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def launch_warps(nb_pad: int) -> int:
-    """Warps of a program for a padded row of `nb_pad` blocks: the fastest per row size in the launch
-    tuning of docs/notes/2026-11-24-static-engine.md."""
-    return 4 if nb_pad <= 2048 else 8 if nb_pad <= 4096 else 16
+    """Warps of a program for a padded row of `nb_pad` blocks: the fastest per row size measured by
+    `sparsedecode bench kernel --select` (docs/notes/2026-11-30-kernels.md)."""
+    return 8 if nb_pad <= 4096 else 16
 
 
 @triton.jit
@@ -126,35 +120,13 @@ def _kv_head_score(unit_lse, lse, b, kv, offs, in_nb, s_ub, s_uh, s_lb, s_lh,
 
 
 @triton.jit
-def _kth_largest_key(key, count):
-    """The count-th largest of the uint32 keys (all ones for count 0), 8 bits a pass: a histogram of the
-    next digit of the keys that share the digits fixed so far, whose counts at or above each digit say
-    which digit the count-th key has."""
-    digits = tl.arange(0, 256)
-    prefix = tl.zeros_like(count).to(tl.uint32)
-    need = count  # how many keys of the group, at or above the threshold, are still to be found
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        digit = ((key >> shift) & 0xFF).to(tl.int32)
-        if p == 0:
-            hist = tl.histogram(digit, 256)
-        else:
-            hist = tl.histogram(digit, 256, mask=(key >> (shift + 8)) == (prefix >> (shift + 8)))
-        at_or_above = tl.cumsum(hist, 0, reverse=True)
-        chosen = tl.max(tl.where(at_or_above >= need, digits, 0), 0)
-        need -= tl.sum(tl.where(digits == chosen, at_or_above - hist, 0), 0)
-        prefix = prefix | (chosen.to(tl.uint32) << shift)
-    return prefix
-
-
-@triton.jit
 def _select_blocks_kernel(
     unit_lse, lse, seq_lens, rows_mask, blocks, counts, copy_blocks, copy_counts,
     s_ub, s_uh, s_lb, s_lh, s_mb, s_mh, s_bb, s_bh, s_bk, s_cb, s_ch, s_xb, s_xh, s_xk, s_yb, s_yh,
     HKV, NB, K, tokens_count, budget, block_size, sink_blocks, local_blocks,
     G: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr, HAS_LSE: tl.constexpr,
     AGG_SUM: tl.constexpr, RATIO: tl.constexpr, SHARED_HEADS: tl.constexpr, CUDA: tl.constexpr,
-    COPY: tl.constexpr, HISTOGRAM: tl.constexpr,
+    COPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // HKV
@@ -196,20 +168,17 @@ def _select_blocks_kernel(
             count = tl.zeros_like(valid) + tokens_count
         count = tl.minimum(tl.minimum(tl.maximum(count, n_forced), valid), K)
 
-        if HISTOGRAM:
-            thr = _kth_largest_key(key, count)
-        else:
-            # --- radix select of the count-th largest key T (the largest T with #(key >= T) >= count),
-            # stopped early once exactly `count` keys are >= the prefix: that set is the answer already
-            thr = tl.zeros_like(count).to(tl.uint32)
-            n_ge = tl.zeros_like(count) + NB_PAD
-            bit = tl.zeros_like(count) + 31
-            while (bit >= 0) & (n_ge != count):
-                cand = thr | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
-                n_cand = tl.sum((key >= cand).to(tl.int32), axis=0)
-                thr = tl.where(n_cand >= count, cand, thr)
-                n_ge = tl.where(n_cand >= count, n_cand, n_ge)
-                bit -= 1
+        # --- radix select of the count-th largest key T (the largest T with #(key >= T) >= count),
+        # stopped early once exactly `count` keys are >= the prefix: that set is the answer already
+        thr = tl.zeros_like(count).to(tl.uint32)
+        n_ge = tl.zeros_like(count) + NB_PAD
+        bit = tl.zeros_like(count) + 31
+        while (bit >= 0) & (n_ge != count):
+            cand = thr | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+            n_cand = tl.sum((key >= cand).to(tl.int32), axis=0)
+            thr = tl.where(n_cand >= count, cand, thr)
+            n_ge = tl.where(n_cand >= count, n_cand, n_ge)
+            bit -= 1
 
         # --- slots: blocks above T, then of those equal to T the first (count - #above) by index,
         # all in ascending block order (one scan of #above and #ties packed in an int32)
@@ -248,7 +217,6 @@ def select_blocks(
     local_blocks: int,
     share_heads: bool = False,
     copy_to: tuple[torch.Tensor, torch.Tensor] | None = None,
-    digit_bits: int | None = None,
     num_warps: int | None = None,
 ) -> None:
     """Select blocks for the rows in `rows_mask` and write them into `blocks` / `counts` in place.
@@ -259,13 +227,9 @@ def select_blocks(
     bool: the rows to update; blocks [B, Hkv, K] int32 and counts [B, Hkv] int32, written for the
     masked rows only. share_heads: every row selects from the sum over the KV heads of the scores.
     copy_to: a second (blocks, counts) pair of the same shapes that gets the same entries.
-    digit_bits: key bits fixed per select pass, 1 or 8 (default `DIGIT_BITS`); num_warps: of the program
-    (default `launch_warps`). Both change the speed only.
+    num_warps: of the program (default `launch_warps`); changes the speed only.
     One launch, no host synchronisation. On CPU tensors it needs TRITON_INTERPRET=1 (tests only).
     """
-    digit_bits = DIGIT_BITS if digit_bits is None else digit_bits
-    if digit_bits not in (1, 8):
-        raise ValueError(f"the select fixes 1 or 8 key bits a pass, not {digit_bits}")
     if mode not in SELECT_MODES:
         raise ValueError(f"the kernel selects in modes {SELECT_MODES}, not {mode!r}")
     if aggregate not in ("max", "sum"):
@@ -314,6 +278,6 @@ def select_blocks(
         block_size, sink_blocks, local_blocks,
         G=group, NB_PAD=nb_pad, K_PAD=max(16, triton.next_power_of_2(max(k_len, 1))), HAS_LSE=lse is not None,
         AGG_SUM=aggregate == "sum", RATIO=mode == "ratio", SHARED_HEADS=kv_heads if share_heads else 0,
-        CUDA=unit_lse.is_cuda, COPY=copy_to is not None, HISTOGRAM=digit_bits == 8,
+        CUDA=unit_lse.is_cuda, COPY=copy_to is not None,
         num_warps=num_warps or launch_warps(nb_pad),
     )

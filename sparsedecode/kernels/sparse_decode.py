@@ -11,8 +11,8 @@ the split is two shifts for the engine's power-of-two pages). A static cache [B,
 pool of B blocks with P = T and table arange(B)[:, None]: one code path for both layouts, in which the
 layout only moves addresses, so a paged cache gives the bits of the static cache holding its tokens.
 
-One launch per call with sorted lists (`Launch.fused`, the default), none of which syncs with the
-host (so a call can be captured in a CUDA graph):
+Up to three kernel launches, none of which syncs with the host (so a call can be captured in a CUDA
+graph):
 
 1. `_plan_kernel` (only with unit lists not promised sorted), one program per row: sorts the row's
    valid units ascending (invalid entries pushed past the end) and stores how many units it visits.
@@ -22,30 +22,21 @@ host (so a call can be captured in a CUDA graph):
    this call (the actual lengths and lists, not the capacity): their total spread over about `items`
    work items (a few per SM), so a light hybrid call and a heavy dense one both fill the GPU
    evenly, without a tail wave and without more partials than needed. The grid is an upper bound
-   that depends only on shapes (items + rows); surplus programs exit at once. A program computes an
+   that depends only on shapes (items + rows); surplus programs exit at once. A program writes an
    unnormalised partial (acc, running max, running sum) and, on request, the log-sum-exp of every
-   unit it visits (same pass over K). With `sorted_lists` the lists are read as given (no launch 1),
-   and visited in their order.
-   Fused (the default): a row of one chunk writes its output directly. Otherwise the program stores
-   its partial and counts itself in with an atomic; the last of a group of S chunks to arrive merges
-   the group, and the last group merger merges the groups, in chunk order whatever the arrival order
-   (two levels, so that no single program reads a long row's hundreds of partials). Every row has at
-   least one (possibly empty) chunk, and each program also writes -inf into the units of its row
-   between its chunk's and the previous chunk's (to the row's end for the last), so neither a fill of
-   `unit_lse` nor a merge launch is needed.
-3. Unfused only: `_merge_kernel`, one program per (sequence, query head): log-sum-exp merge of the
-   row's partials in chunk order, writing out [B, Hq, D] and lse [B, Hq] (and a fill of `unit_lse`
-   with -inf before launch 2).
+   unit it visits (same pass over K; `unit_lse` is filled with -inf before, for the units nobody
+   visits). With `sorted_lists` the lists are read as given (no launch 1), and visited in their order.
+3. `_merge_kernel`, one program per (sequence, query head): log-sum-exp merge of the row's partials
+   in chunk order, writing out [B, Hq, D] and lse [B, Hq] (0 and -inf for a row without units).
 
 Determinism: C depends only on how many units each row visits, and full rows and list rows share
 one code path whose unit index is either the slot itself or the (sorted) list entry. A list row whose
 list is the units 0..n-1 (in any order) therefore performs the very same operations as a full row of
 n units and gives bit-identical results (the other rows being the same).
 
-Scratch buffers are cached per (device, shapes) in `_SCRATCH` (and the zeroed arrival counters in
-`_COUNTERS`) so that repeated calls (all layers, all steps) reuse them; run one call before capturing
-a CUDA graph so they are allocated outside the capture. Calls sharing a cache entry must be ordered on
-one stream (the usual decode loop).
+Scratch buffers are cached per (device, shapes) in `_SCRATCH` so that repeated calls (all layers,
+all steps) reuse them; run one call before capturing a CUDA graph so they are allocated outside the
+capture. Calls sharing a cache entry must be ordered on one stream (the usual decode loop).
 
 Diagnostics: inside `record_attention_reads(callback)` every call first reports what it is about to
 read (see there); every decode method reads the cache for its output through this op, so an observer
@@ -75,13 +66,12 @@ _INVALID = tl.constexpr(2**30)
 def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                 stride_cb, stride_ch, stride_fb, stride_fh, U: tl.constexpr, C_MIN: tl.constexpr,
                 C_TILE: tl.constexpr, R_PAD: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
-                SORTED: tl.constexpr, FUSED: tl.constexpr):
+                SORTED: tl.constexpr):
     """Per-row unit and chunk counts, the inclusive prefix sum of the chunk counts, and C, the units
     per chunk: C_FIXED if > 0, else the call's total units over ITEMS items, in whole tiles of C_TILE
     units and at least C_MIN. (Rounding up to whole C_MIN instead would leave far fewer items than
     ITEMS, and a second wave on a few SMs: on one 128K retrieval head and seven 4K lists, 156 items
-    where 264 were asked.) FUSED: a row without units still gets one (empty) chunk, whose program
-    writes the row's output."""
+    where 264 were asked.)"""
     rows = tl.arange(0, R_PAD)
     in_range = rows < R
     lens = tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32)
@@ -101,8 +91,6 @@ def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS
     c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_TILE) * C_TILE, C_MIN)
     c = tl.where(C_FIXED > 0, C_FIXED, c)
     nc = tl.cdiv(n, c)
-    if FUSED:
-        nc = tl.where(in_range, tl.maximum(nc, 1), 0)
     return rows, n, nc, tl.cumsum(nc, 0), c
 
 
@@ -146,79 +134,19 @@ def _unit_at(list_row, slot, end, use_list, stride, HAS_LIST: tl.constexpr, SORT
 
 
 @triton.jit
-def _finish_row(acc, m, l, out, lse, b, first_head, HQ, stride_ob, stride_oh, HEADS: tl.constexpr,
-                GP: tl.constexpr, D: tl.constexpr):
-    """Normalise the merged (acc [GP, D], running max m and sum l [GP]) of query heads first_head ..
-    first_head + HEADS - 1 of sequence b and write their output and log-sum-exp (0 and -inf where the
-    row attended to nothing)."""
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    head_ok = g < HEADS
-    hq = first_head + g
-    has_mass = l > 0
-    res = tl.where(has_mass[:, None], acc / tl.where(has_mass, l, 1.0)[:, None], 0.0)
-    tl.store(out + b.to(tl.int64) * stride_ob + hq[:, None] * stride_oh + d[None, :], res.to(out.dtype.element_ty),
-             mask=head_ok[:, None])
-    tl.store(lse + b.to(tl.int64) * HQ + hq,
-             tl.where(has_mass, (m + tl.math.log2(tl.where(has_mass, l, 1.0))) * _LN2, float("-inf")), mask=head_ok)
-
-
-@triton.jit
-def _merge_partials(part_acc, part_m, part_l, first, step, count, HEADS: tl.constexpr, G: tl.constexpr,
-                    GM: tl.constexpr, D: tl.constexpr, S: tl.constexpr):
-    """Log-sum-exp merge, in order, of the `count` partials at items first, first + step, ..., S at a
-    time, of HEADS heads (a partial holds G heads: head g of item i at i * G + g from the given
-    pointers); returns (acc [GM, D], running max, running sum [GM]). Loads go to L2 (.cg): in the fused
-    kernel other programs of the launch wrote the partials, visible after this program's atomic."""
-    s = tl.arange(0, S)
-    gm = tl.arange(0, GM)
-    d = tl.arange(0, D)
-    m_run = tl.full([GM], float("-inf"), tl.float32)
-    l_run = tl.zeros([GM], tl.float32)
-    acc = tl.zeros([GM, D], tl.float32)
-    for c0 in range(0, count, S):
-        ok = ((c0 + s) < count)[:, None] & (gm < HEADS)[None, :]
-        item = (first + (c0 + s) * step).to(tl.int64)[:, None] * G + gm[None, :]
-        m_c = tl.load(part_m + item, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l_c = tl.load(part_l + item, mask=ok, other=0.0, cache_modifier=".cg")
-        a_c = tl.load(part_acc + item[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m_run, tl.max(m_c, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_run - m_use)
-        wgt = tl.math.exp2(m_c - m_use[None, :])
-        l_run = l_run * alpha + tl.sum(wgt * l_c, 0)
-        acc = acc * alpha[:, None] + tl.sum(wgt[:, :, None] * a_c, 0)
-        m_run = m_new
-    return acc, m_run, l_run
-
-
-@triton.jit
-def _store_partial(part_acc, part_m, part_l, item, acc, m, l, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    head_ok = g < G
-    at = item.to(tl.int64) * G + g
-    tl.store(part_acc + at[:, None] * D + d[None, :], acc, mask=head_ok[:, None])
-    tl.store(part_m + at, m, mask=head_ok)
-    tl.store(part_l + at, l, mask=head_ok)
-
-
-@triton.jit
 def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
-                    part_acc, part_m, part_l, unit_lse, group_counters, row_counters, out, lse,
-                    qk_scale, R, HKV, T, K, ITEMS, C_FIXED, NU,
+                    part_acc, part_m, part_l, unit_lse,
+                    qk_scale, R, HKV, T, K, ITEMS, C_FIXED,
                     stride_qb, stride_qh, stride_tb, stride_tm,
                     stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt,
                     stride_lb, stride_lh, stride_lk, stride_cb, stride_ch,
-                    stride_fb, stride_fh, stride_eb, stride_eh, stride_ob, stride_oh,
+                    stride_fb, stride_fh, stride_eb, stride_eh,
                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, U: tl.constexpr, P: tl.constexpr,
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
-                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    FUSED: tl.constexpr, GM: tl.constexpr, S: tl.constexpr, FILL_N: tl.constexpr):
+                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
@@ -227,13 +155,12 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
     w = tl.program_id(0)
     rows, n, nc, cum, C = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                                        stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
-                                       HAS_LIST, HAS_FULL, SORTED, FUSED)
+                                       HAS_LIST, HAS_FULL, SORTED)
     if w >= tl.sum(nc, 0):
         return  # surplus program of the fixed-size grid
     r = tl.sum((cum <= w).to(tl.int32), 0)
     this = rows == r
     n_r = tl.sum(tl.where(this, n, 0), 0)
-    nc_r = tl.sum(tl.where(this, nc, 0), 0)
     chunk = w - tl.sum(tl.where(this, cum - nc, 0), 0)
     b = r // HKV
     h = r % HKV
@@ -262,22 +189,6 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
         list_row = sorted_units + r.to(tl.int64) * K_PAD
         list_stride = 1
     lse_row = unit_lse + b.to(tl.int64) * stride_eb + (h * G + g)[:, None] * stride_eh
-
-    if FUSED and WRITE_LSE:
-        # The units between this chunk's last one and the previous chunk's (from 0 for the first chunk,
-        # to the row's end for the last) get -inf now; those it visits get their value below.
-        lo = end
-        hi = tl.where(chunk == nc_r - 1, NU, end)
-        if HAS_LIST:
-            before = tl.load(list_row + (first - 1) * list_stride, mask=use_list & (first > 0), other=-1)
-            last = tl.load(list_row + (end - 1) * list_stride, mask=use_list & (end > first), other=-1)
-            lo = tl.where(use_list, before + 1, lo)
-            hi = tl.where(use_list & (chunk < nc_r - 1), last + 1, hi)
-        for u0 in range(lo, hi, FILL_N):
-            fill = u0 + tl.arange(0, FILL_N)
-            tl.store(lse_row + fill[None, :], tl.full([G_PAD, FILL_N], float("-inf"), tl.float32),
-                     mask=head_ok[:, None] & (fill < hi)[None, :])
-        tl.debug_barrier()  # the -inf stores precede this program's stores of visited units
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -319,32 +230,10 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
             unit_lse_val = (tl.where(unit_m == float("-inf"), 0.0, unit_m) + tl.math.log2(unit_s)) * _LN2
             tl.store(lse_row + units[None, :], unit_lse_val, mask=head_ok[:, None] & (units >= 0)[None, :])
 
-    if not FUSED:
-        _store_partial(part_acc, part_m, part_l, w, acc, m_i, l_i, G, G_PAD, D)
-    elif nc_r == 1:  # the row's only chunk: its partial is the row's result
-        _finish_row(acc, m_i, l_i, out, lse, b, h * G, HKV * G, stride_ob, stride_oh, G, G_PAD, D)
-    else:
-        # Split-K without a merge launch: the last program of a group of S chunks to arrive merges the group
-        # (into the group's first item), and the last group merger to arrive merges the groups in order, so
-        # the result does not depend on the arrival order. Each counter is back at 0 when its launch ends.
-        _store_partial(part_acc, part_m, part_l, w, acc, m_i, l_i, G, G_PAD, D)
-        row_first = w - chunk
-        group_first = row_first + chunk // S * S
-        group_size = tl.minimum(S, nc_r - chunk // S * S)
-        groups = tl.cdiv(nc_r, S)
-        tl.debug_barrier()  # every thread's stores precede the release below
-        if tl.atomic_add(group_counters + group_first, 1, sem="acq_rel") == group_size - 1:
-            tl.store(group_counters + group_first, 0)
-            acc_g, m_g, l_g = _merge_partials(part_acc, part_m, part_l, group_first, 1, group_size, G, G, GM, D, S)
-            if groups == 1:
-                _finish_row(acc_g, m_g, l_g, out, lse, b, h * G, HKV * G, stride_ob, stride_oh, G, GM, D)
-            else:
-                _store_partial(part_acc, part_m, part_l, group_first, acc_g, m_g, l_g, G, GM, D)
-                tl.debug_barrier()
-                if tl.atomic_add(row_counters + r, 1, sem="acq_rel") == groups - 1:
-                    tl.store(row_counters + r, 0)
-                    acc_r, m_r, l_r = _merge_partials(part_acc, part_m, part_l, row_first, S, groups, G, G, GM, D, S)
-                    _finish_row(acc_r, m_r, l_r, out, lse, b, h * G, HKV * G, stride_ob, stride_oh, G, GM, D)
+    item = w.to(tl.int64) * G + g
+    tl.store(part_acc + item[:, None] * D + d[None, :], acc, mask=head_ok[:, None])
+    tl.store(part_m + item, m_i, mask=head_ok)
+    tl.store(part_l + item, l_i, mask=head_ok)
 
 
 @triton.jit
@@ -359,14 +248,36 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
     r = b * HKV + hq // G
     rows, n, nc, cum, _ = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                                        stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
-                                       HAS_LIST, HAS_FULL, SORTED, False)
+                                       HAS_LIST, HAS_FULL, SORTED)
     this = rows == r
     num_chunks = tl.sum(tl.where(this, nc, 0), 0)
     first = tl.sum(tl.where(this, cum - nc, 0), 0)
-    # Fixed chunk order: the merge is deterministic and identical for full and list rows.
-    g = hq % G
-    acc, m, l = _merge_partials(part_acc + g * D, part_m + g, part_l + g, first, 1, num_chunks, 1, G, 1, D, CB)
-    _finish_row(acc, m, l, out, lse, b, hq, HKV * G, stride_ob, stride_oh, 1, 1, D)
+
+    offs = tl.arange(0, CB)
+    d = tl.arange(0, D)
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    # Fixed chunk order: the merge is deterministic and identical for full and list rows. Loads go to L2
+    # only (.cg): every partial is read once.
+    for c0 in range(0, num_chunks, CB):
+        ok = c0 + offs < num_chunks
+        item = (first + c0 + offs).to(tl.int64) * G + hq % G
+        m_c = tl.load(part_m + item, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_c = tl.load(part_l + item, mask=ok, other=0.0, cache_modifier=".cg")
+        a_c = tl.load(part_acc + item[:, None] * D + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m_c, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_run - m_use)
+        wgt = tl.math.exp2(m_c - m_use)
+        l_run = l_run * alpha + tl.sum(wgt * l_c, 0)
+        acc = acc * alpha + tl.sum(wgt[:, None] * a_c, 0)
+        m_run = m_new
+    has_mass = l_run > 0
+    res = tl.where(has_mass, acc / tl.where(has_mass, l_run, 1.0), 0.0)
+    tl.store(out + b.to(tl.int64) * stride_ob + hq * stride_oh + d, res.to(out.dtype.element_ty))
+    tl.store(lse + pid, tl.where(has_mass, (m_run + tl.math.log2(tl.where(has_mass, l_run, 1.0))) * _LN2,
+                                 float("-inf")))
 
 
 # ---------------------------------------------------------------------------------------- host side
@@ -395,9 +306,6 @@ def record_attention_reads(callback: Callable[..., None]) -> Iterator[None]:
 
 # Scratch per (device, work items, G, D, rows, list width): reused by every call of that shape.
 _SCRATCH: dict[tuple, dict[str, torch.Tensor]] = {}
-# Arrival counters of the fused kernel per (device, work items, rows): zero between calls (each call's last
-# arrivals reset them), so unlike the scratch they must never be overwritten.
-_COUNTERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 # The block table of a static cache, arange(B)[:, None], per (device, B): read-only, never scratch.
 _STATIC_TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}
 _NUM_SMS: dict[torch.device, int] = {}
@@ -407,9 +315,7 @@ _NUM_SMS: dict[torch.device, int] = {}
 class Launch:
     """How the partial and merge kernels are launched. Any values compute the same op (up to the order
     of float sums); the defaults are the fastest found by `sparsedecode bench kernel --tune` on an
-    H100 (docs/notes/2026-11-24-static-engine.md, "Kernel launch tuning"), except `fused`, which `bench
-    kernel` compares with the two-launch path in its table. merge_elements also bounds a step of the fused
-    merge: S chunks of the G heads at a time, S * next_pow2(G) * head_dim <= merge_elements, 2 <= S <= 16."""
+    H100 (docs/notes/2026-11-24-static-engine.md, "Kernel launch tuning")."""
 
     items_per_sm: int = 2  # work items the device-side chunk size aims for, per SM
     tile_elements: int = 16384  # K (or V) elements per tile of the partial kernel: 128 tokens at d=128
@@ -417,7 +323,6 @@ class Launch:
     num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper was slower on H100)
     merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
     min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
-    fused: bool = True  # one launch: the last program of a row merges it and fills unit_lse (else + merge, fill)
 
     def tile_tokens(self, head_dim: int) -> int:
         return max(16, min(128, self.tile_elements // head_dim))
@@ -452,14 +357,6 @@ def _scratch(device: torch.device, work: int, group: int, head_dim: int, rows: i
             "sorted": torch.empty(rows * k_pad, dtype=torch.int32, device=device),
         }
     return _SCRATCH[key]
-
-
-def _counters(device: torch.device, work: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, work, rows)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = (torch.zeros(work, dtype=torch.int32, device=device),
-                          torch.zeros(rows, dtype=torch.int32, device=device))
-    return _COUNTERS[key]
 
 
 def static_block_tables(device: torch.device, batch: int) -> torch.Tensor:
@@ -508,7 +405,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     # Fixed grid (shapes only, no host sync): the most items any row can have, times the rows; with
     # chunks sized on the device, at most `items` + one partial chunk per row.
     most_units = num_units if (has_full or not has_list) else min(list_width, num_units)
-    work = rows * max(int(launch.fused), triton.cdiv(most_units, fixed_chunk or min_chunk))
+    work = rows * triton.cdiv(most_units, fixed_chunk or min_chunk)
     if not fixed_chunk:
         work = min(work, items + rows)
     r_pad = triton.next_power_of_2(rows)
@@ -519,8 +416,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     if unit_lse is not None:
         if unit_lse.shape != (batch, num_heads, num_units) or unit_lse.stride(-1) != 1:
             raise ValueError(f"unit_lse must be [B, Hq, {num_units}] with a contiguous last dimension")
-        if not launch.fused:  # the fused kernel writes -inf itself
-            unit_lse.fill_(float("-inf"))  # units nobody visits
+        unit_lse.fill_(float("-inf"))  # units nobody visits
     if has_full:
         fstride = full_rows.stride()
     else:
@@ -540,28 +436,23 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     lse_stride = unit_lse.stride()[:2] if unit_lse is not None else (0, 0)
     if work > 0:
         two_byte = q.element_size() == 2
-        group_counters, row_counters = _counters(device, work, rows) if launch.fused else (lse, lse)
-        merge_heads = triton.next_power_of_2(group)
         _partial_kernel[(work,)](
             q, k, v, block_tables, seq_lens, buf["row_units"], buf["sorted"], unit_lists, unit_counts, full_rows,
-            buf["acc"], buf["m"], buf["l"], lse_buf, group_counters, row_counters, out, lse,
-            scale * LOG2E, rows, num_kv_heads, capacity, list_width, items, fixed_chunk, num_units,
+            buf["acc"], buf["m"], buf["l"], lse_buf,
+            scale * LOG2E, rows, num_kv_heads, capacity, list_width, items, fixed_chunk,
             q.stride(0), q.stride(1), *block_tables.stride(), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *lstride, *cstride, *fstride, *lse_stride,
-            out.stride(0), out.stride(1),
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size, P=page,
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
-            DOT_PRECISION="tf32" if two_byte else "ieee", FUSED=launch.fused, GM=merge_heads,
-            S=max(2, min(16, launch.merge_elements // (merge_heads * head_dim))), FILL_N=128,
+            DOT_PRECISION="tf32" if two_byte else "ieee",
             num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
-    if not launch.fused:
-        _merge_kernel[(batch * num_heads,)](
-            buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
-            rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
-            *fstride, G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
-            CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, HAS_FULL=has_full,
-            SORTED=sorted_lists, num_warps=4)
+    _merge_kernel[(batch * num_heads,)](
+        buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
+        rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
+        *fstride, G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
+        CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, HAS_FULL=has_full,
+        SORTED=sorted_lists, num_warps=4)
     return out, lse
 
 

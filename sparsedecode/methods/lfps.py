@@ -10,8 +10,8 @@ log-sum-exp in the same pass as the attention output. Their top-k is I(t).
 On CUDA a layer's bookkeeping besides the attention op is one Triton launch for the candidate lists
 (`kernels.lfps_candidates_into`, which also fills in the handed lists of lychee+lfps's sparse rows) and
 one per top-k (`kernels.select_blocks`: the new selection, and lychee+lfps's hand-on), into fixed
-buffers for CUDA graphs; a refresh threshold adds a few elementwise ops. The top-k runs on a side stream
-(`lychee.SelectionStream`), overlapping the rest of the layer. Elsewhere their PyTorch references run.
+buffers for CUDA graphs; a refresh threshold adds a few elementwise ops. Elsewhere their PyTorch
+references run.
 
 Refresh: a sequence's decode step 0 and every `refresh_every`-th step after it make its rows full (exact
 top-k over all blocks); each sequence counts its own steps, on the device (`DecodeBatch.steps`).
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..core import DecodeBatch, KVPool
 from ..kernels import lfps_candidates_into
 from .base import DecodeMethod
-from .lychee import Lychee, SelectionStream
+from .lychee import Lychee
 from ..core.selection import BlockSelector
 
 ATTEND_MODES = ("candidates", "selected")
@@ -257,7 +257,6 @@ class LFPS(DecodeMethod):
     def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
         self.past.plan(pool, max_seqs, max_blocks, pool.num_kv_heads * self.config.group_size)
         pool.reserve(self.past.width + 1)
-        self.selection = SelectionStream(pool)
 
     def reset_slot(self, slot: int) -> None:
         self.past.reset_slot(slot)
@@ -270,7 +269,6 @@ class LFPS(DecodeMethod):
 
     def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         past, block_size, size, seq_lens = self.past, self.options["block_size"], batch.size, batch.seq_lens
-        self.selection.join()  # the previous layer's top-k reads the block scores overwritten below
         full = past.full_rows(layer, size)
         past.count_forced_rows(layer, size)
         lists, counts = past.candidates(layer, seq_lens)
@@ -278,10 +276,7 @@ class LFPS(DecodeMethod):
         if self.options["attend"] == "candidates":
             out, lse = pool.attention(layer, q, batch, self.scale, block_size, lists, counts, full, unit_lse,
                                       sorted_lists=True)
-            # The top-k is read at this layer's next step: it overlaps the rest of the step (see SelectionStream).
-            self.selection.run(lambda: past.update(layer, lse, seq_lens, full), lse, full)
-            if layer == pool.num_layers - 1:
-                self.selection.join()
+            past.update(layer, lse, seq_lens, full)
             if pool.prefetches and layer + 1 < pool.num_layers:
                 pool.prefetch(layer + 1, batch, *past.candidates(layer + 1, seq_lens))
             return out
@@ -351,7 +346,6 @@ class LycheeLFPS(Lychee):
 
     def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         size, seq_lens = batch.size, batch.seq_lens
-        self.selection.join()  # the previous layer's selection: its handed blocks are read, its scores overwritten
         retrieval = self.retrieval_rows[layer, :size]
         full = self.full_rows[layer, :size]  # see begin_step
         self.past.count_forced_rows(layer, size)
@@ -363,16 +357,10 @@ class LycheeLFPS(Lychee):
         # rows and selector: one selection writes both (unless the heads share one, TidalDecode-style).
         hands_on = self.selects[layer]
         shared = self.options["share_heads"]
-
-        def select() -> None:
-            self.past.update(layer, lse, seq_lens, full, rows=retrieval,
-                             copy_to=(self.blocks[:size], self.counts[:size]) if hands_on and not shared else None)
-            if hands_on and shared:
-                self.hand_on(layer, unit_lse, seq_lens, lse=lse)
-
-        self.selection.run(select, lse)  # overlaps the GEMVs up to the next layer's attend (see SelectionStream)
-        if layer == pool.num_layers - 1:
-            self.selection.join()
+        self.past.update(layer, lse, seq_lens, full, rows=retrieval,
+                         copy_to=(self.blocks[:size], self.counts[:size]) if hands_on and not shared else None)
+        if hands_on and shared:
+            self.hand_on(layer, unit_lse, seq_lens, lse=lse)
         if pool.prefetches and layer + 1 < pool.num_layers:
             pool.prefetch(layer + 1, batch, *self.row_lists(layer + 1, seq_lens))
         return out
