@@ -389,10 +389,24 @@ def test_bench_hf_times_plain_and_sparse_generate(tmp_path, one_thread):
     assert "| sparse_decoding lychee |" in (out / "results.md").read_text()
 
 
+def test_bench_hf_profile_lists_each_methods_step(tmp_path, one_thread):
+    out = tmp_path / "hf-profile"
+    result = CliRunner().invoke(bench_cli.bench_group, [
+        "hf", "--profile", "--models", "random:tiny-llama", "--contexts", "256", "--methods", "dense,lychee",
+        "--roles", "random:2", "--budget", "64", "--steps", "3", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "lychee"]
+    assert all(r["step ms"] > 0 and r["compiles"] == 0 for r in rows)
+    assert "## lychee" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize("args,words", [
     (["--contexts", "8k"], "over its 4096 positions"),
     (["--methods", "sdpa"], "benchmark-only method"),
     (["--roles", "random:24"], "random:N needs"),
+    (["--profile", "--roles", "random:24"], "random:N needs"),
+    (["--profile", "--contexts", "256,512"], "one model and one context"),
 ])
 def test_bench_hf_bad_input_is_one_error_line(tmp_path, args, words, one_thread):
     result = CliRunner().invoke(bench_cli.bench_group, [

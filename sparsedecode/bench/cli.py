@@ -204,6 +204,9 @@ def e2e(models: list[str], contexts: list[int], batches: list[int | str], method
     click.echo(f"written to {out}/")
 
 
+PROFILE_STEPS = 4  # decode steps under the profiler in `bench hf --profile`
+
+
 @bench_group.command("hf")
 @click.option("--models", default="qwen2.5-coder-1.5b", show_default=True, callback=_models,
               help="Comma-separated: random:<shape> (random weights), registry names, GGUF files or model folders.")
@@ -218,10 +221,13 @@ def e2e(models: list[str], contexts: list[int], batches: list[int | str], method
 @click.option("--compiled-baseline/--no-compiled-baseline", default=True, show_default=True,
               help="Also time plain generate compiled (transformers' default on CUDA).")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--profile", is_flag=True,
+              help="Instead of the table, where each method's decode step spends its time: host and device ms, "
+                   "launches, blocking CUDA calls, host reads, Triton compilations, top kernels and functions.")
 @click.option("--out", default="out/bench-hf", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json and results.md.")
 def hf(models: list[str], contexts: list[int], methods: list[str], budget: int, roles: str, steps: int,
-       compiled_baseline: bool, device: str | None, out: Path) -> None:
+       compiled_baseline: bool, device: str | None, profile: bool, out: Path) -> None:
     """transformers generate inside sparsedecode.hf.sparse_decoding against plain generate (static cache,
     eager and compiled): ms per decode step and tokens/s, batch 1."""
     from .hf_bench import HFBenchOptions, results_markdown, run_hf_bench
@@ -229,9 +235,16 @@ def hf(models: list[str], contexts: list[int], methods: list[str], budget: int, 
     if "sdpa" in methods:
         raise click.BadParameter("sdpa is a benchmark-only method of bench e2e; give methods of sparsedecode.hf",
                                  param_hint="--methods")
+    if profile and (len(models) > 1 or len(contexts) > 1):
+        raise click.BadParameter("--profile takes one model and one context", param_hint="--models/--contexts")
     opts = HFBenchOptions(models=models, contexts=contexts, methods=methods, budget=budget, roles=roles,
                           steps=steps, compiled_baseline=compiled_baseline, device=device)
     try:
+        if profile:
+            from .hf_profile import run_hf_profile
+
+            run_hf_profile(models[0], contexts[0], methods, budget, roles, steps, PROFILE_STEPS, out, device)
+            return
         results = run_hf_bench(opts, out)
     except ValueError as e:  # a prompt over the model's positions, options the method refuses
         raise click.ClickException(str(e)) from None

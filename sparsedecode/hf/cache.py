@@ -9,7 +9,8 @@ transformers keeps its padded view: `get_seq_length` is the padded width its 2D 
 Prefill: `update` stores each layer's prompt K/V and hands them back unchanged to the model's own
 attention. Decode: the first layer's `update` of a step advances every row (a new block where one
 starts, lengths, the step clock, the method's `begin_step`); every layer's `update` stores the new
-token, and the attention function calls `attend`.
+token, and the attention function calls `attend`. A decode step reads nothing back from the device and
+counts no reads: `stats` prices every step at the end, from the rows' lengths.
 
 transformers' `generate` does not tell the model how many tokens it will add, so the pool starts with
 the prompts plus SPARE_TOKENS per row and grows by half when a row needs a block and none is free. The
@@ -81,8 +82,6 @@ class SparseCache(Cache):
         self.decode_steps = 0
         self.pool: KVPool | None = None
         self.lengths: list[int] = []  # tokens of each row in the pool
-        self.kv_rows: list[float] = []
-        self.dense_rows: list[float] = []
 
     # -- what transformers calls ----------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
@@ -140,6 +139,11 @@ class SparseCache(Cache):
 
     # -- decoding -------------------------------------------------------------------------------
     @property
+    def filled(self) -> bool:
+        """Whether the prompts are in the pool: every later forward pass is a decode step."""
+        return self.pool is not None
+
+    @property
     def decoding(self) -> bool:
         """Whether the forward pass under way is a decode step (one new token per row)."""
         return self.decode_steps > 0
@@ -149,11 +153,17 @@ class SparseCache(Cache):
         return self.method.attend(layer, q, self.pool, self.batch)
 
     def stats(self) -> DecodeStats:
-        kv_rows = list(self.kv_rows)
-        if self.decode_steps:  # reads decided on the device, priced at each row's mean length over the steps
-            for row, length in enumerate(self.lengths):
-                kv_rows[row] += self.method.extra_kv_tokens_read(row, length - (self.decode_steps - 1) / 2)
-        return DecodeStats(self.method.name, self.decode_steps, tuple(kv_rows), tuple(self.dense_rows))
+        m, steps = self.method, self.decode_steps
+        kv_rows, dense_rows = [], []
+        for row, length in enumerate(self.lengths):
+            # decode step s (0-based) of this row attended over length - steps + s + 1 tokens
+            seq_lens = range(length - steps + 1, length + 1)
+            kv = sum((m.kv_tokens_read(n, step) for step, n in enumerate(seq_lens)), 0.0)
+            if steps:  # reads decided on the device, priced at the row's mean length over the steps
+                kv += m.extra_kv_tokens_read(row, length - (steps - 1) / 2)
+            kv_rows.append(kv)
+            dense_rows.append(sum((m.dense_tokens_read(n) for n in seq_lens), 0.0))
+        return DecodeStats(m.name, steps, tuple(kv_rows), tuple(dense_rows))
 
     def _prefill(self, key: torch.Tensor) -> None:
         """Size and fill the block tables for the prompt, make the pool and plan the method."""
@@ -190,7 +200,6 @@ class SparseCache(Cache):
         self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32, device=device)
         self.steps = torch.zeros(batch, dtype=torch.int32, device=device)
         self.batch = DecodeBatch(self.block_tables, self.seq_lens, self.steps)
-        self.kv_rows, self.dense_rows = [0.0] * batch, [0.0] * batch
         self.method.plan(self.pool, batch, self.max_blocks)
 
     def _begin_step(self) -> None:
@@ -209,9 +218,6 @@ class SparseCache(Cache):
         self.seq_lens += 1
         self.steps.fill_(step)
         self.lengths = [n + 1 for n in self.lengths]
-        for row, n in enumerate(self.lengths):
-            self.kv_rows[row] += self.method.kv_tokens_read(n, step)
-            self.dense_rows[row] += self.method.dense_tokens_read(n)
         self.method.begin_step(self.batch)
         self.decode_steps += 1
 

@@ -94,6 +94,10 @@ class SparseDecoding:
             self.cache = cache
             self._made.add(cache)
             kwargs[name] = cache
+        elif cache.filled:
+            # A decode step attends through the pool and never reads a mask: without one transformers makes
+            # none, instead of building it and reading the padding back to the host to decide (a sync per step).
+            kwargs["attention_mask"] = None
         kwargs[CACHE_KWARG] = cache
         return args, kwargs
 
