@@ -449,6 +449,27 @@ def test_paged_reference_is_the_static_one_on_the_logical_layout(page, unit_size
     assert torch.equal(seen[0][1], static_k) and torch.equal(seen[0][2], static_v)
 
 
+def test_paged_reference_bits_do_not_depend_on_the_unit_size():
+    """Dense calls, full rows and lists of every unit at units of 16 to 128 tokens all give the bits of a
+    dense call at 64-token units: the reference's sums run over the gathered pages whatever the unit size (a
+    float sum over a row padded further with -inf can round differently). A method attending with its own
+    block size to a list of every block is then dense, bit for bit. Lengths end inside a 64-token unit, and
+    many rows make a rounding difference likely if the padded length changed."""
+    batch, kv_heads, page, max_blocks = 8, 8, 16, 64
+    lens = [705 + b for b in range(batch)]
+    q, k, v, tables, lens, _ = make_paged_inputs("cpu", torch.float32, batch, kv_heads, 8, 64, page, max_blocks, lens,
+                                                 seed=5)
+    want = sparse_decode_attention_ref(q, k, v, lens, 0.125, 64, block_tables=tables)
+    for unit_size in (16, 32, 128):
+        lists = torch.arange(page * max_blocks // unit_size, dtype=torch.int32).expand(batch, kv_heads, -1)
+        counts = (-(-lens // unit_size))[:, None].expand(batch, kv_heads).to(torch.int32)
+        cases = {"dense": (None, None, None), "lists": (lists, counts, None),
+                 "full rows": (lists, counts, torch.ones(batch, kv_heads, dtype=torch.bool))}
+        for case, args in cases.items():
+            got = sparse_decode_attention_ref(q, k, v, lens, 0.125, unit_size, *args, block_tables=tables)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"{case}, {unit_size}-token units"
+
+
 # (page, unit_size, max_blocks, dtype, launch): units inside a page, a page each, over several pages,
 # and over several tiles of the partial kernel (32-token tiles at d=32).
 PAGED_TRITON = [(16, 8, 9, torch.bfloat16, LAUNCH), (32, 32, 5, torch.float32, LAUNCH),

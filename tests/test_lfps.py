@@ -12,7 +12,7 @@ from sparsedecode.bench.lfps_bench import run_recall
 from sparsedecode.core import DecodeBatch, KVPool
 from sparsedecode.engine import SamplingParams
 from sparsedecode.methods import make_method
-from sparsedecode.methods.lfps import PastSelection, candidate_offsets, lfps_candidates
+from sparsedecode.methods.lfps import ATTEND_MODES, PastSelection, candidate_offsets, lfps_candidates
 from sparsedecode.core.selection import BlockSelector
 from sparsedecode.models.config import model_config_from_hf
 from sparsedecode.models.shapes import random_shape_config
@@ -62,10 +62,10 @@ def test_candidates_match_the_reference_rules(expand: int, sink: int, local: int
             assert (lists[b, h, len(want):] == num_blocks).all()
 
 
-def tiny_llm(**kwargs) -> LLM:
-    """The test model; the same random weights on every call. No prefix caching: every generation computes
-    its whole prompt, so two runs of one prompt decode bit for bit alike."""
-    torch.manual_seed(0)
+def tiny_llm(seed: int = 0, **kwargs) -> LLM:
+    """The test model; the same random weights on every call with one `seed`. No prefix caching: every
+    generation computes its whole prompt, so two runs of one prompt decode bit for bit alike."""
+    torch.manual_seed(seed)
     return LLM("random:tiny-llama", device="cpu", block_size=16, max_context=1024, max_num_seqs=4,
                enable_prefix_caching=False, **kwargs)
 
@@ -89,13 +89,20 @@ def analytic_kv_rows(method, config, prompt: int, decoded: int) -> tuple[float, 
     return sparse, dense
 
 
-@pytest.mark.parametrize("attend", ["candidates", "selected"])
-def test_budget_covering_the_context_equals_dense(tiny: LLM, attend: str) -> None:
-    dense = record(tiny, "dense")
-    tokens, outputs = record(tiny, "lfps", budget=1024, refresh_every=4, attend=attend)
-    assert len(outputs) == 9 * tiny.config.num_layers  # 9 decode steps (the first token comes from the prefill)
-    assert tokens == dense[0]
-    assert all(torch.equal(a, b) for a, b in zip(outputs, dense[1], strict=True))
+@pytest.mark.parametrize("seed", [0, 1, 4, 6])
+def test_budget_covering_the_context_equals_dense(seed: int) -> None:
+    """A budget covering the context makes every list hold every block, in order: the attention outputs are
+    dense's bit for bit, on refresh and predicted steps alike, though lfps's 16-token blocks are not dense's
+    64-token units. Over several weight draws: a rounding difference shows on some of them only."""
+    llm = tiny_llm(seed)
+    dense = record(llm, "dense")
+    for attend in ATTEND_MODES:
+        tokens, outputs = record(llm, "lfps", budget=1024, block_size=16, refresh_every=4, attend=attend)
+        assert len(outputs) == 9 * llm.config.num_layers  # 9 decode steps (the first token comes from the prefill)
+        assert tokens == dense[0]
+        differing = [i for i, (a, b) in enumerate(zip(outputs, dense[1], strict=True)) if not torch.equal(a, b)]
+        assert not differing, f"attend={attend}: outputs (step, layer) " + str(
+            [divmod(i, llm.config.num_layers) for i in differing])
 
 
 def test_sparse_budget_reads_less_and_stays_close(tiny: LLM) -> None:

@@ -12,6 +12,7 @@ Entries past a sequence's last block are never read by the kernels, but must be 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def visible_tokens(
@@ -81,20 +82,24 @@ def sparse_decode_attention_ref(
     Returns out [B, Hq, D] in q's dtype and lse [B, Hq] float32.
     """
     if block_tables is not None:
-        # Only the blocks up to the longest sequence, in whole units: the rest is never visited, and gathering
-        # every row's whole table would cost the model's maximum context per step. One host read.
+        # Only the pages up to the longest sequence: the rest is never visited, and gathering every row's
+        # whole table would cost the model's maximum context per step. One host read.
         page = k.shape[2]
-        step = max(page, unit_size)
-        tokens = min(block_tables.shape[1] * page, -(-max(int(seq_lens.max()), 1) // step) * step)
-        block_tables = block_tables[:, : tokens // page]
+        pages = min(block_tables.shape[1], -(-max(int(seq_lens.max()), 1) // page))
+        block_tables = block_tables[:, :pages]
         k, v = gather_blocks(k, block_tables), gather_blocks(v, block_tables)
         if unit_lse is not None:
             unit_lse.fill_(float("-inf"))
-            unit_lse = unit_lse[..., : tokens // unit_size]
+            unit_lse = unit_lse[..., : -(-pages * page // unit_size)]
     batch, num_heads, head_dim = q.shape
     num_kv_heads, capacity = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    mask = visible_tokens(seq_lens, capacity, unit_size, unit_lists, unit_counts, full_rows, num_kv_heads)
+    # The sums run over the gathered tokens whatever the unit size: over a row padded further they can round
+    # differently, and a list of every unit would then not give a full row's (or dense's) bits. Only the
+    # mask and the per-unit scores are padded to whole units.
+    padded = -(-capacity // unit_size) * unit_size
+    mask = visible_tokens(seq_lens, padded, unit_size, unit_lists, unit_counts, full_rows, num_kv_heads)
+    mask = mask[..., :capacity]
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * scale
     scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
@@ -102,7 +107,8 @@ def sparse_decode_attention_ref(
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     out = torch.einsum("bhgt,bhtd->bhgd", probs, v.float())
     if unit_lse is not None:
-        per_unit = scores.view(batch, num_kv_heads, group, capacity // unit_size, unit_size)
+        per_unit = F.pad(scores, (0, padded - capacity), value=float("-inf"))
+        per_unit = per_unit.view(batch, num_kv_heads, group, padded // unit_size, unit_size)
         unit_lse.copy_(torch.logsumexp(per_unit, dim=-1).view(batch, num_heads, -1))
     return out.view(batch, num_heads, head_dim).to(q.dtype), lse.view(batch, num_heads)
 
