@@ -1,7 +1,7 @@
 """KV offload on the paged engine, on CPU (host and device one memory) and, where there is one, on the GPU:
 the CPU index against the op, the staging pool against the on-device pool under eviction, layer-major
 prefill against chunked prefill, offloaded decoding (one request, and requests joining a running batch)
-against on-device decoding, the command line, bad input."""
+against on-device decoding, the command line, bad input, and how the pool is sized beside its staging pool."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,11 @@ import torch
 from sparsedecode import LLM, SamplingParams
 from sparsedecode.core import DecodeBatch, KVPool
 from sparsedecode.kernels import sparse_decode_attention
-from sparsedecode.offload import OffloadConfig, OffloadedKVPool, offload_config
+from sparsedecode.methods import make_method
+from sparsedecode.offload import (OffloadConfig, OffloadedKVPool, offload_config, offload_pool_blocks,
+                                  offload_staging_bytes)
+from sparsedecode.offload import cache as offload_cache
+from sparsedecode.offload.staging import staging_pool_bytes
 from sparsedecode.offload.scoring import block_lse
 from recording import generate_recording
 
@@ -266,6 +270,111 @@ def test_cpu_index_runs_on_the_configured_threads(monkeypatch) -> None:
     llm.use_method("lfps", budget=64, attend="selected")
     llm.generate([PROMPT[:200]], max_new_tokens=3)
     assert seen and set(seen) == {wanted} and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("method,options,pool_blocks", [
+    ("lfps", dict(budget=128, attend="selected"), None),  # slots: as many as the method's candidate lists
+    ("lychee+lfps", dict(budget=128, roles="random:3"), None),
+    ("lfps", dict(budget=128), 5),
+])
+def test_staging_bytes_are_what_the_pool_allocates(method: str, options: dict, pool_blocks: int | None) -> None:
+    """The estimate the engine sizes the keys with, against the tensors of the staging pool an engine
+    builds for its rows (every one the pool allocates per row, and the ticks)."""
+    config = OffloadConfig(index="gpu", pool_blocks=pool_blocks)
+    llm = LLM("random:tiny-llama", method=method, kv_offload=config, **TINY, **options)
+    pool, rows = llm.engine.runner.pool, TINY["max_num_seqs"]
+    pool.reserve_rows(rows)
+    allocated = sum(t.numel() * t.element_size()
+                    for t in (pool.k_staged, pool.v_staged, pool.held, pool.held_writes, pool.last_use, pool.ticks))
+    c, max_blocks = llm.config, TINY["max_context"] // TINY["block_size"]
+    estimate = offload_staging_bytes(config, make_method(method, c, block_size=TINY["block_size"], **options), rows,
+                                     max_blocks, c.num_layers, c.num_kv_heads, TINY["block_size"], c.head_dim,
+                                     llm.dtype, llm.device)
+    assert estimate == allocated == pool.staging_nbytes()
+    assert pool_blocks is None or pool.pool_blocks == pool_blocks
+
+
+GiB = 2**30
+EIGHT_B = dict(num_layers=32, num_kv_heads=8, block_size=64, head_dim=128, dtype=torch.bfloat16)  # Llama-3.1-8B
+
+
+def sized_blocks(monkeypatch, allocatable: float, usable: float, staging: int, host: float = 1024 * GiB,
+                 wanted: int = 10**6, utilization: float = 0.9, index: str = "gpu") -> int:
+    """`offload_pool_blocks` of the 8B shape on a GPU where new allocations can take `allocatable` bytes and
+    PyTorch `usable` in all, beside a host with `host` bytes available."""
+    monkeypatch.setattr(offload_cache, "free_gpu_bytes", lambda device: (int(allocatable), int(usable)))
+    monkeypatch.setattr(offload_cache, "available_host_bytes", lambda: int(host))
+    s = EIGHT_B
+    block_bytes = KVPool.bytes_per_block(s["num_layers"], s["num_kv_heads"], s["block_size"], s["head_dim"], s["dtype"])
+    return offload_pool_blocks(OffloadConfig(index=index, pool_blocks=96), wanted, block_bytes,
+                               torch.device("cuda"), utilization, staging)
+
+
+def test_offloaded_keys_get_what_the_staging_pools_leave(monkeypatch) -> None:
+    s = EIGHT_B
+    key_bytes = s["num_layers"] * s["num_kv_heads"] * s["block_size"] * s["head_dim"] * 2  # one block's keys
+    staging = staging_pool_bytes(s["num_layers"], 12, s["num_kv_heads"], 96, s["block_size"], s["head_dim"], s["dtype"])
+    # K and V of 96 slots per (layer, row, KV head), and their bookkeeping
+    assert staging == 12 * 32 * 8 * 96 * (64 * 128 * 2 * 2 + 3 * 8) + 32 * 8
+    free = 120 * GiB
+    assert sized_blocks(monkeypatch, free, free, staging) == (int(free * 0.9) - staging) // key_bytes
+    assert sized_blocks(monkeypatch, free, free, 0) == int(free * 0.9) // key_bytes
+    # the host holds the values of fewer blocks: those; the wanted blocks, when fewer
+    assert sized_blocks(monkeypatch, free, free, staging, host=50 * GiB) == int(50 * GiB * 0.9) // key_bytes
+    assert sized_blocks(monkeypatch, free, free, staging, wanted=1000) == 1000
+    # PyTorch's cache beyond what new allocations can take serves activations, never the keys or staging
+    assert sized_blocks(monkeypatch, 100 * GiB, 130 * GiB, staging) == (100 * GiB - staging) // key_bytes
+    # the CPU index keeps the keys in host memory: the GPU does not bound the pool
+    assert sized_blocks(monkeypatch, 0, 0, staging, host=200 * GiB, index="cpu") == int(200 * GiB * 0.9) // (2 * key_bytes)
+
+
+def test_twelve_sequences_of_128k_fit_beside_their_staging(monkeypatch) -> None:
+    """The 8B shape at 128K (2049 blocks a sequence), 12 rows of 96 staging slots, at the engine's
+    gpu_memory_utilization of 0.9. The rule it replaces gave the keys a fixed 0.8 of the free memory."""
+    per_sequence = -(-(128 * 1024 + 36) // 64)
+    key_bytes = 32 * 8 * 64 * 128 * 2
+    staging = staging_pool_bytes(32, 12, 8, 96, 64, 128, torch.bfloat16)
+
+    def sequences(blocks: int) -> int:
+        return (blocks - 1) // per_sequence
+
+    # a 150 GB GPU with 16 GB of weights
+    free = 150e9 - 16e9
+    assert sequences(sized_blocks(monkeypatch, free, free, staging)) >= 12
+    # 140 GiB, 15 GiB of weights made in float32 and converted in place, which leaves their other 15 GiB
+    # in PyTorch's cache, and 1.5 GiB outside PyTorch: the old rule held 10
+    allocatable, usable = 140 * GiB - 15 * GiB - 15 * GiB - 1.5 * GiB, 140 * GiB - 15 * GiB - 1.5 * GiB
+    assert sequences(int(allocatable * 0.8) // key_bytes) == 10
+    assert sequences(sized_blocks(monkeypatch, allocatable, usable, staging)) == 12
+
+
+def test_no_room_for_the_offloaded_keys_says_what_to_change(monkeypatch) -> None:
+    staging = staging_pool_bytes(32, 12, 8, 96, 64, 128, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="lower max_num_seqs or OffloadConfig.pool_blocks"):
+        sized_blocks(monkeypatch, 8 * GiB, 8 * GiB, staging)  # the staging pools alone take 9 GiB
+    with pytest.raises(RuntimeError, match="host memory"):
+        sized_blocks(monkeypatch, 100 * GiB, 100 * GiB, staging, host=2**20)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        sized_blocks(monkeypatch, 100 * GiB, 100 * GiB, staging, utilization=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_engine_sizes_the_offloaded_keys_beside_the_staging_pools_on_cuda(monkeypatch) -> None:
+    """An offloaded engine on a GPU whose free memory holds the staging pools of its rows and 100 blocks of
+    keys: its pool has those 100 blocks, and the staging pool it then allocates is the one it reserved."""
+    config, options = OffloadConfig(index="gpu"), dict(budget=128, attend="selected")
+    engine = dict(TINY, device="cuda")
+    probe = LLM("random:tiny-llama", method="lfps", kv_offload=config, num_blocks=300, **engine, **options)
+    probe.engine.runner.pool.reserve_rows(engine["max_num_seqs"])
+    staging = probe.engine.runner.pool.staging_nbytes()
+    key_bytes = probe.engine.runner.pool.nbytes() // 2 // 300
+    free = staging + 100 * key_bytes
+    monkeypatch.setattr(offload_cache, "free_gpu_bytes", lambda device: (free, int(free / 0.9) + 1))
+    llm = LLM("random:tiny-llama", method="lfps", kv_offload=config, **engine, **options)
+    pool = llm.engine.runner.pool
+    assert pool.num_blocks == 100
+    pool.reserve_rows(engine["max_num_seqs"])
+    assert pool.staging_nbytes() == staging
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")

@@ -291,7 +291,6 @@ def fit_table(shape: str, contexts: list[int], gpu_bytes: int, host_bytes: int, 
 HOT_SCALE = 4.0  # keys of fill "hot"'s hot blocks are this much larger: their block scores lead for any query
 PINNED_COPY_BYTES = 1 << 30
 GATHER_SLABS = 4096  # (block, KV head) slabs per launch when timing the gather kernel alone
-OFFLOAD_SERVING_GPU_SHARE = 0.8  # of the GPU's free memory for the offloaded pool's keys (the rest: staging)
 
 
 def store_keys(pool: KVPool, table: list[int], length: int, hot_blocks: int = 0) -> None:
@@ -501,18 +500,18 @@ def run_offload_serving(model: str, context: int, steps: int, options: dict[str,
     (lfps `options`, keys on the GPU, values in host memory, `pool_blocks` staging slots per row): dense at
     1, 2, 4, ... sequences up to as many as its pool holds, then offloaded with `sequences` (default twice
     that, fewer where the GPU or host memory does not hold them) for each fill (`store_keys`); dense holds
-    at most `max_dense` sequences. Random K/V, decoded by
-    the engine's runner. Per row: sequences, median ms per step and tokens/s over all timed steps."""
+    at most `max_dense` sequences. Random K/V, decoded by the engine's runner. Per row: sequences, median
+    ms per step, tokens/s over all timed steps, and the GiB of K/V on the GPU (offloaded: the keys), of
+    K/V in host memory and of the staging pools."""
     rows, capacity = _dense_serving(model, context, steps, warmup, device, max_dense)
     _free_memory()
     total = warmup + steps
     max_context = context + total + 1
     wanted = sequences or 2 * capacity
-    # The pool sized by the engine (keys on the GPU, values in host memory, as much as both hold), leaving
-    # a fifth of the GPU for the staging pools of `wanted` rows.
+    # The pool sized by the engine: keys on the GPU (what the staging pools of `wanted` rows leave), values
+    # in host memory, as many blocks as both hold.
     llm = LLM(model, method="lfps", device=device, max_context=max_context, max_num_seqs=wanted,
-              gpu_memory_utilization=OFFLOAD_SERVING_GPU_SHARE, enable_prefix_caching=False,
-              kv_offload=OffloadConfig(index="gpu", pool_blocks=pool_blocks), **options)
+              enable_prefix_caching=False, kv_offload=OffloadConfig(index="gpu", pool_blocks=pool_blocks), **options)
     count = min(wanted, (llm.engine.runner.pool.num_blocks - 1) // -(-max_context // llm.block_size))
     tables = _tables(llm, max_context, count)
     for fill in fills:
@@ -560,12 +559,14 @@ def _serve_row(llm: LLM, pool: str, fill: str, tables: list[list[int]], context:
         runner.decode([DecodeRow(slot, 1, context + i, i, table) for slot, table in enumerate(tables)], 1)
 
     kinds = time_steps(llm, step, total, warmup)
+    host_bytes = getattr(runner.pool, "host_nbytes", lambda: 0)()
     steps = sum(k["steps"] for k in kinds.values())
     seconds = sum(k["total_s"] for k in kinds.values())
     return dict(pool=pool, fill=fill, sequences=len(tables), context=context,
                 **{f"{kind}_step_ms": kinds.get(kind, {}).get("step_ms") for kind in ("default", "refresh")},
                 tokens_per_s=len(tables) * steps / seconds, hit_rate=kinds.get("default", {}).get("hit_rate"),
-                gpu_kv_gib=(runner.pool.nbytes() - getattr(runner.pool, "host_nbytes", lambda: 0)()) / 2**30)
+                gpu_kv_gib=(runner.pool.nbytes() - host_bytes) / 2**30, host_kv_gib=host_bytes / 2**30,
+                staging_gib=getattr(runner.pool, "staging_nbytes", lambda: 0)() / 2**30)
 
 
 # -- (d) the checks --------------------------------------------------------------------------------

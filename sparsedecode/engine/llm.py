@@ -14,7 +14,8 @@ from ..core import KVPool
 from ..methods import make_method, method_class
 from ..models.loader import default_device, default_dtype, load_config, load_model
 from ..models.parallel import TensorParallel, check_tensor_parallel
-from ..offload import OffloadConfig, OffloadedKVPool, check_offload_method, offload_config, offload_pool_blocks
+from ..offload import (OffloadConfig, OffloadedKVPool, check_offload_method, offload_config, offload_pool_blocks,
+                       offload_staging_bytes)
 from .llm_engine import LLMEngine, RequestOutput
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
@@ -55,7 +56,8 @@ class LLM:
     prefill whole, one layer at a time, without prefix caching; decode steps are captured in CUDA graphs
     with the index on the GPU (`OffloadConfig(index="gpu")`), eager with the CPU index. On a GPU
     the pool holds every slot at `max_context`, or what the host's available memory (and, with the GPU
-    index, the GPU's free memory for the keys) holds if less; `num_blocks` sets it.
+    index, `gpu_memory_utilization` of the GPU's free memory less the staging pools of `max_num_seqs` rows,
+    for the keys) holds if less; `num_blocks` sets it.
 
     Tensor parallelism: `tensor_parallel_size=N` splits the model over N GPUs (from `device` on: cuda:0 ..
     cuda:N-1 by default; on a CPU, N processes), by KV head: N must divide the model's KV heads. The engine
@@ -137,9 +139,13 @@ class LLM:
             enable_prefix_caching = False
             if runner_options["num_blocks"] is None and self.device.type == "cuda":
                 c, block_size, seqs = self.config, runner_options["block_size"], runner_options["max_num_seqs"]
+                max_blocks = -(-self.max_context // block_size)
                 block_bytes = KVPool.bytes_per_block(c.num_layers, c.num_kv_heads, block_size, c.head_dim, self.dtype)
-                num_blocks = offload_pool_blocks(self.kv_offload, seqs * -(-self.max_context // block_size) + 1,
-                                                 block_bytes, self.device, runner_options["gpu_memory_utilization"])
+                # the keys (GPU index) get what the staging pools of every decode row leave
+                staging = offload_staging_bytes(self.kv_offload, self.method, seqs, max_blocks, c.num_layers,
+                                                c.num_kv_heads, block_size, c.head_dim, self.dtype, self.device)
+                num_blocks = offload_pool_blocks(self.kv_offload, seqs * max_blocks + 1, block_bytes, self.device,
+                                                 runner_options["gpu_memory_utilization"], staging)
                 runner_options = {**runner_options, "num_blocks": num_blocks}
         runner = ModelRunner(self.model, self.config, self.method, **runner_options, pool_factory=pool_factory)
         if self.workers:

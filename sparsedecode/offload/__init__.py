@@ -6,7 +6,7 @@ which it serves from a block staging pool on the GPU (or, for the index, the CPU
 says what crossed the host link. See `cache`.
 """
 from .cache import (OffloadConfig, OffloadedKVPool, TransferCounts, check_offload_method, offload_config,
-                    offload_pool_blocks)
+                    offload_pool_blocks, offload_staging_bytes)
 
 __all__ = ["OffloadConfig", "OffloadedKVPool", "TransferCounts", "check_offload_method", "offload_config",
-           "offload_pool_blocks"]
+           "offload_pool_blocks", "offload_staging_bytes"]

@@ -60,7 +60,7 @@ from ..core import DecodeBatch, KVPool
 from ..kernels import sparse_decode_attention, store_kv
 from ..kernels.gather_host_blocks import gather_host_blocks
 from .scoring import block_lse, torch_threads
-from .staging import Staging, may_read_in_place, plan_staging
+from .staging import Staging, may_read_in_place, plan_staging, staging_pool_bytes
 
 INDEX_SIDES = ("cpu", "gpu")
 HOST_MEMORY_FRACTION = 0.9  # of the host's available memory, for an offloaded pool whose size is not given
@@ -123,23 +123,68 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def free_gpu_bytes(device: torch.device) -> tuple[int, int]:
+    """(bytes one new allocation can take, bytes free to PyTorch in all) on `device`. PyTorch's cache is given
+    back first; what it keeps are the unused parts of segments still in use (such as those weights made in
+    float32 and converted leave behind): they serve small tensors, never a pool."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return free, free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def offload_pool_blocks(config: OffloadConfig, wanted: int, block_bytes: int, device: torch.device,
-                        gpu_memory_utilization: float) -> int:
+                        gpu_memory_utilization: float, staging_bytes: int) -> int:
     """Blocks of an offloaded pool on a GPU when none are given: `wanted`, or fewer where
     HOST_MEMORY_FRACTION of the host's available memory does not hold their host part (V, and K with the
-    CPU index) or, with the GPU index, `gpu_memory_utilization` of the GPU's free memory does not hold
-    their keys. `block_bytes`: K and V of one block, all layers."""
+    CPU index) or, with the GPU index, the GPU does not hold their keys beside the staging pool of
+    `staging_bytes` (`offload_staging_bytes`): keys and staging take at most `gpu_memory_utilization` of
+    the GPU memory free to PyTorch (the rest is left to activations) and at most what new allocations
+    can take (`free_gpu_bytes`). `block_bytes`: K and V of one block, all layers."""
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {gpu_memory_utilization}")
     part = block_bytes // 2
     keys_on_device = config.index == "gpu"
     host_budget = int(available_host_bytes() * HOST_MEMORY_FRACTION)
     blocks = min(wanted, host_budget // (part if keys_on_device else block_bytes))
-    if keys_on_device:
-        free, _ = torch.cuda.mem_get_info(device)
-        blocks = min(blocks, int(free * gpu_memory_utilization) // part)
     if blocks < 2:
         raise RuntimeError(f"no memory left for an offloaded KV pool ({host_budget / 2**30:.1f} GiB of host memory "
                            "available): free some, or give num_blocks")
+    if keys_on_device:
+        allocatable, usable = free_gpu_bytes(device)
+        keys_budget = min(int(usable * gpu_memory_utilization), allocatable) - staging_bytes
+        if keys_budget < 2 * part:
+            raise RuntimeError(
+                f"no GPU memory left for the offloaded pool's keys: of {usable / 2**30:.1f} GiB free, "
+                f"gpu_memory_utilization={gpu_memory_utilization} less the staging pools "
+                f"({staging_bytes / 2**30:.1f} GiB) leaves {keys_budget / 2**30:.1f} GiB, and a block's keys take "
+                f"{part / 2**20:.1f} MiB: lower max_num_seqs or OffloadConfig.pool_blocks, raise "
+                "gpu_memory_utilization, or give num_blocks")
+        blocks = min(blocks, keys_budget // part)
     return blocks
+
+
+class _ReservationProbe(KVPool):
+    """A two-block pool on the device that records the staging pool a method's `plan` reserves."""
+
+    blocks_per_row = 0
+
+    def reserve(self, blocks_per_row: int) -> None:
+        self.blocks_per_row = blocks_per_row
+
+
+def offload_staging_bytes(config: OffloadConfig, method: Any, rows: int, max_blocks: int, num_layers: int,
+                          num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype,
+                          device: torch.device) -> int:
+    """Device bytes of the staging pool an offloaded pool takes for `rows` decode rows of sequences up to
+    `max_blocks` blocks: `config.pool_blocks` slots per (layer, row, KV head), or as many as `method`
+    reserves in `plan` (its candidate lists; found by planning it over a two-block probe pool). An upper
+    bound: a pool of fewer blocks than that takes fewer slots (`OffloadedKVPool.reserve`)."""
+    slots = config.pool_blocks
+    if slots is None:
+        probe = _ReservationProbe(num_layers, 2, num_kv_heads, block_size, head_dim, dtype, device)
+        method.plan(probe, rows, max_blocks)
+        slots = probe.blocks_per_row
+    return staging_pool_bytes(num_layers, rows, num_kv_heads, max(2, slots), block_size, head_dim, dtype)
 
 
 def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
@@ -238,7 +283,11 @@ class OffloadedKVPool(KVPool):
         return self.nbytes() // 2 * (1 if self.keys_on_device else 2)
 
     def staging_nbytes(self) -> int:
-        return 2 * self.k_staged.numel() * self.k_staged.element_size() if self.rows else 0
+        """Device bytes of the staging pool (slots and bookkeeping); 0 before it has rows."""
+        if not self.rows:
+            return 0
+        return staging_pool_bytes(self.num_layers, self.rows, self.num_kv_heads, self.pool_blocks, self.block_size,
+                                  self.head_dim, self.dtype)
 
     def transfer_counts(self) -> TransferCounts:
         """The moves so far, summed over layers (one host synchronisation)."""
@@ -276,11 +325,11 @@ class OffloadedKVPool(KVPool):
             self.k_staged = torch.zeros(shape, dtype=self.dtype, device=device)
             self.v_staged = torch.zeros(shape, dtype=self.dtype, device=device)
         except torch.cuda.OutOfMemoryError as e:
-            nbytes = 2 * rows * layers * heads * slots * self.block_size * self.head_dim * self.dtype.itemsize
+            nbytes = staging_pool_bytes(layers, rows, heads, slots, self.block_size, self.head_dim, self.dtype)
             raise RuntimeError(
                 f"the offloaded pool's staging pool for {rows} decode rows ({slots} blocks per row, layer and KV "
                 f"head) needs {nbytes / 2**30:.1f} GiB on the GPU: lower max_num_seqs or OffloadConfig.pool_blocks, "
-                "or leave more of the GPU to it (gpu_memory_utilization, which sizes the keys)") from e
+                "or give fewer num_blocks (with the GPU index the keys are sized to leave it room)") from e
         # Per cached slot (all but the last, the newest's; the last column takes the scatters of entries
         # that change nothing): the physical block held (-1: none), its write count when moved, the tick
         # of the call that last read it. One tick counter per layer: calls of a layer are ordered.

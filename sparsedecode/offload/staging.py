@@ -20,6 +20,17 @@ import torch.nn.functional as F
 
 #: an int64 larger than any block id or tick: sorts after every real entry
 LAST = 2**62
+#: int64 values the staging pool keeps per slot (`held`, `held_writes`, `last_use`)
+BOOKKEEPING_PER_SLOT = 3
+
+
+def staging_pool_bytes(num_layers: int, rows: int, num_kv_heads: int, slots: int, block_size: int, head_dim: int,
+                       dtype: torch.dtype) -> int:
+    """Device bytes of a staging pool of `rows` decode rows and `slots` blocks per (layer, row, KV head): the
+    slots' K and V, and per slot its bookkeeping (block held, its write count, last read: int64 each), plus
+    one tick counter per layer."""
+    per_slot = 2 * block_size * head_dim * dtype.itemsize + BOOKKEEPING_PER_SLOT * torch.int64.itemsize
+    return num_layers * (rows * num_kv_heads * slots * per_slot + torch.int64.itemsize)
 
 
 def stages_full_rows(table_width: int, slots: int) -> bool:
