@@ -232,7 +232,7 @@ def generate(model, method, options, prompt, chat, max_new_tokens, temperature, 
     text = prompt if prompt is not None else sys.stdin.read()
     if not text.strip():
         raise click.UsageError("empty prompt: pass --prompt or pipe text on standard input")
-    offload_option(kv_offload, offload_threads)  # checked before the model loads
+    offload = offload_option(kv_offload, offload_threads)  # checked before the model loads
     config, tokenizer = check_model(model)
     if tokenizer is None:
         raise click.BadParameter("random-weight shapes have no tokenizer; give a registry model, a GGUF file or "
@@ -253,8 +253,7 @@ def generate(model, method, options, prompt, chat, max_new_tokens, temperature, 
 
     from . import LLM
 
-    llm = LLM(model, method=method, device=device, kv_offload=offload_option(kv_offload, offload_threads),
-              **method_options)
+    llm = LLM(model, method=method, device=device, kv_offload=offload, **method_options)
     for piece in llm.stream(text, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
         click.echo(piece, nl=False)
     click.echo()

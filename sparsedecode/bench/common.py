@@ -6,7 +6,9 @@ is the bytes a step must read divided by that bandwidth.
 """
 from __future__ import annotations
 
+import gc
 import io
+import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -145,6 +147,18 @@ def prompts(tokenizer: Any, vocab_size: int, length: int, count: int, haystack: 
 
 def _current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def release_memory() -> None:
+    """Give back the GPU (and pinned) memory of models and engines no longer referenced, before the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "CPU (<machine>)"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -42,7 +42,6 @@ How a row is measured:
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import platform
 import time
@@ -72,6 +71,7 @@ from .common import (
     markdown_table,
     measure_copy_bandwidth,
     median_time,
+    release_memory,
     paired_difference,
     plot_speedup_vs_context,
     plot_time_vs_floor,
@@ -297,11 +297,6 @@ def method_options(method: str, budget: int, roles: str | None, real: bool) -> d
         options["roles"] = roles
     return options
 
-
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def pool_fit(engine: LLMEngine, context: int, decode_steps: int) -> tuple[int, int]:

@@ -41,8 +41,8 @@ from typing import Any
 
 from ..engine import LLM, LLMEngine, SamplingParams
 from ..models.shapes import RANDOM_PREFIX
-from .common import markdown_table, prompts, write_atomic
-from .e2e import MAX_BATCH, E2EOptions, release_memory, results_markdown, run_e2e
+from .common import markdown_table, prompts, release_memory, write_atomic
+from .e2e import MAX_BATCH, E2EOptions, results_markdown, run_e2e
 
 TIMING_METHODS = ["dense", "lychee", "lychee+lfps"]
 

@@ -9,7 +9,6 @@ very same weights.
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ import torch
 
 from ..hf import sparse_decoding
 from ..models.loader import default_device, default_dtype, load_model
-from .common import markdown_table, prompts, write_atomic
-from .e2e import generate_step_seconds, hf_model_like, method_options, release_memory
+from .common import device_name, markdown_table, prompts, release_memory, write_atomic
+from .e2e import generate_step_seconds, hf_model_like, method_options
 
 
 @dataclass
@@ -78,7 +77,7 @@ def run_hf_bench(opts: HFBenchOptions, out: Path, log: Callable[[str], None] = p
                 })
         del hf, loaded
         release_memory()
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+    meta = {"device": device_name(device),
             "torch": torch.__version__, "steps": opts.steps, "budget": opts.budget}
     results = {"meta": meta, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from ..hf import sparse_decoding
 from ..models.loader import default_device, default_dtype, load_model
-from .common import markdown_table, prompts, synchronize, write_atomic
+from .common import device_name, markdown_table, prompts, synchronize, write_atomic
 from .e2e import hf_model_like, method_options
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -129,7 +129,7 @@ def run_hf_profile(model: str, context: int, methods: list[str], budget: int, ro
     ids = torch.tensor(prompts(loaded.tokenizer, loaded.config.vocab_size, context, 1), device=dev)
     real = not model.startswith("random:")
     rows = [profile_method(hf, ids, m, method_options(m, budget, roles, real), steps, profile_steps) for m in methods]
-    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU", "torch": torch.__version__,
+    meta = {"device": device_name(dev), "torch": torch.__version__,
             "model": model, "context": context, "budget": budget, "steps": steps, "profile_steps": profile_steps}
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -32,11 +32,12 @@ decoding (equal), and, with an `OffloadConfig`, offloaded decoding against on-de
 """
 from __future__ import annotations
 
-import gc
 import json
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -55,7 +56,7 @@ from ..models.config import ModelConfig
 from ..models.shapes import SHAPES
 from ..offload import OffloadConfig, TransferCounts
 from ..offload.scoring import block_lse
-from .common import markdown_table, measure_copy_bandwidth, median_time, prompts, write_atomic
+from .common import markdown_table, measure_copy_bandwidth, median_time, prompts, release_memory, write_atomic
 
 REFRESH_INTERVALS = (1, 4, 8, 16, 32)
 METRICS = ("block_recall", "block_recall_predicted", "token_recall", "token_recall_ceiling", "mass_ratio",
@@ -344,9 +345,8 @@ def time_steps(llm: LLM, step: Callable[[int], Any], total: int, warmup: int) ->
     for kind, seconds in times.items():
         row: dict[str, Any] = dict(steps=len(seconds), step_ms=1e3 * median(seconds), total_s=sum(seconds))
         if kind in moved:
-            listed, fetched = (sum(getattr(m, f) for m in moved[kind]) for f in ("listed", "fetched"))
             row.update(link_mb=median(m.link_bytes for m in moved[kind]) / 1e6,
-                       hit_rate=1 - fetched / listed if listed else None)
+                       hit_rate=reduce(operator.add, moved[kind]).hit_rate)
         out[kind] = row
     return out
 
@@ -390,13 +390,6 @@ def _decode_steps(llm: LLM, context: int, total: int, fill: str, hot_blocks: int
     return lambda i: runner.decode([DecodeRow(0, 1, context + i, i, table)], 1)
 
 
-def _free_memory() -> None:
-    """Give back the GPU and pinned memory of engines no longer referenced, before the next one is built."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def weights_bytes(llm: LLM) -> int:
     return sum(p.numel() * p.element_size() for p in llm.model.parameters())
 
@@ -415,7 +408,7 @@ def run_offload(model: str, context: int, steps: int, device: str | None, option
     kind of step and one row of memory and bandwidths."""
     rows, setup = _offloaded_run(model, context, steps, device, options, config, fill, warmup)
     if on_gpu:
-        _free_memory()
+        release_memory()
         total = warmup + steps
         llm = LLM(model, method="lfps", device=device, max_context=context + total + 1, max_num_seqs=1,
                   num_blocks=-(-(context + total + 1) // setup["block_size"]) + 1, enable_prefix_caching=False,
@@ -504,7 +497,7 @@ def run_offload_serving(model: str, context: int, steps: int, options: dict[str,
     ms per step, tokens/s over all timed steps, and the GiB of K/V on the GPU (offloaded: the keys), of
     K/V in host memory and of the staging pools."""
     rows, capacity = _dense_serving(model, context, steps, warmup, device, max_dense)
-    _free_memory()
+    release_memory()
     total = warmup + steps
     max_context = context + total + 1
     wanted = sequences or 2 * capacity
@@ -512,7 +505,7 @@ def run_offload_serving(model: str, context: int, steps: int, options: dict[str,
     # in host memory, as many blocks as both hold.
     llm = LLM(model, method="lfps", device=device, max_context=max_context, max_num_seqs=wanted,
               enable_prefix_caching=False, kv_offload=OffloadConfig(index="gpu", pool_blocks=pool_blocks), **options)
-    count = min(wanted, (llm.engine.runner.pool.num_blocks - 1) // -(-max_context // llm.block_size))
+    count = min(wanted, _sequences_held(llm, max_context))
     tables = _tables(llm, max_context, count)
     for fill in fills:
         for table in tables:
@@ -520,6 +513,11 @@ def run_offload_serving(model: str, context: int, steps: int, options: dict[str,
                        llm.method.selector.list_length(context) if fill == "hot" else 0)
         rows.append(_serve_row(llm, "offloaded", fill, tables, context, total, warmup))
     return rows
+
+
+def _sequences_held(llm: LLM, max_context: int) -> int:
+    """How many sequences of `max_context` tokens the engine's pool holds (block 0 is the null block)."""
+    return (llm.engine.runner.pool.num_blocks - 1) // -(-max_context // llm.block_size)
 
 
 def _tables(llm: LLM, max_context: int, count: int) -> list[list[int]]:
@@ -539,7 +537,7 @@ def _dense_serving(model: str, context: int, steps: int, warmup: int, device: st
     max_context = context + total + 1
     llm = LLM(model, method="dense", device=device, max_context=max_context, max_num_seqs=max_sequences,
               enable_prefix_caching=False)
-    capacity = min(max_sequences, (llm.engine.runner.pool.num_blocks - 1) // -(-max_context // llm.block_size))
+    capacity = min(max_sequences, _sequences_held(llm, max_context))
     if capacity < 1:
         raise RuntimeError(f"the GPU holds no sequence of {context} tokens with dense attention")
     tables = _tables(llm, max_context, capacity)

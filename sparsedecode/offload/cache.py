@@ -48,6 +48,7 @@ On a CPU device, host and device are the same memory: no pinning and no streams 
 """
 from __future__ import annotations
 
+import operator
 import os
 import weakref
 from contextlib import nullcontext
@@ -212,7 +213,7 @@ COUNTERS = ("listed", "fetched", "newest", "prefetched", "in_place")
 @dataclass(frozen=True)
 class TransferCounts:
     """What an offloaded pool moved since it was made, in slabs (one block of one KV head of one layer);
-    differences of two snapshots (`a - b`) count what happened in between."""
+    differences of two snapshots (`a - b`) count what happened in between, sums (`a + b`) add periods."""
 
     listed: int  # complete blocks the staged attention calls read
     fetched: int  # of those, the ones not resident: moved by the call itself
@@ -221,8 +222,14 @@ class TransferCounts:
     in_place: int  # blocks of rows too long for their slots, read in place from host memory by the op
     link_bytes_per_slab: int  # bytes one slab takes over the host link (V; K too when it lives on the host)
 
+    def _combine(self, other: TransferCounts, op: Any) -> TransferCounts:
+        return TransferCounts(*(op(getattr(self, f), getattr(other, f)) for f in COUNTERS), self.link_bytes_per_slab)
+
+    def __add__(self, other: TransferCounts) -> TransferCounts:
+        return self._combine(other, operator.add)
+
     def __sub__(self, other: TransferCounts) -> TransferCounts:
-        return TransferCounts(*(getattr(self, f) - getattr(other, f) for f in COUNTERS), self.link_bytes_per_slab)
+        return self._combine(other, operator.sub)
 
     @property
     def hit_rate(self) -> float | None:
