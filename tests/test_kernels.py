@@ -503,6 +503,23 @@ def test_paged_cache_matches_the_reference_and_the_static_bits(device, page, uni
             assert torch.equal(paged_result, static_result)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocks_past_element_2_31_of_a_pool_are_read_where_they_are(device):
+    """A pool of 2**31 elements or more is addressed with 64-bit offsets (smaller ones with 32-bit): the
+    blocks at its end, past element 2**31, are read and not a wrapped-around address. K and V are one
+    tensor of 4 GiB (only the blocks in the table are written)."""
+    page, head_dim = 16, 16
+    num_blocks = 2**31 // (page * head_dim) + 4
+    pool = torch.empty(num_blocks, 1, page, head_dim, dtype=torch.float16, device=device)
+    tables = torch.tensor([[num_blocks - 1, 3, num_blocks - 2]], dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(11)
+    pool[tables[0].long()] = torch.randn(3, 1, page, head_dim, generator=gen).to(device, torch.float16)
+    q = torch.randn(1, 2, head_dim, generator=gen).to(device, torch.float16)
+    lens = torch.tensor([3 * page - 5], dtype=torch.int32, device=device)
+    got, want = run_both(q, pool, pool, lens, 16, block_tables=tables)
+    check(got, want, torch.float16)
+
+
 def test_auto_backend_on_cpu_is_the_reference():
     q, k, v, lens, _ = make_inputs("cpu", torch.float32, 2, 2, 2, 64, 128, [100, 3], seed=1)
     out, lse = sparse_decode_attention(q, k, v, lens, 0.125, 64)

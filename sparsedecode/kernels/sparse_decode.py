@@ -146,7 +146,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
-                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
@@ -202,10 +202,12 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
             tok = unit * U + pos % U
             ok = (unit >= 0) & (tok < seq_len)
             # logical token -> (physical block, slot): every token below seq_len has a table entry
-            block = tl.load(table_row + (tok // P) * stride_tm, mask=ok, other=0).to(tl.int64)
-            slot = tok % P
-            kt = tl.load(k_head + block[:, None] * stride_kb + slot[:, None] * stride_kt + d[None, :],
-                         mask=ok[:, None], other=0.0)
+            block = tl.load(table_row + (tok // P) * stride_tm, mask=ok, other=0)
+            if WIDE:  # pools of 2**31 elements or more need 64-bit offsets
+                block = block.to(tl.int64)
+            k_tok = block * stride_kb + (tok % P) * stride_kt
+            v_tok = block * stride_vb + (tok % P) * stride_vt
+            kt = tl.load(k_head + k_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale  # log2 units
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -213,8 +215,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_head + block[:, None] * stride_vb + slot[:, None] * stride_vt + d[None, :],
-                         mask=ok[:, None], other=0.0)
+            vt = tl.load(v_head + v_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
             if WRITE_LSE:
@@ -445,7 +446,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size, P=page,
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
-            DOT_PRECISION="tf32" if two_byte else "ieee",
+            DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31,
             num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
