@@ -398,6 +398,8 @@ def test_bench_hf_profile_lists_each_methods_step(tmp_path, one_thread):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["dense", "lychee"]
     assert all(r["step ms"] > 0 and r["compiles"] == 0 for r in rows)
+    # the profiled steps went through the sparse cache: dense reads every row, lychee's sparse heads a part
+    assert rows[0]["KV read"] == 1 and 0 < rows[1]["KV read"] < 1
     assert "## lychee" in (out / "results.md").read_text()
 
 

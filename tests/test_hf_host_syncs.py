@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from sparsedecode.hf import sparse_decoding
+from sparsedecode.hf import SparseCache, cache_keyword, sparse_decoding
 from sparsedecode.methods import METHODS
 
 #: ops that read a device tensor back to the host (or need its values to size their output)
@@ -51,12 +51,14 @@ def profiled_decode_step(model: LlamaForCausalLM, name: str, rows: int) -> torch
     mask = (torch.arange(width) >= width - lengths[:, None]).long()
     ids = torch.randint(1, 64, (rows, width), generator=torch.Generator().manual_seed(1)) * mask
     with torch.no_grad(), sparse_decoding(model, name, max_context=256, **sparse_options(name)):
-        out = model(input_ids=ids, attention_mask=mask, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        key = cache_keyword(model)
+        out = model(input_ids=ids, attention_mask=mask, **{key: DynamicCache()}, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, key)
+        assert isinstance(cache, SparseCache)  # the forward took the cache: the steps below go through it
         for step in range(3):
             tokens = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype)], dim=1)
-            inputs = {"input_ids": tokens, "attention_mask": mask, "cache": cache, "use_cache": True,
+            inputs = {"input_ids": tokens, "attention_mask": mask, key: cache, "use_cache": True,
                       "position_ids": mask.sum(1, keepdim=True) - 1, "cache_position": torch.tensor([mask.shape[1] - 1])}
             if step < 2:
                 out = model(**inputs)

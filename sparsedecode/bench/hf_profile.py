@@ -28,7 +28,7 @@ import torch
 import triton
 from transformers import DynamicCache
 
-from ..hf import sparse_decoding
+from ..hf import cache_keyword, sparse_decoding
 from ..models.loader import default_device, default_dtype, load_model
 from .common import device_name, markdown_table, prompts, synchronize, write_atomic
 from .e2e import hf_model_like, method_options
@@ -62,15 +62,16 @@ def profile_method(hf: torch.nn.Module, ids: torch.Tensor, method: str, options:
         compiles.append(getattr(kwargs.get("fn"), "name", "?"))
         return False  # compile as usual
 
+    key = cache_keyword(hf)
     with torch.no_grad(), sparse_decoding(hf, method=method, **options) as sd:
-        out = hf(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
-        cache, width = out.past_key_values, ids.shape[1]
+        out = hf(input_ids=ids, **{key: DynamicCache()}, use_cache=True, logits_to_keep=1)
+        cache, width = getattr(out, key), ids.shape[1]
         step_s, host_s = [], []
 
         def step() -> None:
             nonlocal out, width
             start = time.perf_counter()
-            out = hf(**decode_inputs(out.logits[:, -1:].argmax(-1), width), cache=cache, use_cache=True)
+            out = hf(**decode_inputs(out.logits[:, -1:].argmax(-1), width), **{key: cache}, use_cache=True)
             host_s.append(time.perf_counter() - start)
             synchronize(device)
             step_s.append(time.perf_counter() - start)

@@ -18,6 +18,7 @@ models raise `UnsupportedModelError` on entry.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any
 
@@ -111,6 +112,12 @@ class SparseDecoding:
     def kv_fraction_read(self) -> float:
         """K/V rows the last generate call's decode steps read, over what dense attention reads."""
         return self.stats().kv_fraction_read
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword `model`'s forward takes its cache under: `cache` in newer transformers, `past_key_values`
+    before (a forward call with the other name would run without the cache it was given)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def sparse_decoding(model: PreTrainedModel, method: str = "lychee", max_context: int | None = None,
