@@ -28,6 +28,7 @@ from ..core import DecodeBatch, KVPool
 from ..methods.base import DecodeMethod
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer, prefill_attention
+from .block_tables import BlockTables, TableChange
 from .sampling import sample_tokens
 
 CPU_KV_BYTES = 2**30  # default pool size on a CPU device (a GPU's is sized from its free memory)
@@ -90,6 +91,7 @@ class ModelRunner:
         self.steps = torch.zeros(seqs, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(seqs, self.max_blocks, dtype=torch.int32, device=device)
+        self.tables = BlockTables(seqs, self.max_blocks)  # their host copy, updated by what changed
         self.temperature = torch.zeros(seqs, dtype=torch.float32, device=device)
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(seqs, dtype=torch.int64, device=device)
@@ -268,6 +270,7 @@ class ModelRunner:
     def start_decoding(self, slot: int, block_table: list[int], length: int) -> None:
         """A sequence whose first `length` tokens are in the pool takes decode slot `slot`."""
         self.method.reset_slot(slot)
+        self.tables.reset(slot)
         blocks = torch.tensor(block_table, dtype=torch.int64, device=self.device)
         queries = self.prompt_queries.pop(slot, None)
         for layer in range(self.config.num_layers):
@@ -293,13 +296,18 @@ class ModelRunner:
 
     # -- decode ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, rows: list[DecodeRow], num_steps: int) -> list[list[int]]:
+    def decode(self, rows: list[DecodeRow], num_steps: int,
+               table_changes: list[TableChange] | None = None) -> list[list[int]]:
         """Run `num_steps` decode steps for `rows`; returns per row its `num_steps` sampled tokens (one host
-        synchronisation)."""
+        synchronisation). A row's block table is a list the caller only extends in place between calls for
+        its slot, or replaces by a new list (`BlockTables`). `table_changes`: the rows' table changes as rank
+        0 computed them (a tensor-parallel worker's rows then carry no tables)."""
         size = self.bucket_for(max(r.slot for r in rows) + 1)
         if self.pool.reserve_rows(size):  # the pool's per-row buffers moved: steps captured before are stale
             self.drop_graphs()
-        self._load(rows, size)
+        if table_changes is None:
+            table_changes = self.tables.changes([(r.slot, r.block_table) for r in rows])
+        self._load(rows, size, table_changes)
         greedy = all(r.temperature == 0 for r in rows)
         out = torch.empty(num_steps, size, dtype=torch.int64, device=self.device)
         for i in range(num_steps):
@@ -308,12 +316,10 @@ class ModelRunner:
         host = out.T.tolist()
         return [host[r.slot] for r in rows]
 
-    def _load(self, rows: list[DecodeRow], size: int) -> None:
+    def _load(self, rows: list[DecodeRow], size: int, table_changes: list[TableChange]) -> None:
         """Fill the first `size` rows of the step buffers: the given rows, the rest idle (null block)."""
-        tables = np.zeros((size, self.max_blocks), dtype=np.int32)
-        for r in rows:
-            tables[r.slot, : len(r.block_table)] = r.block_table
-        self.block_tables[:size].copy_(torch.from_numpy(tables))
+        self.tables.apply(table_changes, {r.slot for r in rows}, size)
+        self.block_tables[:size].copy_(torch.from_numpy(self.tables.host[:size]))
         slots = [r.slot for r in rows]
         for buffer, name, idle in ((self.tokens, "token", 0), (self.positions, "position", 0), (self.steps, "step", 0),
                                    (self.temperature, "temperature", 0.0), (self.top_p, "top_p", 1.0),

@@ -8,6 +8,8 @@ the next step's input inside the CUDA graph, agree everywhere, and rank 0's resu
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..core import KVPool
@@ -43,8 +45,10 @@ class TensorParallelRunner:
         return self.local.prefill(requests)
 
     def decode(self, rows: list[DecodeRow], num_steps: int) -> list[list[int]]:
-        self.workers.send("decode", rows, num_steps)
-        return self.local.decode(rows, num_steps)
+        # the workers get what changed in the tables, not the tables: every rank's copy follows the same changes
+        changes = self.local.tables.changes([(r.slot, r.block_table) for r in rows])
+        self.workers.send("decode", [replace(r, block_table=[]) for r in rows], num_steps, changes)
+        return self.local.decode(rows, num_steps, changes)
 
     def start_decoding(self, slot: int, block_table: list[int], length: int) -> None:
         self.workers.send("start_decoding", slot, block_table, length)
