@@ -16,6 +16,7 @@ from typing import Any
 from ..methods.base import DecodeMethod
 from .block_manager import BlockManager
 from .model_runner import DecodeRow, ModelRunner, PrefillRequest
+from .output_text import OutputText
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -95,7 +96,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
-        seq = Sequence(request_id, ids, params, seed, stop_ids)
+        seq = Sequence(request_id, ids, params, seed, stop_ids, OutputText(self.tokenizer))
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -179,6 +180,7 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, decoded: bool) -> None:
         """Add a sampled token and end the sequence at a stop token, stop string or its limit."""
         seq.output_token_ids.append(token)
+        new_chars = seq.output_text.add(seq.output_token_ids)
         if decoded:  # the step that sampled it read the sequence's first num_tokens - 1 tokens
             method, seq_len = self.runner.method, seq.num_tokens - 1
             seq.kv_rows += method.kv_tokens_read(seq_len, seq.steps_since_reset)
@@ -187,12 +189,18 @@ class LLMEngine:
         reason = None
         if token in seq.stop_ids:
             reason = "stop"
-        elif seq.params.stop and any(s in self.decode_text(seq.output_token_ids) for s in seq.params.stop):
+        elif seq.params.stop and self._stop_string_ends_in(seq.output_text.text, new_chars, seq.params.stop):
             reason = "stop"
         elif len(seq.output_token_ids) >= seq.params.max_tokens:
             reason = "length"
         if reason is not None:
             self._finish(seq, reason)
+
+    @staticmethod
+    def _stop_string_ends_in(text: str, new_chars: int, stops: list[str]) -> bool:
+        """Whether a stop string ends in the last `new_chars` characters (earlier ones were checked before)."""
+        start = max(len(text) - new_chars - max(map(len, stops)) + 1, 0)
+        return new_chars > 0 and any(s in text[start:] for s in stops)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         steps = seq.steps_since_reset
@@ -200,14 +208,12 @@ class LLMEngine:
             mean_len = seq.num_tokens - 1 - (steps - 1) / 2
             seq.kv_rows += self.runner.extra_kv_tokens_read(seq.slot, mean_len)
         seq.finish_time = time.perf_counter()
+        seq.output_text.finish(seq.output_token_ids)
         self.scheduler.finish(seq, reason)
 
     # -- text -----------------------------------------------------------------------------------
-    def decode_text(self, token_ids: list[int]) -> str:
-        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
     def output(self, seq: Sequence) -> RequestOutput:
-        text, stops = self.decode_text(seq.output_token_ids), seq.params.stop or []
+        text, stops = seq.output_text.text, seq.params.stop or []
         cut = min((text.index(s) for s in stops if s in text), default=len(text))
         if not seq.is_finished and stops:
             cut = min(cut, len(text) - max(len(s) for s in stops) + 1)  # may still become a stop string

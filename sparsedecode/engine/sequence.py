@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 
+from .output_text import OutputText
 from .sampling_params import SamplingParams
 
 
@@ -15,10 +16,11 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
-                 stop_ids: set[int]) -> None:
+                 stop_ids: set[int], output_text: OutputText) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
+        self.output_text = output_text  # their text, grown as they come
         self.params = params
         self.seed = seed  # the sampling noise's key: the params' seed, or one the engine drew
         self.stop_ids = stop_ids
