@@ -207,13 +207,17 @@ def test_hf_model_shares_the_engine_weights(monkeypatch, shape, one_thread):
 
 
 def test_recall_is_one_when_every_step_is_exact(one_thread):
+    torch.manual_seed(0)  # the random weights: the same whatever ran before in this process
     rows = lfps_bench.run_recall("random:tiny-llama", [512], 6, 64, (16,), (1,), refresh=(1, 3), device="cpu")
     by_r = {r["R"]: r for r in rows}
     assert by_r[1]["block_recall"] == 1.0 and by_r[1]["out_err_candidates"] == 0.0
     assert by_r[1]["block_recall_predicted"] is None and by_r[1]["read_fraction"] == 1.0  # no predicted steps
     assert 0.0 < by_r[3]["block_recall_predicted"] <= 1.0
     assert 0.0 < by_r[3]["candidate_fraction"] < 1.0 and by_r[3]["read_fraction"] < 1.0
-    assert by_r[3]["token_recall"] <= by_r[3]["token_recall_ceiling"] + 1e-9
+    # the exact selection's token recall (its "ceiling": the top blocks by mass, not by top tokens covered, so
+    # a predicted selection can cover more top tokens) is what every-step-exact decoding reaches
+    assert by_r[1]["token_recall"] == pytest.approx(by_r[1]["token_recall_ceiling"])
+    assert all(0.0 < r["token_recall"] <= 1.0 for r in rows)
 
 
 def test_lfps_check_passes_with_and_without_offload(one_thread):

@@ -11,8 +11,9 @@ refresh steps its selection is the exact top-k, in between it scores only its ca
 scores restricted to them, renormalised over them, which is what the op's candidate pass computes) and
 keeps their top-k. Reported per setting, averaged over steps, layers, sequences and KV heads: block
 recall (share of the exact top-k blocks selected), token recall (share of the exact top-k tokens, by
-aggregated attention probability, inside the selected blocks; its ceiling is that of the exact top-k
-blocks, the best any block selection of that size does), the attention mass captured relative to the
+aggregated attention probability, inside the selected blocks; its "ceiling" column is that of the exact
+top-k blocks, which are the top blocks by attention mass, so another selection can cover a few more of the
+top tokens), the attention mass captured relative to the
 exact top-k's, the candidates' share of the context (predicted steps), the share of the context a step
 reads on average (refresh steps read everything), and the relative error of the attention output against
 dense for the two output modes (`attend="candidates"`, `"selected"`).
