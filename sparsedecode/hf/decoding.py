@@ -116,7 +116,7 @@ class SparseDecoding:
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword `model`'s forward takes its cache under: `cache` in newer transformers, `past_key_values`
-    before (a forward call with the other name would run without the cache it was given)."""
+    before (where `cache=` falls into the forward's extra arguments and the call runs without it)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
