@@ -1,8 +1,8 @@
 """The decode slots' block tables on the host, updated by what changed since the last step.
 
 A decode step needs the block table of every slot as one int32 array [slots, max_blocks]. Rebuilding it
-from the sequences' lists each step converts every entry again: tens of thousands of Python ints per step
-for many long sequences, and on a tensor-parallel model the lists travel to every worker too. The engine
+from the sequences' lists each step converts every entry of every table again, and on a tensor-parallel
+model the lists would travel to every worker too. The engine
 only ever extends a sequence's table in place, or gives it a new list (allocation, free), so the rows
 change by a few appended entries between steps.
 
