@@ -409,6 +409,7 @@ def test_bench_hf_profile_lists_each_methods_step(tmp_path, one_thread):
 
 @pytest.mark.parametrize("args,words", [
     (["--contexts", "8k"], "over its 4096 positions"),
+    (["--profile", "--contexts", "8k"], "over its 4096 positions"),
     (["--methods", "sdpa"], "benchmark-only method"),
     (["--roles", "random:24"], "random:N needs"),
     (["--profile", "--roles", "random:24"], "random:N needs"),

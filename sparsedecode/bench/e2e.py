@@ -71,11 +71,11 @@ from .common import (
     markdown_table,
     measure_copy_bandwidth,
     median_time,
-    release_memory,
     paired_difference,
     plot_speedup_vs_context,
     plot_time_vs_floor,
     prompts,
+    release_memory,
     step_kinds,
     synchronize,
     write_atomic,
@@ -296,7 +296,6 @@ def method_options(method: str, budget: int, roles: str | None, real: bool) -> d
     if "roles" in accepted and accepted["roles"] is None and not real and roles is not None:
         options["roles"] = roles
     return options
-
 
 
 def pool_fit(engine: LLMEngine, context: int, decode_steps: int) -> tuple[int, int]:

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from ..hf import sparse_decoding
+from ..models.config import ModelConfig
 from ..models.loader import default_device, default_dtype, load_model
+from ..models.shapes import RANDOM_PREFIX
 from .common import device_name, markdown_table, prompts, release_memory, write_atomic
 from .e2e import generate_step_seconds, hf_model_like, method_options
 
@@ -35,6 +37,13 @@ class HFBenchOptions:
     device: str | None = None
 
 
+def check_positions(spec: str, config: ModelConfig, context: int, new_tokens: int) -> None:
+    """ValueError naming the fix when a `context`-token prompt plus `new_tokens` is over the model's positions."""
+    if context + new_tokens > config.max_position_embeddings:
+        raise ValueError(f"{spec}: a {context}-token prompt plus {new_tokens} generated tokens is over its "
+                         f"{config.max_position_embeddings} positions; give a shorter --contexts")
+
+
 COLUMNS = ["model", "ctx", "generate", "ms/step", "tok/s", "x eager", "x compiled", "KV read"]
 
 
@@ -45,12 +54,10 @@ def run_hf_bench(opts: HFBenchOptions, out: Path, log: Callable[[str], None] = p
     for spec in opts.models:
         log(f"loading {spec}")
         loaded = load_model(spec, device, dtype)
-        real = not spec.startswith("random:")
+        real = not spec.startswith(RANDOM_PREFIX)
         hf = hf_model_like(loaded.model)
         for context in opts.contexts:
-            if context + opts.steps + 1 > loaded.config.max_position_embeddings:
-                raise ValueError(f"{spec}: a {context}-token prompt plus {opts.steps + 1} generated tokens is over its "
-                                 f"{loaded.config.max_position_embeddings} positions; give a shorter --contexts")
+            check_positions(spec, loaded.config, context, opts.steps + 1)
             ids = torch.tensor(prompts(loaded.tokenizer, loaded.config.vocab_size, context, 1, opts.haystack),
                                device=device)
             plain = {"cache_implementation": "static"}

@@ -30,14 +30,17 @@ from transformers import DynamicCache
 
 from ..hf import cache_keyword, sparse_decoding
 from ..models.loader import default_device, default_dtype, load_model
+from ..models.shapes import RANDOM_PREFIX
 from .common import device_name, markdown_table, prompts, synchronize, write_atomic
 from .e2e import hf_model_like, method_options
+from .hf_bench import check_positions
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
             "cudaMemcpyAsync", "cuMemcpyDtoH_v2", "cuMemcpyDtoHAsync_v2", "cudaStreamQuery")
 STREAM_WAITS = ("cudaStreamWaitEvent", "cudaEventRecord", "cudaEventRecordWithFlags")
 HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
+WARMUP_STEPS = 3  # decode steps before the timed ones
 TOP_KERNELS = 8
 TOP_FUNCTIONS = 16
 #: the Python functions listed by host time: the package's (this benchmark's aside) and Triton's launchers
@@ -77,7 +80,7 @@ def profile_method(hf: torch.nn.Module, ids: torch.Tensor, method: str, options:
             step_s.append(time.perf_counter() - start)
             width += 1
 
-        for _ in range(3):  # the first decode step takes the slots; compiles and scratch buffers
+        for _ in range(WARMUP_STEPS):  # the first decode step takes the slots; compiles and scratch buffers
             step()
         step_s.clear()
         host_s.clear()
@@ -127,8 +130,9 @@ def run_hf_profile(model: str, context: int, methods: list[str], budget: int, ro
     dev = torch.device(device) if device else default_device()
     loaded = load_model(model, dev, default_dtype(dev))
     hf = hf_model_like(loaded.model)
+    check_positions(model, loaded.config, context, 1 + WARMUP_STEPS + steps + profile_steps)
     ids = torch.tensor(prompts(loaded.tokenizer, loaded.config.vocab_size, context, 1), device=dev)
-    real = not model.startswith("random:")
+    real = not model.startswith(RANDOM_PREFIX)
     rows = [profile_method(hf, ids, m, method_options(m, budget, roles, real), steps, profile_steps) for m in methods]
     meta = {"device": device_name(dev), "torch": torch.__version__,
             "model": model, "context": context, "budget": budget, "steps": steps, "profile_steps": profile_steps}

@@ -105,6 +105,7 @@ class LLMEngine:
         """End a request now and free its blocks; unknown or finished ids are ignored."""
         seq = self.sequences.pop(request_id, None)
         if seq is not None and not seq.is_finished:
+            seq.output_text.finish(seq.output_token_ids)
             self.scheduler.finish(seq, "abort")
 
     def use_method(self, method: DecodeMethod) -> None:

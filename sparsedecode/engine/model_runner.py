@@ -318,9 +318,9 @@ class ModelRunner:
 
     def _load(self, rows: list[DecodeRow], size: int, table_changes: list[TableChange]) -> None:
         """Fill the first `size` rows of the step buffers: the given rows, the rest idle (null block)."""
-        self.tables.apply(table_changes, {r.slot for r in rows}, size)
-        self.block_tables[:size].copy_(torch.from_numpy(self.tables.host[:size]))
         slots = [r.slot for r in rows]
+        self.tables.apply(table_changes, set(slots), size)
+        self.block_tables[:size].copy_(torch.from_numpy(self.tables.host[:size]))
         for buffer, name, idle in ((self.tokens, "token", 0), (self.positions, "position", 0), (self.steps, "step", 0),
                                    (self.temperature, "temperature", 0.0), (self.top_p, "top_p", 1.0),
                                    (self.top_k, "top_k", 0), (self.seeds, "seed", 0)):
