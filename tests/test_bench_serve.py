@@ -1,5 +1,6 @@
 """`sparsedecode bench serve` against a live `sparsedecode serve` subprocess (smollm2-135m on CPU): its table
-is computed from the requests it really timed, and agrees with the server's own counters."""
+is computed from the requests it really timed, and agrees with the server's own counters, prefix-cache hits
+included."""
 from __future__ import annotations
 
 import json
@@ -21,21 +22,28 @@ PROMPTS = 4
 def counters(url: str) -> dict[str, float]:
     text = httpx2.get(f"{url}/metrics").text
     return {name: sum(float(v) for v in re.findall(rf"^sparsedecode:{name}{{[^}}]*}} (\S+)$", text, re.M))
-            for name in ("generation_tokens_total", "request_success_total", "time_to_first_token_seconds_count")}
+            for name in ("generation_tokens_total", "request_success_total", "time_to_first_token_seconds_count",
+                         "prefix_cache_hits_total")}
 
 
 def test_bench_serve_against_a_live_server(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server's torch: one thread is fastest on a busy machine
     # engine flags away from their defaults: 64-token prompts prefilled in two chunks, two decode steps per
-    # engine step (chunks carrying two tokens), no prefix cache
+    # engine step (chunks carrying two tokens)
     serve_args = ("--device", "cpu", "--max-model-len", "512", "--max-num-seqs", "4", "--max-num-batched-tokens",
-                  "32", "--num-scheduler-steps", "2", "--no-enable-prefix-caching")
+                  "32", "--num-scheduler-steps", "2")
     with launch_server("smollm2-135m", "dense", {}, serve_args, tmp_path / "server.log", 300) as url:
         result = CliRunner().invoke(bench_group, [
             "serve", "--url", url, "--concurrency", "1,2", "--num-prompts", str(PROMPTS), "--input-len", "64",
             "--output-len", str(OUTPUT_LEN), "--out", str(tmp_path / "out")])
         assert result.exit_code == 0, result.output
         served = counters(url)
+        # then every prompt starts with the same 128 tokens (two blocks of 64) and has 32 of its own
+        shared = CliRunner().invoke(bench_group, [
+            "serve", "--url", url, "--concurrency", "2", "--num-prompts", str(PROMPTS), "--input-len", "160",
+            "--prefix-len", "128", "--output-len", str(OUTPUT_LEN), "--out", str(tmp_path / "shared")])
+        assert shared.exit_code == 0, shared.output
+        hits = counters(url)["prefix_cache_hits_total"] - served["prefix_cache_hits_total"]
 
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [r["concurrency"] for r in rows] == [1, 2]
@@ -52,6 +60,11 @@ def test_bench_serve_against_a_live_server(tmp_path, monkeypatch) -> None:
     warmup = min(OUTPUT_LEN, WARMUP_TOKENS)
     assert served["generation_tokens_total"] == sum(r["output_tokens"] for r in rows) + warmup
     assert served["request_success_total"] == served["time_to_first_token_seconds_count"] == 2 * PROMPTS + 1
+    assert served["prefix_cache_hits_total"] == 0  # distinct prompts: no prefill shortened
+    # the warm-up request prefilled the shared prefix; every timed request took it from the cache (the warm-up
+    # itself may find the first block among the distinct windows above, which start at offsets 0-35)
+    assert PROMPTS * 128 <= hits <= PROMPTS * 128 + 64
+    assert "(the first 128 the same in every prompt)" in (tmp_path / "shared" / "results.md").read_text()
 
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| method | load | requests | failed | output_tok_s | requests_s | ttft_p50_ms" in table
@@ -62,3 +75,9 @@ def test_bench_serve_against_a_live_server(tmp_path, monkeypatch) -> None:
 def test_bench_serve_needs_a_model_or_a_url() -> None:
     result = CliRunner().invoke(bench_group, ["serve"])
     assert result.exit_code == 2 and "--model" in result.output and "--url" in result.output
+
+
+def test_bench_serve_refuses_a_prefix_as_long_as_the_prompt() -> None:
+    result = CliRunner().invoke(bench_group, ["serve", "--url", "http://127.0.0.1:9", "--input-len", "4k",
+                                              "--prefix-len", "4k"])
+    assert result.exit_code == 2 and "--prefix-len" in result.output and "shorter than --input-len" in result.output

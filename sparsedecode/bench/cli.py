@@ -37,6 +37,10 @@ def _context(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(e)) from None
 
 
+def _prefix(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    return 0 if value.strip() == "0" else _context(ctx, param, value)
+
+
 def _batches(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     items = _items(value)
     if not items or not all(t.isdigit() and int(t) > 0 for t in items):
@@ -285,6 +289,9 @@ def _rates(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 @click.option("--num-prompts", default=32, show_default=True, type=click.IntRange(min=1),
               help="Requests per point of the sweep.")
 @click.option("--input-len", default="32k", show_default=True, callback=_context, help="Prompt tokens (4096, 32k).")
+@click.option("--prefix-len", default="0", show_default=True, callback=_prefix,
+              help="Leading prompt tokens the same in every request (one document, many questions; 126k): the "
+              "prefix cache prefills them once, each request prefills the rest.")
 @click.option("--output-len", default=256, show_default=True, type=click.IntRange(min=1), help="Output tokens.")
 @click.option("--haystack", type=click.Path(exists=True), default=None,
               help="Prompt text: a text file or a folder of *.txt (default: the essays).")
@@ -299,8 +306,8 @@ def _rates(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
               help="Folder for results.json, results.md, throughput.png and the servers' logs.")
 def serve(model: str | None, url: str | None, methods: str, budget: str, method_options: tuple[str, ...],
           variants: tuple[str, ...], concurrency: list[int], request_rates: list[float] | None, num_prompts: int,
-          input_len: int, output_len: int, haystack: str | None, serve_args: tuple[str, ...], api_key: str | None,
-          slo_tpot_ms: float, seed: int, out: Path) -> None:
+          input_len: int, prefix_len: int, output_len: int, haystack: str | None, serve_args: tuple[str, ...],
+          api_key: str | None, slo_tpot_ms: float, seed: int, out: Path) -> None:
     """Serving load (closed-loop clients or Poisson arrivals): output tokens/s, requests/s, TTFT and TPOT
     p50 / p99 and the KV fraction read per method, a table and a plot of throughput against the load."""
     from ..evals.cli import method_runs
@@ -308,6 +315,9 @@ def serve(model: str | None, url: str | None, methods: str, budget: str, method_
 
     if (model is None) == (url is None):
         raise click.UsageError("give --model (servers started here) or --url (a running server), not both")
+    if prefix_len >= input_len:
+        raise click.BadParameter(f"{prefix_len} tokens leave no tokens of the {input_len}-token prompt to differ; "
+                                 "give a prefix shorter than --input-len", param_hint="--prefix-len")
     try:
         import openai  # noqa: F401  (the load generator's client)
     except ImportError:
@@ -320,7 +330,7 @@ def serve(model: str | None, url: str | None, methods: str, budget: str, method_
     opts = ServeBenchOptions(
         runs=[] if url else method_runs(_items(methods), budgets, method_options, variants), model=model, url=url,
         api_key=api_key, concurrency=concurrency, request_rates=request_rates, num_prompts=num_prompts,
-        input_len=input_len, output_len=output_len, haystack=haystack, serve_args=serve_args,
+        input_len=input_len, prefix_len=prefix_len, output_len=output_len, haystack=haystack, serve_args=serve_args,
         slo_tpot_ms=slo_tpot_ms, seed=seed,
     )
     try:

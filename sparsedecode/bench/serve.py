@@ -12,7 +12,9 @@ Load: `concurrency` closed-loop clients (each sends its next request when the la
 open-loop Poisson arrivals at `request_rate` per second. Prompts are token ids, a new one for every request
 of a run so that the server's prefix cache never shortens a prefill: windows of the haystack essays
 tokenised by the server (`/tokenize`) at distinct offsets, or, for a model without tokenizer, random ids
-below `RANDOM_IDS` (present in every supported vocabulary).
+below `RANDOM_IDS` (present in every supported vocabulary). With `prefix_len`, the first `prefix_len`
+tokens are the same in every prompt (one long document, many questions): the untimed warm-up request
+prefills them and the prefix cache serves them to every timed request, which prefills only its own tail.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class ServeBenchOptions:
     request_rates: list[float] | None = None  # open loop instead of closed-loop clients
     num_prompts: int = 32  # requests per point of the sweep
     input_len: int = 1024
+    prefix_len: int = 0  # leading prompt tokens shared by every request
     output_len: int = 256
     haystack: str | None = None
     serve_args: tuple[str, ...] = ()  # more flags of `sparsedecode serve`
@@ -136,20 +139,26 @@ def _get_json(url: str, api_key: str | None, body: dict[str, Any] | None = None)
 
 # -- prompts ------------------------------------------------------------------------------------
 def make_prompts(url: str, api_key: str | None, count: int, length: int, haystack: str | None,
-                 seed: int) -> list[list[int]]:
-    """`count` prompts of `length` token ids: windows of the haystack at distinct offsets where the server has
-    a tokenizer (so no two share a prefix for the prefix cache to reuse), else random ids."""
+                 seed: int, prefix_len: int = 0) -> list[list[int]]:
+    """`count` prompts of `length` token ids. The first `prefix_len` are the same in every prompt; the rest are
+    windows of the haystack at distinct offsets where the server has a tokenizer (so no two share a block
+    beyond the prefix for the prefix cache to reuse), else random ids."""
+    if not 0 <= prefix_len < length:
+        raise ValueError(f"the shared prefix ({prefix_len} tokens) must be shorter than the prompt ({length} tokens)")
     rng = random.Random(seed)
-    span = length + 4 * count  # the windows start at distinct offsets below 4 * count
+    tail = length - prefix_len
+    span = length + 4 * count  # the prefix, then tails starting at distinct offsets below 4 * count
     try:
         text = haystack_text(haystack)[: 6 * span]  # ~4 characters a token: enough, without tokenising it all
         ids = _get_json(f"{url}/tokenize", api_key, {"prompt": text})["tokens"]
     except urllib.error.HTTPError as e:
         if e.code != 400:  # 400: the model has no tokenizer
             raise
-        return [[rng.randrange(RANDOM_IDS) for _ in range(length)] for _ in range(count)]
+        prefix = [rng.randrange(RANDOM_IDS) for _ in range(prefix_len)]
+        return [prefix + [rng.randrange(RANDOM_IDS) for _ in range(tail)] for _ in range(count)]
     ids = ids * -(-span // len(ids))  # repeated when the text is shorter than asked
-    return [ids[start : start + length] for start in rng.sample(range(4 * count), count)]
+    prefix, rest = ids[:prefix_len], ids[prefix_len:]
+    return [prefix + rest[start : start + tail] for start in rng.sample(range(4 * count), count)]
 
 
 # -- load ---------------------------------------------------------------------------------------
@@ -271,7 +280,8 @@ def _bench_server(url: str, options: str | None, opts: ServeBenchOptions, result
     loads = ([("request_rate", r) for r in opts.request_rates] if opts.request_rates
              else [("concurrency", c) for c in opts.concurrency])
     n = opts.num_prompts
-    prompts = make_prompts(url, opts.api_key, 1 + n * len(loads), opts.input_len, opts.haystack, opts.seed)
+    prompts = make_prompts(url, opts.api_key, 1 + n * len(loads), opts.input_len, opts.haystack, opts.seed,
+                           opts.prefix_len)
     log(f"{label}: warm-up request")
     run_load(url, card["id"], prompts[:1], min(opts.output_len, WARMUP_TOKENS), opts.api_key, concurrency=1)
     for i, (kind, value) in enumerate(loads):
@@ -303,7 +313,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     parts = [
         "# sparsedecode serving benchmark",
         f"{meta['model'] or 'the server at ' + meta['url']}: {meta['num_prompts']} requests per point, prompts of "
-        f"{meta['input_len']} tokens, outputs of {meta['output_len']} tokens (ignore_eos). Times in ms; "
+        f"{meta['input_len']} tokens"
+        + (f" (the first {meta['prefix_len']} the same in every prompt)" if meta.get("prefix_len") else "")
+        + f", outputs of {meta['output_len']} tokens (ignore_eos). Times in ms; "
         "TPOT = (last token - first token) / (tokens - 1); kv_fraction_read = KV-cache bytes read over dense's.",
         markdown_table(results["rows"], TABLE_COLUMNS),
         f"## Highest output tokens/s with p99 TPOT under {slo:g} ms",
