@@ -81,3 +81,56 @@ def test_bench_serve_refuses_a_prefix_as_long_as_the_prompt() -> None:
     result = CliRunner().invoke(bench_group, ["serve", "--url", "http://127.0.0.1:9", "--input-len", "4k",
                                               "--prefix-len", "4k"])
     assert result.exit_code == 2 and "--prefix-len" in result.output and "shorter than --input-len" in result.output
+
+
+class _TokenizeServer:
+    """A stand-in server for `make_prompts`: /tokenize answers with the words' positions as token ids, or
+    with 400 (a model without tokenizer)."""
+
+    def __init__(self, has_tokenizer: bool) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, reply = ((200, {"tokens": list(range(len(body["prompt"].split())))}) if has_tokenizer
+                                 else (400, {"error": {"message": "no tokenizer"}}))
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> str:
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("has_tokenizer", [True, False])
+def test_prompts_share_exactly_their_prefix(has_tokenizer: bool) -> None:
+    from sparsedecode.bench.serve import RANDOM_IDS, make_prompts
+
+    count, length, prefix = 6, 300, 200
+    with _TokenizeServer(has_tokenizer) as url:
+        prompts = make_prompts(url, None, count, length, None, seed=3, prefix_len=prefix)
+        alone = make_prompts(url, None, count, length, None, seed=3)
+    for batch, shared in ((prompts, prefix), (alone, 0)):
+        assert len(batch) == count and all(len(p) == length for p in batch)
+        assert all(p[:shared] == batch[0][:shared] for p in batch)
+        firsts = {tuple(p[shared : shared + 8]) for p in batch}  # what follows the prefix differs in every prompt
+        assert len(firsts) == count
+    if not has_tokenizer:
+        assert all(0 <= t < RANDOM_IDS for p in prompts for t in p)
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        make_prompts("http://127.0.0.1:9", None, count, length, None, seed=3, prefix_len=length)
