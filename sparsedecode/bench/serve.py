@@ -154,8 +154,9 @@ def make_prompts(url: str, api_key: str | None, count: int, length: int, haystac
     except urllib.error.HTTPError as e:
         if e.code != 400:  # 400: the model has no tokenizer
             raise
-        prefix = [rng.randrange(RANDOM_IDS) for _ in range(prefix_len)]
-        return [prefix + [rng.randrange(RANDOM_IDS) for _ in range(tail)] for _ in range(count)]
+        ids = np.random.default_rng(seed).integers(RANDOM_IDS, size=(count, tail)).tolist()
+        prefix = np.random.default_rng(seed + 1).integers(RANDOM_IDS, size=prefix_len).tolist()
+        return [prefix + row for row in ids]
     ids = ids * -(-span // len(ids))  # repeated when the text is shorter than asked
     prefix, rest = ids[:prefix_len], ids[prefix_len:]
     return [prefix + rest[start : start + tail] for start in rng.sample(range(4 * count), count)]
