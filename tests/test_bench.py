@@ -405,6 +405,14 @@ def test_bench_hf_profile_lists_each_methods_step(tmp_path, one_thread):
     # the profiled steps went through the sparse cache: dense reads every row, lychee's sparse heads a part
     assert rows[0]["KV read"] == 1 and 0 < rows[1]["KV read"] < 1
     assert "## lychee" in (out / "results.md").read_text()
+    # the Python functions by self time: the package's attention and transformers' model code among them
+    for row in rows:
+        functions = row["functions"]
+        assert [f[1] for f in functions] == sorted((f[1] for f in functions), reverse=True)
+        assert all(0 <= own <= inclusive and calls > 0 for _, own, inclusive, calls in functions)
+        assert any(f[0].startswith("sparsedecode/kernels/reference.py") for f in functions), functions
+        assert any(f[0].startswith("transformers/") for f in functions), functions
+        assert not any(f[0].startswith("sparsedecode/bench/") for f in functions)
 
 
 @pytest.mark.parametrize("args,words", [

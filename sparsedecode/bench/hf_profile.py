@@ -10,14 +10,18 @@ the attention mask grown by one), each followed by a device synchronisation: `st
 step, `host ms` the median time until the forward call returns. Over `profile_steps` more steps the
 PyTorch profiler counts, per step, kernel launches, the CUDA calls that block the host
 (synchronisations, copies), stream waits, host reads of tensors (`aten::_local_scalar_dense`,
-`aten::nonzero`) and Triton compilations (kernel-cache misses), and lists the kernels by device time
-and the package's and Triton's Python functions by host time (inclusive; the profiler's Python tracing
-slows them, so compare methods with each other, not with `host ms`). A step whose host ms is near its
-step ms is bound by the host; blocking calls with long host time are syncs that wait for queued device work.
+`aten::nonzero`) and Triton compilations (kernel-cache misses), and lists the kernels by device time.
+Over `profile_steps` steps more, Python's cProfile lists the Python functions of the package, Triton and
+transformers by self time (the function's own code, tensor operators written inline included, not the
+functions it calls) with their inclusive time; its tracing slows them, so compare methods with each other, not with `host ms`. A step
+whose host ms is near its step ms is bound by the host; blocking calls with long host time are syncs that
+wait for queued device work.
 """
 from __future__ import annotations
 
+import cProfile
 import json
+import pstats
 import statistics
 import time
 from collections import Counter
@@ -43,8 +47,9 @@ HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
 WARMUP_STEPS = 3  # decode steps before the timed ones
 TOP_KERNELS = 8
 TOP_FUNCTIONS = 16
-#: the Python functions listed by host time: the package's (this benchmark's aside) and Triton's launchers
-TRACED = ("sparsedecode/", "triton/")
+#: the Python functions listed by host time: the package's (this benchmark's aside), Triton's launchers and
+#: transformers' model code
+TRACED = ("sparsedecode/", "triton/", "transformers/")
 COLUMNS = ["method", "step ms", "host ms", "device ms", "launches", "blocking calls", "blocking ms",
            "stream waits", "host reads", "compiles", "KV read"]
 
@@ -95,18 +100,19 @@ def profile_method(hf: torch.nn.Module, ids: torch.Tensor, method: str, options:
                     step()
         finally:
             triton.knobs.runtime.jit_cache_hook = None
+        python = cProfile.Profile()
+        with python:
+            for _ in range(profile_steps):
+                step()
         fraction = sd.kv_fraction_read
     calls: Counter[str] = Counter()
     host_us: Counter[str] = Counter()
     kernels: Counter[str] = Counter()
-    functions: Counter[str] = Counter()
     for e in prof.key_averages():
         calls[e.key] += e.count
         host_us[e.key] += e.cpu_time_total
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernels[e.key] += e.self_device_time_total
-        elif ".py(" in e.key and any(t in e.key for t in TRACED) and "sparsedecode/bench/" not in e.key:
-            functions[e.key.split("site-packages/")[-1]] += e.cpu_time_total
 
     def per_step(names: tuple[str, ...], counter: Counter[str]) -> float:
         return sum(counter[n] for n in names) / profile_steps
@@ -120,9 +126,21 @@ def profile_method(hf: torch.nn.Module, ids: torch.Tensor, method: str, options:
         "blocking": {n: calls[n] / profile_steps for n in BLOCKING if calls[n]},
         "compiled": sorted(set(compiles)),
         "kernels": [(name, us / 1e3 / profile_steps) for name, us in kernels.most_common(TOP_KERNELS)],
-        "functions": [(name, us / 1e3 / profile_steps, calls[name] / profile_steps)
-                      for name, us in functions.most_common(TOP_FUNCTIONS)],
+        "functions": python_functions(python, profile_steps),
     }
+
+
+def python_functions(profile: cProfile.Profile, steps: int) -> list[tuple[str, float, float, float]]:
+    """The traced Python functions of a cProfile run by self time: (function, self ms, inclusive ms,
+    calls), each per step."""
+    rows = []
+    for (filename, line, name), (_, calls, self_s, inclusive_s, _) in pstats.Stats(profile).stats.items():
+        path = filename.replace("\\", "/")
+        starts = [path.rfind(t) for t in TRACED if t in path]
+        if starts and "sparsedecode/bench/" not in path:
+            rows.append((f"{path[min(starts):]}({line}): {name}", self_s * 1e3 / steps, inclusive_s * 1e3 / steps,
+                         calls / steps))
+    return sorted(rows, key=lambda r: -r[1])[:TOP_FUNCTIONS]
 
 
 def run_hf_profile(model: str, context: int, methods: list[str], budget: int, roles: str | None, steps: int,
@@ -130,7 +148,7 @@ def run_hf_profile(model: str, context: int, methods: list[str], budget: int, ro
     dev = torch.device(device) if device else default_device()
     loaded = load_model(model, dev, default_dtype(dev))
     hf = hf_model_like(loaded.model)
-    check_positions(model, loaded.config, context, 1 + WARMUP_STEPS + steps + profile_steps)
+    check_positions(model, loaded.config, context, 1 + WARMUP_STEPS + steps + 2 * profile_steps)
     ids = torch.tensor(prompts(loaded.tokenizer, loaded.config.vocab_size, context, 1), device=dev)
     real = not model.startswith(RANDOM_PREFIX)
     rows = [profile_method(hf, ids, m, method_options(m, budget, roles, real), steps, profile_steps) for m in methods]
@@ -145,8 +163,8 @@ def run_hf_profile(model: str, context: int, methods: list[str], budget: int, ro
         text.append(f"\n## {row['method']}\n\nblocking calls per step: {row['blocking'] or 'none'}; "
                     f"Triton compilations: {row['compiled'] or 'none'}\n")
         text.append(markdown_table([{"kernel": name[:90], "device ms/step": ms} for name, ms in row["kernels"]]))
-        text.append("\n" + markdown_table([{"Python function": name, "host ms/step (traced)": ms, "calls/step": n}
-                                           for name, ms, n in row["functions"]]))
+        text.append("\n" + markdown_table([{"Python function": name, "self ms/step": own, "inclusive ms/step": ms,
+                                            "calls/step": n} for name, own, ms, n in row["functions"]]))
     write_atomic(out / "results.md", "\n".join(text) + "\n")
     print("\n".join(text))
     return rows
