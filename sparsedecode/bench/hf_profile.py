@@ -13,9 +13,9 @@ PyTorch profiler counts, per step, kernel launches, the CUDA calls that block th
 `aten::nonzero`) and Triton compilations (kernel-cache misses), and lists the kernels by device time.
 Over `profile_steps` steps more, Python's cProfile lists the Python functions of the package, Triton and
 transformers by self time (the function's own code, tensor operators written inline included, not the
-functions it calls) with their inclusive time; its tracing slows them, so compare methods with each other, not with `host ms`. A step
-whose host ms is near its step ms is bound by the host; blocking calls with long host time are syncs that
-wait for queued device work.
+functions it calls) with their inclusive time; its tracing slows them, so compare methods with each
+other, not with `host ms`. A step whose host ms is near its step ms is bound by the host; blocking calls
+with long host time are syncs that wait for queued device work.
 """
 from __future__ import annotations
 
