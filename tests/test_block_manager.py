@@ -8,13 +8,14 @@ import pytest
 
 from sparsedecode import SamplingParams
 from sparsedecode.engine.block_manager import BlockManager
-from sparsedecode.engine.scheduler import Scheduler
 from sparsedecode.engine.output_text import OutputText
+from sparsedecode.engine.scheduler import Scheduler
 from sparsedecode.engine.sequence import Sequence, SequenceStatus
 
 
 def sequence(tokens: list[int], max_tokens: int = 8, rid: str = "r") -> Sequence:
-    return Sequence(rid, tokens, SamplingParams(max_tokens=max_tokens), seed=0, stop_ids=set(), output_text=OutputText(None))
+    return Sequence(rid, tokens, SamplingParams(max_tokens=max_tokens), seed=0, stop_ids=set(),
+                    output_text=OutputText(None))
 
 
 def check_counts(bm: BlockManager, holders: list[Sequence]) -> None:

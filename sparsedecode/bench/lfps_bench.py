@@ -558,14 +558,14 @@ def _serve_row(llm: LLM, pool: str, fill: str, tables: list[list[int]], context:
         runner.decode([DecodeRow(slot, 1, context + i, i, table) for slot, table in enumerate(tables)], 1)
 
     kinds = time_steps(llm, step, total, warmup)
-    host_bytes = getattr(runner.pool, "host_nbytes", lambda: 0)()
+    host_bytes = runner.pool.host_nbytes()
     steps = sum(k["steps"] for k in kinds.values())
     seconds = sum(k["total_s"] for k in kinds.values())
     return dict(pool=pool, fill=fill, sequences=len(tables), context=context,
                 **{f"{kind}_step_ms": kinds.get(kind, {}).get("step_ms") for kind in ("default", "refresh")},
                 tokens_per_s=len(tables) * steps / seconds, hit_rate=kinds.get("default", {}).get("hit_rate"),
                 gpu_kv_gib=(runner.pool.nbytes() - host_bytes) / 2**30, host_kv_gib=host_bytes / 2**30,
-                staging_gib=getattr(runner.pool, "staging_nbytes", lambda: 0)() / 2**30)
+                staging_gib=runner.pool.staging_nbytes() / 2**30)
 
 
 # -- (d) the checks --------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ from .batch import DecodeBatch
 NULL_BLOCK = 0
 
 
+def check_gpu_memory_utilization(value: float) -> None:
+    """ValueError unless `value`, the share of GPU memory a pool may be sized from, is in (0, 1]."""
+    if not 0 < value <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {value}")
+
+
 class KVPool:
     #: whether `prefetch` does anything (methods skip computing the next layer's lists otherwise)
     prefetches = False
@@ -71,6 +77,14 @@ class KVPool:
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    def host_nbytes(self) -> int:
+        """Bytes of the pool in host memory: none here (an offloaded pool keeps some there)."""
+        return 0
+
+    def staging_nbytes(self) -> int:
+        """Device bytes of a staging pool for blocks kept elsewhere: none here."""
+        return 0
 
     def store(self, layer: int | torch.Tensor, block_ids: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:

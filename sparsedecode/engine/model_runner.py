@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core import DecodeBatch, KVPool
+from ..core import DecodeBatch, KVPool, check_gpu_memory_utilization
 from ..methods.base import DecodeMethod
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer, prefill_attention
@@ -126,8 +126,7 @@ class ModelRunner:
         wanted = self.max_num_seqs * self.max_blocks + 1
         if self.device.type != "cuda":
             return max(2, min(wanted, CPU_KV_BYTES // per_block))
-        if not 0 < utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {utilization}")
+        check_gpu_memory_utilization(utilization)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from ..core import DecodeBatch, KVPool
+from ..core import DecodeBatch, KVPool, check_gpu_memory_utilization
 from ..kernels import sparse_decode_attention, store_kv
 from ..kernels.gather_host_blocks import gather_host_blocks
 from .scoring import block_lse, torch_threads
@@ -141,8 +141,7 @@ def offload_pool_blocks(config: OffloadConfig, wanted: int, block_bytes: int, de
     `staging_bytes` (`offload_staging_bytes`): keys and staging take at most `gpu_memory_utilization` of
     the GPU memory free to PyTorch (the rest is left to activations) and at most what new allocations
     can take (`free_gpu_bytes`). `block_bytes`: K and V of one block, all layers."""
-    if not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {gpu_memory_utilization}")
+    check_gpu_memory_utilization(gpu_memory_utilization)
     part = block_bytes // 2
     keys_on_device = config.index == "gpu"
     host_budget = int(available_host_bytes() * HOST_MEMORY_FRACTION)
