@@ -195,6 +195,12 @@ def test_merge_of_folders_equals_one_run(tmp_path):
     assert "| lychee(budget=64) | 0.0 | [0.0, 0.0] | 8 | -100.0 |" in result.output
     assert results_of(tmp_path / "cli")["records"] == merged["records"]
 
+    merge_results(tmp_path / "one-task", [tmp_path / "long", tmp_path / "short"], tasks={TASKS[1]})
+    kept = results_of(tmp_path / "one-task")["records"]
+    assert kept == [r for r in merged["records"] if r["task"] == TASKS[1]] and len(kept) == 8
+    with pytest.raises(ValueError, match="no results of task.s. niah_nothing"):
+        merge_results(tmp_path / "typo", [tmp_path / "long"], tasks={TASKS[1], "niah_nothing"})
+
 
 def test_mismatched_results_are_not_merged(tmp_path):
     ruler_run(tmp_path / "a", FakeLLM(), lengths=[1024])

@@ -254,12 +254,14 @@ def export_problems_command(samples: int, seed: int, out: Path) -> None:
 @eval_command.command("merge")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-def merge_command(out_dir: Path, sources: tuple[Path, ...]) -> None:
+@click.option("--tasks", default=None, help="Comma-separated tasks to keep (e.g. the ones a variant ran on, "
+              "so that every method is compared on the same prompts) [default: all].")
+def merge_command(out_dir: Path, sources: tuple[Path, ...], tasks: str | None) -> None:
     """Merge the results folders SOURCES into OUT_DIR (with the results OUT_DIR holds already) and write one
     report with the intervals. The folders must be of the same suite, model and seed and agree on the prompts
     they share; a (method run, prompt) record in several of them is taken from the first."""
     try:
-        report = merge_results(out_dir, list(sources))
+        report = merge_results(out_dir, list(sources), set(tasks.split(",")) if tasks else None)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     _show(report.markdown, report.files, report.notes)

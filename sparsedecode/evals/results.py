@@ -85,15 +85,18 @@ class ResultSet:
     def has(self, label: str, key: PromptKey) -> bool:
         return (label, key) in self.records
 
-    def merge(self, folder: Path, target: str) -> None:
-        """Add the samples and records of a results folder, after checking that its settings match."""
+    def merge(self, folder: Path, target: str, tasks: set[str] | None = None) -> None:
+        """Add the samples and records of a results folder (of `tasks` only, when given), after checking that
+        its settings match."""
         samples, results = read_folder(folder)
         self.check_settings(results, str(folder), target)
-        self.add_samples(samples["samples"], str(folder))
+        kept = (lambda task: True) if tasks is None else tasks.__contains__
+        self.add_samples([s for s in samples["samples"] if kept(s["task"])], str(folder))
         self.add_methods(results["methods"])
         for record in results["records"]:
-            self.add_record(record, str(folder))
-        self.skipped.update(results["skipped"])
+            if kept(record["task"]):
+                self.add_record(record, str(folder))
+        self.skipped.update({task: why for task, why in results["skipped"].items() if kept(task)})
         self.complete = self.complete and results["complete"]
 
     def ordered_records(self) -> list[dict[str, Any]]:
@@ -143,9 +146,9 @@ def open_results(out_dir: Path, settings: dict[str, Any]) -> ResultSet:
     return results
 
 
-def merge_folders(out_dir: Path, sources: list[Path]) -> ResultSet:
-    """The results of `out_dir` (when it has some) and of every source folder, merged: the first of
-    duplicate records is kept; different settings or prompts are refused."""
+def merge_folders(out_dir: Path, sources: list[Path], tasks: set[str] | None = None) -> ResultSet:
+    """The results of `out_dir` (when it has some) and of every source folder (of `tasks` only, when given),
+    merged: the first of duplicate records is kept; different settings or prompts are refused."""
     folders = [Path(s) for s in sources]
     if (Path(out_dir) / RESULTS_FILE).exists():
         folders.insert(0, Path(out_dir))
@@ -154,7 +157,10 @@ def merge_folders(out_dir: Path, sources: list[Path]) -> ResultSet:
     _, first = read_folder(folders[0])
     results = ResultSet(first)
     for folder in folders:
-        results.merge(folder, str(folders[0]))
+        results.merge(folder, str(folders[0]), tasks)
+    missing = sorted(set(tasks or ()) - {key[0] for key in results.samples})
+    if missing:
+        raise ValueError(f"no results of task(s) {', '.join(missing)} in these folders; check the task names")
     return results
 
 

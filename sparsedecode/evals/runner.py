@@ -146,11 +146,11 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
     return write_results(out_dir, results, notes)
 
 
-def merge_results(out_dir: Path, sources: list[Path]) -> EvalReport:
+def merge_results(out_dir: Path, sources: list[Path], tasks: set[str] | None = None) -> EvalReport:
     """Merge the results folders `sources` into `out_dir` (with what `out_dir` holds already) and write the
-    report of the union. The folders must share suite, model and seed and agree on every prompt they share;
-    a record in several of them is taken from the first (out_dir, then sources in order)."""
-    results = merge_folders(out_dir, sources)
+    report of the union, or of `tasks` only. The folders must share suite, model and seed and agree on every
+    prompt they share; a record in several of them is taken from the first (out_dir, then sources in order)."""
+    results = merge_folders(out_dir, sources, tasks)
     notes = [f"merged {len(results.records)} records of {len(results.methods)} method runs"]
     if results.differing:
         notes.append(f"{results.differing} records were in more than one folder with another prediction "
