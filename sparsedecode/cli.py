@@ -39,8 +39,8 @@ OPTION_HELP = {
     "dense_every": "a dense step every N tokens, to correct the cache (0: never)",
     "share_heads": "one block selection for all KV heads of a layer (TidalDecode)",
     "max_tokens": "the most tokens the top_p and threshold modes keep (none: no cap)",
-    "roles": "head roles: all, tidal, tidal:L, random:N, learned, or a roles .json file (none: the learned "
-             "roles shipped for the model, else tidal)",
+    "roles": "head roles: all, tidal, tidal:L, random:N, learned, learned:N, or a roles .json file (none: the "
+             "learned roles shipped for the model, else tidal)",
     "dense_layers": "first layers decoded densely",
     "refresh_every": "an exact step over the whole cache every R steps",
     "expand": "neighbour blocks added on each side of a predicted block",

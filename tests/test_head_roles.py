@@ -8,6 +8,7 @@ import torch
 
 from sparsedecode.models.config import model_config_from_hf
 from sparsedecode.models.shapes import random_shape_config
+from sparsedecode.roles import head_roles
 from sparsedecode.roles.head_roles import HeadRoles, RolesMismatchError, resolve_roles
 
 
@@ -19,6 +20,17 @@ def llama():
 @pytest.fixture(scope="module")
 def tiny():
     return model_config_from_hf(random_shape_config("random:tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def qwen_1_5b():
+    """The shape of qwen2.5-coder-1.5b (no weights): what its shipped roles files record."""
+    from transformers import AutoConfig
+
+    return model_config_from_hf(AutoConfig.for_model(
+        "qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, vocab_size=151936,
+    ))
 
 
 def test_presets(llama) -> None:
@@ -71,3 +83,39 @@ def test_a_file_that_is_not_a_roles_file(tiny, tmp_path) -> None:
     path.write_text('{"something": 1}')
     with pytest.raises(ValueError, match="is not a sparsedecode head roles file"):
         resolve_roles(str(path), tiny, "tidal")
+
+
+def test_learned_n_picks_the_shipped_roles_with_n_learned_units(qwen_1_5b) -> None:
+    default = resolve_roles("learned", qwen_1_5b, "tidal")
+    twelve = resolve_roles("learned:12", qwen_1_5b, "tidal")
+    heads = qwen_1_5b.num_kv_heads
+    assert twelve.num_retrieval - heads == 12 == twelve.source["target_retrieval"]
+    assert not torch.equal(twelve.retrieval, default.retrieval)
+    assert torch.equal(resolve_roles(None, qwen_1_5b, "tidal").retrieval, default.retrieval)  # still the default
+    six = default.source["target_retrieval"]
+    assert torch.equal(resolve_roles(f"learned:{six}", qwen_1_5b, "tidal").retrieval, default.retrieval)
+    with pytest.raises(ValueError, match=rf"shipped: learned:{six}, learned:12\).*calibrate --target-retrieval 7"):
+        resolve_roles("learned:7", qwen_1_5b, "tidal")
+
+
+@pytest.mark.parametrize("spec", ["learned:x", "learned:0", "learned:-3", "learned:"])
+def test_learned_n_needs_a_positive_integer(qwen_1_5b, spec: str) -> None:
+    with pytest.raises(ValueError, match="learned:N needs N.*positive integer"):
+        resolve_roles(spec, qwen_1_5b, "tidal")
+
+
+def test_learned_n_without_shipped_roles_names_calibrate(tiny) -> None:
+    with pytest.raises(ValueError, match="no learned roles are shipped for this model; run `sparsedecode calibrate`"):
+        resolve_roles("learned:12", tiny, "tidal")
+
+
+def test_an_alternative_is_never_the_default(tiny, tmp_path, monkeypatch) -> None:
+    roles = resolve_roles("random:5", tiny, "tidal")
+    roles.source["target_retrieval"] = 5
+    (tmp_path / "alternatives").mkdir()
+    roles.save(tmp_path / "alternatives" / "tiny-learned5.json")
+    monkeypatch.setattr(head_roles, "SHIPPED_DIR", tmp_path)
+    assert torch.equal(resolve_roles("learned:5", tiny, "tidal").retrieval, roles.retrieval)
+    assert torch.equal(resolve_roles(None, tiny, "tidal").retrieval, resolve_roles("tidal", tiny, "tidal").retrieval)
+    with pytest.raises(ValueError, match="no learned roles are shipped"):
+        resolve_roles("learned", tiny, "tidal")

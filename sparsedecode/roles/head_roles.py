@@ -14,6 +14,7 @@ from ..utils.files import atomic_write_text
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "shipped"
+_NOTHING_SHIPPED = "no learned roles are shipped for this model; run `sparsedecode calibrate`"
 
 
 class RolesMismatchError(ValueError):
@@ -112,20 +113,48 @@ def random_roles(config: ModelConfig, count: int, seed: int = 0) -> HeadRoles:
     return HeadRoles(mask, config.identity(), {"preset": f"random:{count}", "seed": seed})
 
 
-def shipped_roles_path(config: ModelConfig) -> Path | None:
-    """The learned roles shipped with the package for this model shape, if any."""
-    if not SHIPPED_DIR.is_dir():
-        return None
+def shipped_roles_paths(config: ModelConfig) -> list[Path]:
+    """Every roles file shipped for this model shape: the default (a top-level file of shipped/) first,
+    then the alternatives (shipped/alternatives/)."""
     wanted = config.identity()["config_hash"]
-    for path in sorted(SHIPPED_DIR.glob("*.json")):
-        if json.loads(path.read_text())["model"].get("config_hash") == wanted:
-            return path
-    return None
+    candidates = sorted(SHIPPED_DIR.glob("*.json")) + sorted(SHIPPED_DIR.glob("alternatives/*.json"))
+    return [path for path in candidates if json.loads(path.read_text())["model"].get("config_hash") == wanted]
+
+
+def shipped_roles_path(config: ModelConfig) -> Path | None:
+    """The default learned roles shipped with the package for this model shape, if any."""
+    return next((path for path in shipped_roles_paths(config) if path.parent == SHIPPED_DIR), None)
+
+
+def learned_roles(config: ModelConfig, target_retrieval: int) -> HeadRoles:
+    """The shipped roles for this model shape with `target_retrieval` learned retrieval units (`learned:N`)."""
+    shipped = [HeadRoles.load(path) for path in shipped_roles_paths(config)]
+    if not shipped:
+        raise ValueError(_NOTHING_SHIPPED)
+    for roles in shipped:
+        if roles.source.get("target_retrieval") == target_retrieval:
+            return roles
+    counts = ", ".join(f"learned:{roles.source.get('target_retrieval')}" for roles in shipped)
+    raise ValueError(
+        f"no roles with {target_retrieval} learned retrieval units are shipped for this model (shipped: {counts}); "
+        f"run `sparsedecode calibrate --target-retrieval {target_retrieval}`"
+    )
+
+
+def _learned_count(text: str) -> int:
+    """N of `learned:N`."""
+    value = text.split(":", 1)[1]
+    if not value.isdecimal() or int(value) < 1:
+        raise ValueError(
+            f"learned:N needs N, the number of learned retrieval units, to be a positive integer, not {value!r}"
+        )
+    return int(value)
 
 
 def resolve_roles(spec: str | Path | HeadRoles | None, config: ModelConfig, default: str) -> HeadRoles:
-    """A HeadRoles from a preset name (`all`, `tidal`, `tidal:L`, `random:N`, `learned`), a file path, or
-    None (the shipped learned roles for this model, else the preset `default`)."""
+    """A HeadRoles from a preset name (`all`, `tidal`, `tidal:L`, `random:N`, `learned`, `learned:N`), a file
+    path, or None (the shipped learned roles for this model, else the preset `default`). `learned` is the
+    default shipped file; `learned:N` the shipped roles (default or alternative) with N learned retrieval units."""
     if isinstance(spec, HeadRoles):
         roles = spec
     elif spec is None:
@@ -142,11 +171,15 @@ def resolve_roles(spec: str | Path | HeadRoles | None, config: ModelConfig, defa
         elif text == "learned":
             shipped = shipped_roles_path(config)
             if shipped is None:
-                raise ValueError("no learned roles are shipped for this model; run `sparsedecode calibrate`")
+                raise ValueError(_NOTHING_SHIPPED)
             roles = HeadRoles.load(shipped)
+        elif text.startswith("learned:"):
+            roles = learned_roles(config, _learned_count(text))
         elif Path(text).suffix == ".json" or Path(text).exists():
             roles = HeadRoles.load(text)
         else:
-            raise ValueError(f"unknown roles {text!r}: use all, tidal, tidal:L, random:N, learned, or a roles .json file")
+            raise ValueError(
+                f"unknown roles {text!r}: use all, tidal, tidal:L, random:N, learned, learned:N, or a roles .json file"
+            )
     roles.check_fits(config)
     return roles
