@@ -270,9 +270,11 @@ def test_cli_runs_a_suite(tmp_path, monkeypatch):
     monkeypatch.setattr("sparsedecode.evals.cli.LLM", fake_llm_class(created))
     result = CliRunner().invoke(eval_command, [
         "ruler", "--model", "smollm2-135m", "--methods", "dense,lychee", "--budget", "64,128", "--lengths", "1k",
-        "--samples", "1", "--tasks", "niah_single_1,fwe", "--batch-size", "2", "--out", str(tmp_path)])
+        "--samples", "1", "--tasks", "niah_single_1,fwe", "--batch-size", "2", "--gpu-memory-utilization", "0.4",
+        "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert created[0].constructed_with == {"model": "smollm2-135m", "max_context": 1024 + 128}
+    assert created[0].constructed_with == {"model": "smollm2-135m", "max_context": 1024 + 128,
+                                           "gpu_memory_utilization": 0.4}
     results = json.loads((tmp_path / "results.json").read_text())
     assert [m["label"] for m in results["methods"]] == ["dense", "lychee(budget=64)", "lychee(budget=128)"]
     assert "| fwe | 1K |" in result.output
@@ -288,6 +290,7 @@ def test_cli_runs_a_suite(tmp_path, monkeypatch):
     (["needle", "--depths", "0,1.5"], "from 0 (start) to 1 (end)"),
     (["ruler", "--samples", "0"], "--samples"),
     (["ruler", "--squad", "/no/such/file.json"], "does not exist"),
+    (["ruler", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
 ])
 def test_cli_input_errors(arguments, message, monkeypatch):
     monkeypatch.setattr("sparsedecode.evals.cli.LLM", fake_llm_class([]))

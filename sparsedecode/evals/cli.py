@@ -151,6 +151,9 @@ def _common_options(default_lengths: str, lengths_help: str, default_samples: in
                      help="Compute dtype [default: the model loader's choice]."),
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Prompts generated together."),
+        click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9,
+                     show_default=True, help="Share of the GPU's memory for the weights and the KV pool (below "
+                     "0.5, two quality runs share one GPU)."),
         click.option("--haystack", type=click.Path(exists=True, path_type=Path), default=None,
                      help="Text file or folder of *.txt to use instead of the Paul Graham essays."),
     ]
@@ -165,7 +168,8 @@ def _common_options(default_lengths: str, lengths_help: str, default_samples: in
 
 def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples: int, budget: list[int],
          method_options: tuple[str, ...], variants: tuple[str, ...], seed: int, out: Path | None,
-         device: str | None, dtype: str | None, batch_size: int, haystack: Path | None, **suite_options: Any) -> None:
+         device: str | None, dtype: str | None, batch_size: int, haystack: Path | None, gpu_memory_utilization: float,
+         **suite_options: Any) -> None:
     runs = method_runs(methods, budget, method_options, variants)
     out = out or Path("out") / "eval" / f"{suite}-{safe_name(Path(model).stem)}"
     first_method, first_options = runs[0]
@@ -173,7 +177,8 @@ def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples
     max_context = recall_context(lengths, suite_options["steps"]) if recall else context_needed(suite, lengths)
     try:
         llm = LLM(model, method=first_method, device=device, dtype=dtype, max_context=max_context,
-                  **({"cuda_graphs": False} if recall else {}), **first_options)
+                  gpu_memory_utilization=gpu_memory_utilization, **({"cuda_graphs": False} if recall else {}),
+                  **first_options)
         common = dict(haystack=haystack, model_name=model, **suite_options)
         if recall:
             report = run_recall(llm, runs, lengths, samples, seed, batch_size, out, **common)
