@@ -25,6 +25,15 @@ def check_gpu_memory_utilization(value: float) -> None:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {value}")
 
 
+def kv_pool_budget_bytes(total: int, free: int, held: int, transient: int, utilization: float) -> int:
+    """Bytes a process may give its KV pool on a GPU of `total` bytes: `utilization` of it, less what the
+    process `held` already (weights) and the `transient` bytes its steps need (activations, margin), and
+    never more than is `free` now less `transient`. The share is the process's own (as vLLM's
+    `gpu_memory_utilization`): two processes at 0.45 share one GPU whatever order they start in."""
+    check_gpu_memory_utilization(utilization)
+    return int(min(total * utilization - held - transient, free - transient))
+
+
 class KVPool:
     #: whether `prefetch` does anything (methods skip computing the next layer's lists otherwise)
     prefetches = False

@@ -48,7 +48,8 @@ class LLM:
     `streaming`, `lfps`, `lychee+lfps`).
 
     KV memory: on a GPU the pool takes `gpu_memory_utilization` of the GPU's memory less the weights and
-    activations; `num_blocks` sets it. `max_context` is the longest prompt plus output (default: the
+    activations (the share is this process's own, as vLLM's: two at 0.45 share a GPU), never more than is
+    free; `num_blocks` sets it. `max_context` is the longest prompt plus output (default: the
     model's), `max_num_seqs` the most sequences decoding together.
 
     KV offload: `kv_offload="cpu"` (or an `OffloadConfig`) keeps the pool in host memory and stages on the

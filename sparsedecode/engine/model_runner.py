@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core import DecodeBatch, KVPool, check_gpu_memory_utilization
+from ..core import DecodeBatch, KVPool, check_gpu_memory_utilization, kv_pool_budget_bytes
 from ..methods.base import DecodeMethod
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer, prefill_attention
@@ -119,14 +119,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def pool_blocks_for_memory(self, method: DecodeMethod, utilization: float) -> int:
-        """Blocks that fit: on a GPU, `utilization` of its memory less the weights, a prefill's peak
-        activations, the method's per-slot state and a margin; on a CPU, `CPU_KV_BYTES`, or what every
-        slot at full length needs if less."""
+        """Blocks that fit: on a GPU, `utilization` of its memory (this process's share, never more than is
+        free) less the weights, a prefill's peak activations, the method's per-slot state and a margin; on a
+        CPU, `CPU_KV_BYTES`, or what every slot at full length needs if less."""
+        check_gpu_memory_utilization(utilization)
         per_block = self.block_bytes(method)
         wanted = self.max_num_seqs * self.max_blocks + 1
         if self.device.type != "cuda":
             return max(2, min(wanted, CPU_KV_BYTES // per_block))
-        check_gpu_memory_utilization(utilization)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
@@ -148,8 +148,8 @@ class ModelRunner:
         heads = len(self.kv_heads) * (c.group_size + 1)
         prefix = self.max_blocks * self.block_size * heads * c.head_dim * 2 * self.dtype.itemsize
         free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * utilization - before - outside_torch - peak - prefix - GPU_MARGIN_BYTES
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        budget = kv_pool_budget_bytes(total, free + cached, before, peak + prefix + GPU_MARGIN_BYTES, utilization)
         blocks = int(budget // per_block)
         if blocks < 2:
             raise RuntimeError(

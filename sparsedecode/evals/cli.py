@@ -152,9 +152,8 @@ def _common_options(default_lengths: str, lengths_help: str, default_samples: in
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Prompts generated together."),
         click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9,
-                     show_default=True, help="Share of the GPU's memory, counting what other processes hold, up to "
-                     "which this run fills it with weights and KV pool: to share a GPU between two runs, start "
-                     "the first with e.g. 0.45 and the second, once the first has its pool, with 0.9."),
+                     show_default=True, help="This run's share of the GPU's memory for the weights and the KV pool "
+                     "(two runs at 0.45 share one GPU)."),
         click.option("--haystack", type=click.Path(exists=True, path_type=Path), default=None,
                      help="Text file or folder of *.txt to use instead of the Paul Graham essays."),
     ]
