@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..core import DecodeBatch, KVPool
+from ..core import BlockSelector, DecodeBatch, KVPool
 from ..roles.head_roles import HeadRoles, resolve_roles
 from .base import DecodeMethod
-from ..core.selection import BlockSelector
 
 #: roles used when none are given and none are shipped for the model (chosen by measurement, see docs)
 DEFAULT_ROLES = "tidal"
