@@ -104,8 +104,13 @@ def test_reasoning_problems_file(tmp_path):
     from_file, _ = build_samples("reasoning", tokenizer, [256], 2, 5, problems=path)
     generated, _ = build_samples("reasoning", tokenizer, [256], 2, 5)
     assert [(s.prompt, s.references) for s in from_file] == [(s.prompt, s.references) for s in generated]
-    with pytest.raises(ValueError, match="fewer than the 4 samples"):
+    with pytest.raises(ValueError, match="fewer than the 4 asked for"):
         build_samples("reasoning", tokenizer, [256], 4, 5, problems=path)
+    with pytest.raises(ValueError, match="holds 3 problems, fewer than the 4 asked for .--samples times"):
+        build_samples("reasoning", tokenizer, [256], 2, 5, problems=path, problems_per_prompt=2)
+    chained, _ = build_samples("reasoning", tokenizer, [256], 1, 5, problems=path, problems_per_prompt=3)
+    assert chained[0].references == [s.references[0] for s in
+                                     build_samples("reasoning", tokenizer, [256], 3, 5, problems=path)[0]]
     path.write_text('{"question": "2 + 2?"}\n')
     with pytest.raises(ValueError, match="line 1: expected a JSON object"):
         build_samples("reasoning", tokenizer, [256], 1, 5, problems=path)
@@ -281,6 +286,21 @@ def test_cli_runs_a_suite(tmp_path, monkeypatch):
     assert_png(tmp_path / "accuracy_vs_length.png")
 
 
+def test_cli_reasoning_chains_problems_and_sizes_the_context_for_them(tmp_path, monkeypatch):
+    pytest.importorskip("reasoning_gym")
+    problems = tmp_path / "problems.jsonl"
+    assert CliRunner().invoke(eval_command, ["export-problems", "--samples", "4", "--out", str(problems)]).exit_code == 0
+    created: list[FakeLLM] = []
+    monkeypatch.setattr("sparsedecode.evals.cli.LLM", fake_llm_class(created))
+    result = CliRunner().invoke(eval_command, [
+        "reasoning", "--model", "smollm2-135m", "--lengths", "512", "--samples", "2", "--problems-per-prompt", "2",
+        "--problems", str(problems), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert created[0].constructed_with["max_context"] == 512 + 2 * 1024  # two problems' prompt allowance
+    records = results_of(tmp_path / "out")["records"]
+    assert [(r["task"], len(r["references"])) for r in records] == [("gsm_symbolic_x2", 2)] * 2
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["ruler", "--lengths", "4x"], "not a token count"),
     (["ruler", "--methods", "dense,warp"], "unknown method(s) warp"),
@@ -291,6 +311,7 @@ def test_cli_runs_a_suite(tmp_path, monkeypatch):
     (["ruler", "--samples", "0"], "--samples"),
     (["ruler", "--squad", "/no/such/file.json"], "does not exist"),
     (["ruler", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+    (["reasoning", "--problems-per-prompt", "0"], "--problems-per-prompt"),
 ])
 def test_cli_input_errors(arguments, message, monkeypatch):
     monkeypatch.setattr("sparsedecode.evals.cli.LLM", fake_llm_class([]))

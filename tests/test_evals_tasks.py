@@ -144,6 +144,16 @@ def test_number_match():
     assert number_match("Answer: 125", ["1250"]) == 0.0
 
 
+def test_numbered_answers_score_each_problem_of_a_chain():
+    references = ["12", "7", "1250"]
+    assert score("numbered_answers", "...\nAnswer 1: 12\n...\nAnswer 2: 7\n...\nAnswer 3: 1,250", references) == 1.0
+    assert score("numbered_answers", "Answer 1: 12\nAnswer 2: 8\nAnswer 3: 1250.0", references) == pytest.approx(2 / 3)
+    assert score("numbered_answers", "Answer 1: 12\nAnswer 3: 1250", references) == pytest.approx(2 / 3)  # 2 unstated
+    assert score("numbered_answers", "answer 2 = 99\nAnswer 2: 7", references) == pytest.approx(1 / 3)  # the last counts
+    # "Answer 12" is not problem 1's answer, and a bare final number is no numbered answer
+    assert score("numbered_answers", "Answer 12: 12\nso 7", ["12", "7"]) == 0.0
+
+
 def test_same_seed_gives_same_prompts_and_another_seed_others(tmp_path):
     tokenizer = smollm2_tokenizer()
 
@@ -204,3 +214,13 @@ def test_reasoning_samples_are_gsm_problems():
     assert "Answer: <number>" in samples[0].prompt
     reference = samples[0].references[0]
     assert number_match(f"Let me think... so the result is\nAnswer: {reference}", [reference]) == 1.0
+
+    chained, _ = build_samples("reasoning", smollm2_tokenizer(), [512], 2, seed=5, problems_per_prompt=3)
+    single, _ = build_samples("reasoning", smollm2_tokenizer(), [512], 6, seed=5)
+    assert [s.task for s in chained] == ["gsm_symbolic_x3"] * 2 and chained[0].metric == "numbered_answers"
+    assert [s.references for s in chained] == [[s.references[0] for s in single[:3]],
+                                              [s.references[0] for s in single[3:]]]
+    assert "Answer <k>: <number>" in chained[1].prompt and "Problem 3:" in chained[1].prompt
+    starts = [chained[1].prompt.index(f"Problem {k}:") for k in (1, 2, 3)]
+    assert starts == sorted(starts) and "Problem 4:" not in chained[1].prompt
+    assert chained[1].prompt_tokens > max(s.prompt_tokens for s in single[3:])

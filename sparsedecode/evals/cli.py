@@ -174,7 +174,8 @@ def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples
     out = out or Path("out") / "eval" / f"{suite}-{safe_name(Path(model).stem)}"
     first_method, first_options = runs[0]
     recall = suite == "recall"  # the diagnostic observes every attention call, so it decodes eagerly
-    max_context = recall_context(lengths, suite_options["steps"]) if recall else context_needed(suite, lengths)
+    max_context = (recall_context(lengths, suite_options["steps"]) if recall
+                   else context_needed(suite, lengths, suite_options.get("problems_per_prompt", 1)))
     try:
         llm = LLM(model, method=first_method, device=device, dtype=dtype, max_context=max_context,
                   gpu_memory_utilization=gpu_memory_utilization, **({"cuda_graphs": False} if recall else {}),
@@ -236,6 +237,9 @@ def needle_command(**options: Any) -> None:
 @click.option("--problems", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="JSON Lines of problems from `eval export-problems` (no reasoning-gym needed) "
                    "[default: generate them with reasoning-gym from the seed].")
+@click.option("--problems-per-prompt", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Problems chained in one prompt and solved in one answer (\"Answer k: <number>\" each), "
+                   "for generations as long as the chain; needs --samples times this many problems.")
 def reasoning_command(**options: Any) -> None:
     """GSM-style problems from reasoning-gym solved with a long chain of thought."""
     _run("reasoning", **options)

@@ -1,7 +1,10 @@
 """Long reasoning: GSM-style word problems from reasoning-gym, answered with a long chain of thought.
 
 Here the "length" of a sample is its generation budget (max new tokens): the KV cache grows while the model
-reasons, which is what a sparse decode method has to survive.
+reasons, which is what a sparse decode method has to survive. A prompt may chain several problems
+(`problems_per_prompt`): the model then solves them one after another in one answer, each stated as
+"Answer k: <number>", so the generation is as long as the chain and later solutions must look back at their
+problem at the start of the cache.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from .samples import EvalResources, Sample
 REASONING_DATASET = "gsm_symbolic"
 INSTRUCTION = ("\n\nSolve the problem step by step. Then write the final answer, a number only, on the last line "
                "in the form \"Answer: <number>\".")
+CHAIN_INSTRUCTION = ("Solve the {count} problems below, one after another. For each one, reason step by step, then "
+                     "write its final answer, a number only, on its own line in the form \"Answer <k>: <number>\", "
+                     "with k the problem's number.")
 
 
 def load_reasoning_gym() -> Any:
@@ -50,22 +56,42 @@ def read_problems(path: str | Path, count: int) -> list[dict[str, str]]:
                 raise ValueError(f"{path}, line {number}: expected a JSON object with \"question\" and "
                                  "\"answer\" (write the file with `sparsedecode eval export-problems`)") from None
     if len(problems) < count:
-        raise ValueError(f"{path} holds {len(problems)} problems, fewer than the {count} samples asked for")
+        raise ValueError(f"{path} holds {len(problems)} problems, fewer than the {count} asked for (--samples "
+                         "times --problems-per-prompt); export more with `sparsedecode eval export-problems`")
     return problems[:count]
 
 
+def reasoning_task(problems_per_prompt: int) -> str:
+    """The task name of prompts with this many problems (the dataset's name for one)."""
+    return REASONING_DATASET if problems_per_prompt == 1 else f"{REASONING_DATASET}_x{problems_per_prompt}"
+
+
+def chained_message(problems: list[dict[str, str]]) -> str:
+    """One user message asking for every problem in order, each answered as "Answer k: <number>"."""
+    questions = "".join(f"\n\nProblem {k}: {problem['question']}" for k, problem in enumerate(problems, 1))
+    return CHAIN_INSTRUCTION.format(count=len(problems)) + questions
+
+
 def reasoning_samples(resources: EvalResources, budgets: list[int], count: int, seed: int,
-                      problems_file: str | Path | None = None) -> list[Sample]:
-    """`count` problems (the same ones for every budget): from `problems_file` when given, otherwise
-    generated with reasoning-gym from the seed."""
-    problems = read_problems(problems_file, count) if problems_file else generate_problems(count, seed)
+                      problems_file: str | Path | None = None, problems_per_prompt: int = 1) -> list[Sample]:
+    """`count` prompts of `problems_per_prompt` consecutive problems each (the same ones for every budget):
+    from `problems_file` when given, otherwise generated with reasoning-gym from the seed."""
+    if problems_per_prompt < 1:
+        raise ValueError(f"problems_per_prompt must be at least 1, not {problems_per_prompt}")
+    needed = count * problems_per_prompt
+    problems = read_problems(problems_file, needed) if problems_file else generate_problems(needed, seed)
+    task = reasoning_task(problems_per_prompt)
     samples = []
     for budget in budgets:
         for index in range(count):
-            problem = problems[index]
-            prompt = resources.format.render(problem["question"] + INSTRUCTION)
-            samples.append(Sample(task=REASONING_DATASET, length=budget, index=index, prompt=prompt,
-                                  references=[str(problem["answer"])], depths=[],
+            chain = problems[index * problems_per_prompt:(index + 1) * problems_per_prompt]
+            if problems_per_prompt == 1:
+                message, metric = chain[0]["question"] + INSTRUCTION, "number_match"
+            else:
+                message, metric = chained_message(chain), "numbered_answers"
+            prompt = resources.format.render(message)
+            samples.append(Sample(task=task, length=budget, index=index, prompt=prompt,
+                                  references=[str(problem["answer"]) for problem in chain], depths=[],
                                   prompt_tokens=resources.format.count_tokens(prompt), max_new_tokens=budget,
-                                  metric="number_match"))
+                                  metric=metric))
     return samples

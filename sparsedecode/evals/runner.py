@@ -35,10 +35,10 @@ class MethodRun:
         return f"{self.name}({','.join(f'{k}={v}' for k, v in sorted(self.options.items()))})"
 
 
-def context_needed(suite: str, lengths: Sequence[int]) -> int:
+def context_needed(suite: str, lengths: Sequence[int], problems_per_prompt: int = 1) -> int:
     """The model context a suite needs at these lengths: the longest prompt plus its answer."""
     if suite == "reasoning":
-        return max(lengths) + REASONING_PROMPT_ALLOWANCE
+        return max(lengths) + REASONING_PROMPT_ALLOWANCE * problems_per_prompt
     longest_answer = max(t.max_new_tokens for t in RULER_TASKS.values()) if suite == "ruler" else NIAH_NEW_TOKENS
     return max(lengths) + longest_answer
 
@@ -47,7 +47,8 @@ def build_samples(suite: str, tokenizer: Any, lengths: list[int], samples: int, 
                   tasks: list[str] | None = None, squad: str | Path | None = None,
                   hotpotqa: str | Path | None = None, haystack: str | Path | None = None,
                   depths: Sequence[float] | None = None,
-                  problems: str | Path | None = None) -> tuple[list[Sample], dict[str, str]]:
+                  problems: str | Path | None = None,
+                  problems_per_prompt: int = 1) -> tuple[list[Sample], dict[str, str]]:
     """The prompts of a suite, determined by the seed and the tokenizer; and the tasks skipped, with why."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
@@ -56,7 +57,7 @@ def build_samples(suite: str, tokenizer: Any, lengths: list[int], samples: int, 
         return ruler_samples(resources, lengths, samples, seed, tasks)
     if suite == "needle":
         return needle_samples(resources, lengths, depths or DEFAULT_DEPTHS, samples, seed), {}
-    return reasoning_samples(resources, lengths, samples, seed, problems), {}
+    return reasoning_samples(resources, lengths, samples, seed, problems, problems_per_prompt), {}
 
 
 def planned_runs(methods: list[tuple[str, dict[str, Any]]], lengths: Sequence[int], samples: int,
@@ -85,7 +86,7 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
              seed: int, batch_size: int, out_dir: Path, *, tasks: list[str] | None = None,
              squad: str | Path | None = None, hotpotqa: str | Path | None = None,
              haystack: str | Path | None = None, depths: Sequence[float] | None = None,
-             problems: str | Path | None = None, model_name: str | None = None,
+             problems: str | Path | None = None, problems_per_prompt: int = 1, model_name: str | None = None,
              progress: bool = True) -> EvalReport:
     """Generate the suite's prompts once, run every method on them in batches (greedy), and write
     `samples.json` (prompts, references, depths), `results.json` (one record per sample and method, a summary
@@ -100,7 +101,7 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
     runs = planned_runs(methods, lengths, samples, batch_size)
     prompts, skipped = build_samples(suite, llm.tokenizer, sorted(set(lengths)), samples, seed, tasks=tasks,
                                      squad=squad, hotpotqa=hotpotqa, haystack=haystack, depths=depths,
-                                     problems=problems)
+                                     problems=problems, problems_per_prompt=problems_per_prompt)
     if not prompts:
         raise ValueError("no task left to run; skipped: "
                          + "; ".join(f"{task}: {reason}" for task, reason in skipped.items()))

@@ -56,10 +56,22 @@ def number_match(prediction: str, references: list[str]) -> float:
     return float(value is not None and any(_as_number(r) == value for r in references))
 
 
+def numbered_answers(prediction: str, references: list[str]) -> float:
+    """The share of references stated right as "Answer k: <number>" (k from 1, in order; the last statement
+    of each k counts): the answers of a chain of problems in one generation."""
+    correct = 0
+    for k, reference in enumerate(references, 1):
+        stated = re.findall(rf"answer\s*{k}\s*[:=]\s*\**\s*\$?\s*({_NUMBER})", prediction, re.IGNORECASE)
+        value = _as_number(stated[-1]) if stated else None
+        correct += value is not None and value == _as_number(reference)
+    return correct / len(references)
+
+
 METRICS: dict[str, Callable[[str, list[str]], float]] = {
     "string_match_all": string_match_all,
     "string_match_part": string_match_part,
     "number_match": number_match,
+    "numbered_answers": numbered_answers,
 }
 
 
