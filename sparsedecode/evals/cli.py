@@ -21,10 +21,10 @@ from .runner import context_needed, merge_results, run_eval
 
 # Default samples per cell. RULER: 25 per task and length, so that a method's average (11 tasks x 4 lengths =
 # 1,100 prompts) has a 95% interval of at most about +-2.5 points, and its paired difference to dense (where
-# most prompts agree) a narrower one; at 2 samples every cell was 0, 50 or 100.
+# most prompts agree) a narrower one.
 RULER_SAMPLES = 25
 NEEDLE_SAMPLES = 5  # per depth and length: 220 prompts on the default 11 x 4 grid
-REASONING_SAMPLES = 100  # one cell per budget: +-10 points at 100 problems (+-18 at the earlier 30)
+REASONING_SAMPLES = 100  # one cell per budget: about +-10 points at 100 prompts
 _LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([kKmM]?)$")
 _UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
 
@@ -215,7 +215,7 @@ def ruler_command(**options: Any) -> None:
     """RULER's synthetic tasks (NIAH variants, variable tracking, common/frequent words, QA).
 
     \b
-    A standard run (25 samples per task and length) is long on one GPU (docs/evals.md estimates its
+    A standard run (25 samples per task and length) is long on one GPU (docs/evals.md gives its measured
     duration). Split a long run by --lengths / --budget over calls into the same --out (or merge folders
     with `eval merge`).
     """

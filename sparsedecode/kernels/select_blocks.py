@@ -20,22 +20,20 @@ Algorithm (per program, no host synchronisation, so it can be captured in a CUDA
 an unsigned 32-bit key that orders like its score (the float bits with the sign bit flipped for
 non-negative values and all bits flipped for negative ones; forced blocks 0xFFFFFFFF, invalid blocks 0).
 A radix select, bit by bit from the most significant one (up to 32 block-wide counts of the keys at or
-above a candidate), finds the count-th largest key T (two bits a pass, three counts packed in an int64,
-measured no faster). It stops as soon as exactly `count` keys lie at or above the prefix found so far
+above a candidate), finds the count-th largest key T. It stops as soon as exactly `count` keys lie at or above the prefix found so far
 (the chosen set is then fixed, and the steps below choose it with the prefix in place of T), which on
 distinct scores is well before the last bit. Blocks with a key above T are chosen, and of the blocks
 whose key equals T the first (count - #above) by index.
 One inclusive scan of (#above, #ties) packed in an int32 gives every chosen block its slot in ascending
 block order, and one scattered store writes it; a second store fills the sentinel slots.
 
-Scores equal the PyTorch path's bit for bit on CUDA: the exponential is libdevice's expf (measured equal
-to `torch.exp` on 16M float32 values in [-110, 5], subnormal results included; Triton's `tl.exp` is an
-approximation), and sums over the group (or the KV heads) are added in the order of PyTorch's CUDA
-reduction over a short strided dimension: four accumulators taking the terms in turn, combined as
-((a0 + a1) + a2) + a3 (measured with torch 2.11 for 6, 8 and 16 terms; for at most 4 terms it is the
-plain order). Should a PyTorch version change that order, the results differ only where two blocks'
-scores are within an ulp at the cut. In the interpreter (CPU tests) the order is PyTorch's CPU one
-(term after term) and the exponential NumPy's, which can differ from PyTorch's in the last bit.
+Scores equal the PyTorch path's bit for bit on CUDA: the exponential is libdevice's expf (equal to `torch.exp`
+on CUDA, subnormal results included; Triton's `tl.exp` is an approximation), and sums over the group (or the
+KV heads) are added in the order of PyTorch's CUDA reduction over a short strided dimension: four accumulators
+taking the terms in turn, combined as ((a0 + a1) + a2) + a3 (PyTorch 2.11's order; for at most 4 terms the
+plain one). Should a PyTorch version change that order, the results differ only where two blocks' scores are
+within an ulp at the cut. In the interpreter (CPU tests) the order is PyTorch's CPU one (term after term) and
+the exponential NumPy's, which can differ from PyTorch's in the last bit.
 """
 from __future__ import annotations
 

@@ -315,13 +315,13 @@ _NUM_SMS: dict[torch.device, int] = {}
 @dataclass(frozen=True)
 class Launch:
     """How the partial and merge kernels are launched. Any values compute the same op (up to the order
-    of float sums); the defaults are the fastest found by `sparsedecode bench kernel --tune` on an
-    H100 (docs/notes/2026-11-24-static-engine.md, "Kernel launch tuning")."""
+    of float sums); the defaults are what `sparsedecode bench kernel --tune` found fastest
+    (docs/benchmarks.md, docs/notes/2026-11-24-static-engine.md)."""
 
     items_per_sm: int = 2  # work items the device-side chunk size aims for, per SM
     tile_elements: int = 16384  # K (or V) elements per tile of the partial kernel: 128 tokens at d=128
     num_warps: int = 4  # of the partial kernel
-    num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper was slower on H100)
+    num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper measured slower)
     merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
     min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
 

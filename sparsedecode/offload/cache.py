@@ -189,8 +189,8 @@ def offload_staging_bytes(config: OffloadConfig, method: Any, rows: int, max_blo
 
 def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
     """A host tensor of exactly this size. Pinned: page-locked in place (PyTorch's pinned allocator rounds
-    every request up to a power of two, which would double a 65 GB pool) and not cleared (clearing 100+ GB
-    takes long; the kernels mask what lies past a sequence's length). Otherwise zeros: a CPU device's
+    every request up to a power of two, which could nearly double a large pool) and not cleared (clearing a
+    large pool takes long; the kernels mask what lies past a sequence's length). Otherwise zeros: a CPU device's
     reference path multiplies masked positions by probability 0, and 0 * NaN is NaN."""
     if not pinned:
         return torch.zeros(shape, dtype=dtype)
