@@ -380,9 +380,9 @@ TUNE_GRID: dict[str, tuple[int, ...]] = {
     "num_stages": (2, 3, 4, 5),
     "num_warps": (4, 8),
     "tile_elements": (4096, 8192, 16384),
-    "items_per_sm": (1, 2, 3, 4),
+    "items_per_sm": (1, 2, 3, 4, 6, 8),
     "merge_elements": (4096, 8192, 16384),
-    "min_chunk_tokens": (128, 256, 512),
+    "min_chunk_tokens": (64, 128, 256, 512),
 }
 #: the calls `tune` scores a setting on: (method, context, batch)
 TUNE_CASES = (("hybrid", 131072, 1), ("hybrid", 32768, 8), ("hybrid", 131072, 8), ("dense", 131072, 1),
