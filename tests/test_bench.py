@@ -353,12 +353,13 @@ def test_engine_check_cli_builds_both_parts(monkeypatch, tmp_path):
 
     monkeypatch.setattr(engine_check, "run_engine_check", fake_check)
     result = CliRunner().invoke(bench_cli.bench_group, ["engine-check", "--min-len", "8k", "--max-len", "32k",
-                                                        "--out", str(tmp_path)])
+                                                        "--sparse-budget", "256", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "changed the tokens of a request" in result.output
     timing, parity = seen["timing"], seen["parity"]
     assert (timing.models, timing.contexts, timing.batches) == (["random:llama-3.1-8b"], [131072], [1, 2, 4, "max"])
     assert timing.methods == ["dense", "lychee", "lychee+lfps"] and (timing.budget, timing.roles) == (4096, "random:24")
     assert (parity.model, parity.dtype, parity.min_len, parity.max_len) == ("random:tiny-llama", "float32", 8192, 32768)
+    assert parity.sparse_budget == 256
     result = CliRunner().invoke(bench_cli.bench_group, ["engine-check", "--no-timing", "--out", str(tmp_path)])
     assert seen["timing"] is None
 

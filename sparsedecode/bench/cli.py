@@ -559,13 +559,16 @@ def lfps_check(model: str, context: int, steps: int, attend: str, index_side: st
 @click.option("--requests", default=16, show_default=True, type=click.IntRange(min=2))
 @click.option("--min-len", default="4k", show_default=True, callback=_context, help="Shortest parity prompt.")
 @click.option("--max-len", default="64k", show_default=True, callback=_context, help="Longest parity prompt.")
+@click.option("--sparse-budget", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Token budget of the parity's sparse method (lychee+lfps): below the prompts' length, so "
+                   "that it selects.")
 @click.option("--tensor-parallel-size", "-tp", default=1, show_default=True, type=click.IntRange(min=1),
               help="Above 1, the parity check serves the requests on that many GPUs against on one.")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--out", default="out/engine-check", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 def engine_check(timing: bool, parity: bool, model: str, context: int, steps: int, warmup: int,
                  gpu_memory_utilization: float, parity_model: str, parity_dtype: str, requests: int, min_len: int,
-                 max_len: int, tensor_parallel_size: int, device: str | None, out: Path) -> None:
+                 max_len: int, sparse_budget: int, tensor_parallel_size: int, device: str | None, out: Path) -> None:
     """The engine on one GPU in one process: decode-step timing at 128K and continuous-batching parity."""
     from .engine_check import ParityOptions, run_engine_check, timing_options
 
@@ -574,7 +577,7 @@ def engine_check(timing: bool, parity: bool, model: str, context: int, steps: in
     timing_opts = timing_options(model, context, device, steps, warmup, gpu_memory_utilization) if timing else None
     try:
         parity_opts = ParityOptions(model=parity_model, dtype=parity_dtype, requests=requests, min_len=min_len,
-                                    max_len=max_len, device=device,
+                                    max_len=max_len, sparse_budget=sparse_budget, device=device,
                                     tensor_parallel_size=tensor_parallel_size) if parity else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--parity-model") from None
