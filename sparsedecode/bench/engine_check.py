@@ -184,6 +184,6 @@ def run_engine_check(timing: E2EOptions | None, parity: ParityOptions | None, ou
     write_atomic(out / "parity.json", json.dumps(rows, indent=1))
     write_atomic(out / "parity.md", f"{summary}\n\n{details}\n")
     kind = ("Continuous-batching parity" if parity.tensor_parallel_size == 1 else
-            f"Tensor-parallel parity, {parity.tensor_parallel_size} GPUs against 1")
+            f"Tensor-parallel parity, {parity.tensor_parallel_size} processes (one per GPU) against 1")
     log(f"\n## {kind} ({parity.model}, {parity.dtype})\n\n{summary}\n\n{details}\n")
     return all(r["same"] for r in rows)
