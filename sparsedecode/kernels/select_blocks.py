@@ -16,14 +16,14 @@ Computes exactly what `core.selection` does in PyTorch for the budget modes "tok
   reference ranks with a stable sort, so it breaks ties the same way), are written in ascending order
   to blocks[b, h, :count]; the slots after count get the sentinel NB; counts[b, h] = count.
 
-Algorithm (per program, no host synchronisation, so it can be captured in a CUDA graph): each block gets
-an unsigned 32-bit key that orders like its score (the float bits with the sign bit flipped for
-non-negative values and all bits flipped for negative ones; forced blocks 0xFFFFFFFF, invalid blocks 0).
-A radix select, bit by bit from the most significant one (up to 32 block-wide counts of the keys at or
-above a candidate), finds the count-th largest key T. It stops as soon as exactly `count` keys lie at or above the prefix found so far
-(the chosen set is then fixed, and the steps below choose it with the prefix in place of T), which on
-distinct scores is well before the last bit. Blocks with a key above T are chosen, and of the blocks
-whose key equals T the first (count - #above) by index.
+Algorithm (per program, no host synchronisation, so it can be captured in a CUDA graph): each block gets an
+unsigned 32-bit key that orders like its score (the float bits with the sign bit flipped for non-negative
+values and all bits flipped for negative ones; forced blocks 0xFFFFFFFF, invalid blocks 0). A radix select,
+bit by bit from the most significant one (up to 32 block-wide counts of the keys at or above a candidate),
+finds the count-th largest key T. It stops as soon as exactly `count` keys lie at or above the prefix found so
+far (the chosen set is then fixed, and the steps below choose it with the prefix in place of T), which on
+distinct scores is well before the last bit. Blocks with a key above T are chosen, and of the blocks whose key
+equals T the first (count - #above) by index.
 One inclusive scan of (#above, #ties) packed in an int32 gives every chosen block its slot in ascending
 block order, and one scattered store writes it; a second store fills the sentinel slots.
 
