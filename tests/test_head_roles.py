@@ -87,14 +87,14 @@ def test_a_file_that_is_not_a_roles_file(tiny, tmp_path) -> None:
 
 def test_learned_n_picks_the_shipped_roles_with_n_learned_units(qwen_1_5b) -> None:
     default = resolve_roles("learned", qwen_1_5b, "tidal")
-    twelve = resolve_roles("learned:12", qwen_1_5b, "tidal")
+    six = resolve_roles("learned:6", qwen_1_5b, "tidal")
     heads = qwen_1_5b.num_kv_heads
-    assert twelve.num_retrieval - heads == 12 == twelve.source["target_retrieval"]
-    assert not torch.equal(twelve.retrieval, default.retrieval)
-    assert torch.equal(resolve_roles(None, qwen_1_5b, "tidal").retrieval, default.retrieval)  # still the default
-    six = default.source["target_retrieval"]
-    assert torch.equal(resolve_roles(f"learned:{six}", qwen_1_5b, "tidal").retrieval, default.retrieval)
-    with pytest.raises(ValueError, match=rf"shipped: learned:{six}, learned:12\).*calibrate --target-retrieval 7"):
+    assert default.num_retrieval - heads == 12 == default.source["target_retrieval"]  # the default since 12 won
+    assert six.num_retrieval - heads == 6 == six.source["target_retrieval"]
+    assert not torch.equal(six.retrieval, default.retrieval)
+    assert torch.equal(resolve_roles(None, qwen_1_5b, "tidal").retrieval, default.retrieval)
+    assert torch.equal(resolve_roles("learned:12", qwen_1_5b, "tidal").retrieval, default.retrieval)
+    with pytest.raises(ValueError, match=r"shipped: learned:12, learned:6\).*calibrate --target-retrieval 7"):
         resolve_roles("learned:7", qwen_1_5b, "tidal")
 
 
