@@ -430,3 +430,16 @@ def test_bench_hf_bad_input_is_one_error_line(tmp_path, args, words, one_thread)
         "--device", "cpu", "--out", str(tmp_path), *args])
     assert result.exit_code != 0 and words in result.output and "Traceback" not in result.output
     assert not (tmp_path / "results.json").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("roles,real,expected", [
+    (None, False, "random:24"),   # random weights: no learned roles exist
+    (None, True, None),           # real weights: the method's default, the model's learned roles
+    ("learned:6", True, "learned:6"),
+    ("random:8", False, "random:8"),
+])
+def test_bench_roles_reach_lychee_on_random_and_real_models(roles, real, expected):
+    options = e2e.method_options("lychee", 1024, roles, real)
+    assert options.get("roles") == expected and options["budget"] == 1024
+    assert "roles" not in e2e.method_options("tidal", 1024, roles, real)  # tidal's roles define it
+    assert e2e.method_options("dense", 1024, roles, real) == {}

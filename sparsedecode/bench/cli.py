@@ -154,9 +154,9 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
                    "PyTorch SDPA over a contiguous copy of each sequence's blocks (SDPA reads no block table).")
 @click.option("--budget", default=4096, show_default=True, type=click.IntRange(min=1),
               help="Token budget of every method that takes one.")
-@click.option("--roles", default="random:24", show_default=True,
-              help="Head roles of lychee-type methods on random-weight shapes (random:24 plus layer 0 = 32 "
-                   "retrieval units of Llama-3.1-8B's 256); real-weight models use their default roles.")
+@click.option("--roles", help="Head roles of lychee-type methods (e.g. learned:6, random:N, a roles file). "
+                                "Default: random:24 on random-weight shapes (plus layer 0: 32 retrieval units of "
+                                "Llama-3.1-8B's 256), the model's learned roles on real weights.")
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=2),
               help="Timed decode steps per measurement (and N of the transformers baseline).")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=1),
@@ -186,7 +186,7 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
 @click.option("--out", default="out/bench-e2e", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json, results.md and the PNG plots.")
 def e2e(models: list[str], contexts: list[int], batches: list[int | str], methods: list[str], budget: int,
-        roles: str, steps: int, warmup: int, hf_baseline: bool, hf_modes: tuple[str, ...], hf_context: int,
+        roles: str | None, steps: int, warmup: int, hf_baseline: bool, hf_modes: tuple[str, ...], hf_context: int,
         hf_random_shapes: bool, haystack: str | None, compile_decode: bool, profile: bool,
         gpu_memory_utilization: float, num_blocks: int | None, tensor_parallel_size: int, device: str | None,
         out: Path) -> None:
@@ -219,8 +219,8 @@ PROFILE_STEPS = 4  # decode steps under the profiler in `bench hf --profile`
               help="Methods run inside sparse_decoding.")
 @click.option("--budget", default=4096, show_default=True, type=click.IntRange(min=1),
               help="Token budget of every method that takes one.")
-@click.option("--roles", default="random:24", show_default=True,
-              help="Head roles of lychee-type methods on random-weight shapes (real models use their own).")
+@click.option("--roles", help="Head roles of lychee-type methods (e.g. learned:6, random:N, a roles file). "
+                                "Default: random:24 on random-weight shapes, the model's learned roles on real weights.")
 @click.option("--steps", default=32, show_default=True, type=click.IntRange(min=2), help="Decode steps timed.")
 @click.option("--compiled-baseline/--no-compiled-baseline", default=True, show_default=True,
               help="Also time plain generate compiled (transformers' default on CUDA).")
@@ -230,7 +230,7 @@ PROFILE_STEPS = 4  # decode steps under the profiler in `bench hf --profile`
                    "launches, blocking CUDA calls, host reads, Triton compilations, top kernels and functions.")
 @click.option("--out", default="out/bench-hf", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results.json and results.md.")
-def hf(models: list[str], contexts: list[int], methods: list[str], budget: int, roles: str, steps: int,
+def hf(models: list[str], contexts: list[int], methods: list[str], budget: int, roles: str | None, steps: int,
        compiled_baseline: bool, device: str | None, profile: bool, out: Path) -> None:
     """transformers generate inside sparsedecode.hf.sparse_decoding against plain generate (static cache,
     eager and compiled): ms per decode step and tokens/s, batch 1."""

@@ -119,6 +119,9 @@ class SdpaDense(DecodeMethod):
         return self.dense_tokens_read(seq_len)
 
 
+RANDOM_SHAPE_ROLES = "random:24"  # plus layer 0: 32 retrieval units of Llama-3.1-8B's 256
+
+
 @dataclass
 class E2EOptions:
     models: list[str]
@@ -126,7 +129,7 @@ class E2EOptions:
     batches: list[int | str]  # batch sizes, and/or MAX_BATCH
     methods: list[str]
     budget: int = 4096
-    roles: str | None = "random:24"  # for random-weight shapes; real models use the method's default
+    roles: str | None = None  # None: RANDOM_SHAPE_ROLES on random-weight shapes, the learned roles on real ones
     steps: int = 30
     warmup: int = 5
     hf_modes: tuple[str, ...] = ("eager", "compiled")  # transformers baselines; empty for none
@@ -287,14 +290,15 @@ def _method_class(name: str) -> type[DecodeMethod]:
 
 def method_options(method: str, budget: int, roles: str | None, real: bool) -> dict[str, Any]:
     """The budget for every method that takes one; `roles` only where the method's default is the
-    learned roles (a preset such as tidal's is the method's definition) and only for random-weight
-    shapes, for which no roles can be learned."""
+    learned roles (a preset such as tidal's is the method's definition). Without `roles`, random-weight
+    shapes, for which no roles can be learned, get RANDOM_SHAPE_ROLES and real models their learned ones."""
     accepted = _method_class(method).defaults
     options: dict[str, Any] = {}
     if "budget" in accepted:
         options["budget"] = budget
-    if "roles" in accepted and accepted["roles"] is None and not real and roles is not None:
-        options["roles"] = roles
+    chosen = roles if roles is not None or real else RANDOM_SHAPE_ROLES
+    if "roles" in accepted and accepted["roles"] is None and chosen is not None:
+        options["roles"] = chosen
     return options
 
 
@@ -574,7 +578,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}. "
         f"Copy bandwidth {meta['copy_bandwidth'] / 1e12:.3f} TB/s (read + write). Median of {meta['steps']} "
         f"decode steps (CUDA graphs on GPU) after {meta['warmup']} warm-up steps; budget {meta['budget']}, "
-        f"roles {meta['roles']} (random-weight shapes).",
+        f"roles {meta['roles'] or RANDOM_SHAPE_ROLES + ' on random-weight shapes, the learned roles on real models'}.",
         "ms/step = the engine runner's decode step at the context (on GPU without loading its rows and the "
         "host sync); engine ms = `engine.step()`, scheduler and bookkeeping included; host ms = engine ms - "
         "the step of the method's most common kind; "

@@ -30,7 +30,7 @@ class HFBenchOptions:
     contexts: list[int]
     methods: list[str]
     budget: int = 4096
-    roles: str | None = "random:24"  # lychee-type roles on random-weight shapes (real models use their own)
+    roles: str | None = None  # lychee-type roles; None: e2e.RANDOM_SHAPE_ROLES on random-weight shapes, learned on real
     steps: int = 32
     compiled_baseline: bool = True
     haystack: str | None = None
