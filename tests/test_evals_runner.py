@@ -237,6 +237,30 @@ def test_mismatched_results_are_not_merged(tmp_path):
     assert result.exit_code != 0 and "results of a different model cannot be merged" in result.output
 
 
+def test_a_label_whose_default_roles_changed_is_not_resumed(tmp_path, monkeypatch):
+    """The label `lychee(budget=64)` says nothing of the roles a method resolves without `roles`; a folder
+    decoded with other default roles (a newer shipped file) must not pass for this run's results."""
+    from sparsedecode.methods import lychee
+    from sparsedecode.models.config import model_config_from_hf
+    from sparsedecode.models.shapes import random_shape_config
+    from sparsedecode.roles.head_roles import resolve_roles
+
+    config = model_config_from_hf(random_shape_config("random:tiny-llama"))
+    ruler_run(tmp_path / "a", FakeLLM(config=config), lengths=[1024])
+    entry = next(m for m in results_of(tmp_path / "a")["methods"] if m["label"] == "lychee(budget=64)")
+    assert entry["roles"] == resolve_roles("tidal", config, "tidal").fingerprint()  # lychee's default here
+    assert "roles" not in next(m for m in results_of(tmp_path / "a")["methods"] if m["label"] == "dense")
+    ruler_run(tmp_path / "a", FakeLLM(config=config), lengths=[1024, 2048])  # same roles: resumes
+
+    monkeypatch.setattr(lychee.Lychee, "default_roles", "random:3")  # as if another default had shipped
+    with pytest.raises(ValueError, match=r"lychee\(budget=64\) decoded with head roles .* other roles .*roles=learned:6"):
+        ruler_run(tmp_path / "a", FakeLLM(config=config), lengths=[1024, 2048])
+    ruler_run(tmp_path / "b", FakeLLM(config=config), lengths=[1024])
+    with pytest.raises(ValueError, match="used other roles"):  # nor merged
+        merge_results(tmp_path / "merged", [tmp_path / "a", tmp_path / "b"])
+    assert not (tmp_path / "merged").exists()
+
+
 def test_bad_arguments_are_refused(tmp_path):
     llm = FakeLLM()
     with pytest.raises(ValueError, match="each name and options once"):

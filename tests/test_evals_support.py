@@ -41,6 +41,7 @@ class FakeLLM:
     batches: list[int] = field(default_factory=list)
     constructed_with: dict[str, Any] = field(default_factory=dict)
     fail_after: int | None = None  # generate calls that succeed before one raises (a run that dies)
+    config: Any = None  # the model's ModelConfig, where a test needs the head roles a method resolves to
 
     def use_method(self, name: str, **options: Any) -> None:
         self.method = name

@@ -119,3 +119,12 @@ def test_an_alternative_is_never_the_default(tiny, tmp_path, monkeypatch) -> Non
     assert torch.equal(resolve_roles(None, tiny, "tidal").retrieval, resolve_roles("tidal", tiny, "tidal").retrieval)
     with pytest.raises(ValueError, match="no learned roles are shipped"):
         resolve_roles("learned", tiny, "tidal")
+
+
+def test_fingerprint_names_the_mask_not_its_source(qwen_1_5b, tmp_path) -> None:
+    default = resolve_roles(None, qwen_1_5b, "tidal")
+    path = tmp_path / "copy.json"
+    default.save(path)
+    assert resolve_roles(str(path), qwen_1_5b, "tidal").fingerprint() == default.fingerprint()
+    six = resolve_roles("learned:6", qwen_1_5b, "tidal")
+    assert six.fingerprint() != default.fingerprint() and six.fingerprint().startswith("8 of 56 retrieval units")

@@ -57,9 +57,20 @@ class ResultSet:
                                  f"{self.settings[key]!r}: results of a different {key} cannot be merged "
                                  "(use another output folder)")
 
-    def add_methods(self, methods: list[dict[str, Any]]) -> None:
+    def add_methods(self, methods: list[dict[str, Any]], source: str) -> None:
+        """Method runs by label. Where two runs of one label both record their head roles (`roles`: the
+        fingerprint of the resolved mask), they must agree: the label says only the options given, and
+        the roles a method resolves without one (the model's shipped default) can change between versions."""
         for method in methods:
-            self.methods.setdefault(method["label"], method)
+            known = self.methods.setdefault(method["label"], dict(method))
+            roles, known_roles = method.get("roles"), known.get("roles")
+            if roles and known_roles and roles != known_roles:
+                raise ValueError(f"{source}: {method['label']} decoded with head roles ({roles}), but the results "
+                                 f"already there under that name used other roles ({known_roles}); the model's "
+                                 "default roles may have changed since: name the roles in the options (e.g. "
+                                 "roles=learned:6) or use another output folder")
+            if roles and not known_roles:
+                known["roles"] = roles
 
     def add_samples(self, samples: list[dict[str, Any]], source: str) -> None:
         """Samples (samples.json entries) not yet in the set; a known one must have the same prompt."""
@@ -92,7 +103,7 @@ class ResultSet:
         self.check_settings(results, str(folder), target)
         kept = (lambda task: True) if tasks is None else tasks.__contains__
         self.add_samples([s for s in samples["samples"] if kept(s["task"])], str(folder))
-        self.add_methods(results["methods"])
+        self.add_methods(results["methods"], str(folder))
         for record in results["records"]:
             if kept(record["task"]):
                 self.add_record(record, str(folder))

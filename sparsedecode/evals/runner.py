@@ -11,6 +11,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sparsedecode.methods import make_method
+
 from .needle import DEFAULT_DEPTHS, needle_samples
 from .reasoning import reasoning_samples
 from .records import make_record, sample_entry, sample_key
@@ -82,6 +84,15 @@ def prompt_batches(samples: list[Sample], batch_size: int) -> Iterator[list[Samp
             yield group[start:start + batch_size]
 
 
+def method_entry(config: Any, run: MethodRun) -> dict[str, Any]:
+    """A method run as results.json lists it, with the fingerprint of the head roles it resolves to on this
+    model (methods with roles; `config` None: not known): resuming a folder under the same label with other
+    roles is refused."""
+    roles = None if config is None else getattr(make_method(run.name, config, **run.options), "roles", None)
+    entry = {"name": run.name, "options": run.options, "label": run.label}
+    return entry if roles is None else {**entry, "roles": roles.fingerprint()}
+
+
 def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], lengths: list[int], samples: int,
              seed: int, batch_size: int, out_dir: Path, *, tasks: list[str] | None = None,
              squad: str | Path | None = None, hotpotqa: str | Path | None = None,
@@ -109,7 +120,7 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
     results = open_results(out_dir, {"suite": suite, "model": model_name, "seed": seed})
     this_run = f"this run into {out_dir}"
     results.add_samples([sample_entry(s) for s in prompts], this_run)
-    results.add_methods([{"name": r.name, "options": r.options, "label": r.label} for r in runs])
+    results.add_methods([method_entry(getattr(llm, "config", None), r) for r in runs], this_run)
     results.skipped.update(skipped)
     write_samples(out_dir, results)
 

@@ -2,6 +2,7 @@
 LycheeDecode, its presets and its JSON file format."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,11 @@ class HeadRoles:
     @property
     def density(self) -> float:
         return self.num_retrieval / self.retrieval.numel()
+
+    def fingerprint(self) -> str:
+        """Which heads retrieve, in a few words: equal for equal masks, whatever the file or preset."""
+        digest = hashlib.sha256(self.retrieval.numpy().tobytes() + str(tuple(self.retrieval.shape)).encode())
+        return f"{self.num_retrieval} of {self.retrieval.numel()} retrieval units, {digest.hexdigest()[:12]}"
 
     def check_fits(self, config: ModelConfig) -> None:
         expected = config.identity()
