@@ -255,7 +255,7 @@ def test_bad_offload_input() -> None:
     with pytest.raises(ValueError, match="give the method block_size=16"):
         llm.generate([PROMPT[:40]], max_new_tokens=2)
     with pytest.raises(RuntimeError, match="layer by layer"):
-        llm.engine.runner.pool.gather(0, torch.tensor([1]), 4)
+        llm.engine.runner.pool.prefill_attention(0, torch.zeros(1, 4, 16), torch.tensor([1]), 4)
 
 
 def test_cpu_index_runs_on_the_configured_threads(monkeypatch) -> None:

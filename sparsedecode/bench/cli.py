@@ -124,7 +124,10 @@ def bench_group() -> None:
               help="Add FlashInfer's paged decode and block-sparse rows (default: when flashinfer imports).")
 @click.option("--select", "select", is_flag=True, help="Instead of the table, time the block selection kernel "
               "(several warp counts) on Quest's, Lychee's and LFPS's top-k.")
-def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool | None, select: bool) -> None:
+@click.option("--prefill", "prefill", is_flag=True, help="Instead of the table, time a prompt chunk's attention "
+              "over its paged prefix: the paged prefill kernel (several launch settings) against PyTorch SDPA.")
+def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool | None, select: bool,
+           prefill: bool) -> None:
     """One decode-attention layer (Llama-3.1-8B shapes): PyTorch SDPA and FlashInfer against our dense and hybrid
     kernel."""
     import torch
@@ -137,6 +140,8 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
         kernel_bench.tune()
     elif select:
         kernel_bench.select_rows(tuple(contexts), tuple(batches))
+    elif prefill:
+        kernel_bench.prefill_rows()
     else:
         kernel_bench.run(tuple(contexts), tuple(batches), flashinfer=flashinfer)
 

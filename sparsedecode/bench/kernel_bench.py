@@ -15,10 +15,13 @@ comparison. Each FlashInfer output is checked against ours before it is timed.
 
 The block selection (`kernels.select_blocks`) has its own table (`--select`): Quest's top-k over
 16-token pages and Lychee's over 64-token blocks at the same contexts and batches, at several warp
-counts.
+counts. So has the prefill (`--prefill`): a prompt chunk's attention over its paged prefix, our kernel
+(`kernels.paged_prefill_attention`, several launch settings) against PyTorch's attention over the
+gathered prefix, its KV heads expanded (the engine's path before the kernel) or grouped (`enable_gqa`).
 
     sparsedecode bench kernel           # the table
     sparsedecode bench kernel --select  # the selection's table
+    sparsedecode bench kernel --prefill # the prefill's table
     sparsedecode bench kernel --tune    # search the kernels' launch settings (`Launch`)
 """
 from __future__ import annotations
@@ -35,7 +38,9 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from ..kernels import gather_blocks, select_blocks, sparse_decode_attention, sparse_decode_attention_ref
+from ..kernels import (gather_blocks, paged_prefill_attention, select_blocks, sparse_decode_attention,
+                       sparse_decode_attention_ref)
+from ..kernels.prefill_attention import PREFILL_LAUNCH, PrefillLaunch
 from ..kernels.sparse_decode import LAUNCH, Launch
 from .common import kernel_times
 
@@ -373,6 +378,67 @@ def select_rows(contexts: tuple[int, ...], batches: tuple[int, ...]) -> None:
             mark = " (default)" if warps == default else ""
             print(f"| {name} | {context // 1024}K | {batch} | {num_blocks} | {kept // block} | {warps}{mark} "
                   f"| {us:.1f} |", flush=True)
+
+
+#: (chunk tokens, keys after the chunk) of `prefill_rows`: a whole first chunk, chunks behind 32K and 128K
+PREFILL_CASES = ((2048, 2048), (8192, 8192), (1024, 32768), (2048, 32768), (1024, 131072))
+PREFILL_LAUNCHES = tuple(PrefillLaunch(block_m=m, num_warps=w, num_stages=st)
+                         for m, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)))
+
+
+def median_us(call: Callable[[], object]) -> float:
+    return 1e3 * triton.testing.do_bench(call, return_mode="median")
+
+
+def prefill_rows(cases: tuple[tuple[int, int], ...] = PREFILL_CASES,
+                 launches: tuple[PrefillLaunch, ...] = PREFILL_LAUNCHES, device: str = "cuda",
+                 time_us: Callable[[Callable[[], object]], float] = median_us) -> None:
+    """Time a prompt chunk's attention over its sequence's paged keys (one request, Llama-3.1-8B heads):
+    PyTorch SDPA over the gathered prefix with the KV heads expanded (what the engine ran before the paged
+    kernel) and with `enable_gqa`, and `paged_prefill_attention` at every PREFILL_LAUNCHES setting. Medians
+    of do_bench (no CUDA graph: prefill steps are not captured); each output checked against the first."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else device}")
+    print("\n| chunk | keys | call | us | TFLOP/s | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    gen = torch.Generator(device=device).manual_seed(0)
+    for rows, keys in cases:
+        blocks = -(-keys // PAGE)
+        k_pool, v_pool = (torch.randn(blocks + 8, NUM_KV_HEADS, PAGE, HEAD_DIM, device=device, dtype=DTYPE,
+                                      generator=gen) for _ in range(2))
+        table = torch.randperm(blocks + 8, device=device, generator=gen)[:blocks].int()[None]
+        q = torch.randn(rows, NUM_HEADS, HEAD_DIM, device=device, dtype=DTYPE, generator=gen)
+        mask = causal_lower_right(rows, keys)
+
+        def gathered(expand: bool) -> torch.Tensor:
+            k, v = (gather_blocks(pool, table)[0, :, :keys] for pool in (k_pool, v_pool))
+            if expand:
+                k, v = k.repeat_interleave(GROUP, dim=0), v.repeat_interleave(GROUP, dim=0)
+            return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                                  enable_gqa=not expand)[0].transpose(0, 1)
+
+        calls = {"SDPA, gathered, heads expanded": lambda: gathered(True),
+                 "SDPA, gathered, enable_gqa": lambda: gathered(False)}
+        for launch in launches:
+            calls[f"paged kernel, {launch.block_m} rows, {launch.num_warps} warps, {launch.num_stages} stages"] = (
+                lambda launch=launch: paged_prefill_attention(q, k_pool, v_pool, table, [0, rows], [keys], SCALE,
+                                                              launch=launch, backend="triton"))
+        flops = 4 * NUM_HEADS * HEAD_DIM * rows * (keys - rows / 2)
+        want = None
+        for name, call in calls.items():
+            try:
+                got = call()
+                us = time_us(call)
+            except (OutOfResources, RuntimeError) as e:  # an SDPA backend or a launch that does not fit
+                print(f"| {rows} | {keys // 1024}K | {name} | failed: {str(e)[:80]} | | |", flush=True)
+                continue
+            want = got if want is None else want
+            diff = (got.float() - want.float()).abs().max().item()
+            mark = " (default)" if name.endswith(f"{PREFILL_LAUNCH.block_m} rows, {PREFILL_LAUNCH.num_warps} warps, "
+                                                 f"{PREFILL_LAUNCH.num_stages} stages") else ""
+            print(f"| {rows} | {keys // 1024}K | {name}{mark} | {us:.1f} | {flops / us / 1e6:.0f} | {diff:.3g} |",
+                  flush=True)
 
 
 #: the values `tune` tries for each `Launch` field

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import sparse_decode_attention, store_kv
+from ..kernels import paged_prefill_attention, sparse_decode_attention, store_kv
 from .batch import DecodeBatch
 
 NULL_BLOCK = 0
@@ -100,14 +100,11 @@ class KVPool:
         """Write token i's k[i], v[i] ([n, kv_heads, head_dim]) at (block_ids[i], offsets[i]) of `layer`."""
         store_kv(self.k, self.v, layer, block_ids, offsets, k, v)
 
-    def gather(self, layer: int, blocks: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions 0 .. end of one sequence whose block table starts with `blocks` (int64, at least
-        ceil(end / block_size) entries): K and V as [kv_heads, end, head_dim] copies."""
-        n = -(-end // self.block_size)
-        ids = blocks[:n]
-        k = self.k[layer, ids].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, :end]
-        v = self.v[layer, ids].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, :end]
-        return k, v
+    def prefill_attention(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, end: int) -> torch.Tensor:
+        """Causal attention of one sequence's prompt chunk q [n, Hq, D] (positions end - n .. end - 1, its K/V
+        stored already) over its keys 0 .. end, read in place through its block table `blocks` (at least
+        ceil(end / block_size) entries): `kernels.paged_prefill_attention`. Returns [n, Hq, D]."""
+        return paged_prefill_attention(q, self.k[layer], self.v[layer], blocks[None], [0, q.shape[0]], [end])
 
     # -- what methods call: on-device defaults ------------------------------------------------------
     def attention(self, layer: int, q: torch.Tensor, batch: DecodeBatch, scale: float, unit_size: int = 64,

@@ -8,8 +8,8 @@ parameters. A graph replay feeds its sampled tokens back as the next input, so `
 steps with one host synchronisation at the end.
 
 Prefill chunks of several sequences go through the weights as one batch of tokens; each chunk stores
-its K/V in the pool and attends causally to its sequence's prefix (gathered from the pool when the
-chunk does not start the sequence). A pool that keeps its K/V in host memory (`KVPool.layer_major_prefill`)
+its K/V in the pool and attends causally to its sequence's prefix (read in place from the pool when
+the chunk does not start the sequence: `KVPool.prefill_attention`). A pool that keeps its K/V in host memory (`KVPool.layer_major_prefill`)
 takes each sequence's prefill whole, one layer at a time (`prefill_layer_major`); its decode steps are
 captured unless the pool says otherwise (`KVPool.decode_graphs`).
 
@@ -143,13 +143,9 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         del probe, tokens, positions
-        c = self.config
-        # The last prefill chunk of a full-length prompt gathers its prefix and expands it to every query head.
-        heads = len(self.kv_heads) * (c.group_size + 1)
-        prefix = self.max_blocks * self.block_size * heads * c.head_dim * 2 * self.dtype.itemsize
         free, total = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        budget = kv_pool_budget_bytes(total, free + cached, before, peak + prefix + GPU_MARGIN_BYTES, utilization)
+        budget = kv_pool_budget_bytes(total, free + cached, before, peak + GPU_MARGIN_BYTES, utilization)
         blocks = int(budget // per_block)
         if blocks < 2:
             raise RuntimeError(
@@ -211,10 +207,10 @@ class ModelRunner:
             for r, table, lo, hi in zip(requests, device_tables, spans[:-1], spans[1:]):
                 self.keep_queries(r.slot, layer, q[lo:hi], r.start == 0)
                 if r.start == 0:  # the chunk is the whole prefix
-                    keys, values = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
-                else:
-                    keys, values = self.pool.gather(layer, table, r.start + len(r.token_ids))
-                outs.append(prefill_attention(q[lo:hi].transpose(0, 1), keys, values).transpose(0, 1))
+                    outs.append(prefill_attention(q[lo:hi].transpose(0, 1), k[lo:hi].transpose(0, 1),
+                                                  v[lo:hi].transpose(0, 1)).transpose(0, 1))
+                else:  # behind a prefix: its keys read in place from the pool
+                    outs.append(self.pool.prefill_attention(layer, q[lo:hi], table, r.start + len(r.token_ids)))
             return torch.cat(outs)
 
         x = self.model.forward(torch.tensor(ids, device=device), torch.from_numpy(positions).to(device), attention)

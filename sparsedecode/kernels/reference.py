@@ -181,3 +181,31 @@ def store_kv_ref(
     offsets[i]]; two tokens at the same place leave either one."""
     k_pool[layer, block_ids, :, offsets] = k
     v_pool[layer, block_ids, :, offsets] = v
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_starts: list[int],
+    context_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Attention of prompt chunks over their sequences' paged keys, causal and bottom-right aligned.
+
+    q [n, Hq, D]: the chunks of R requests back to back, request r's at rows query_starts[r] ..
+    query_starts[r + 1]; one layer's pools [NB, Hkv, P, D] hold every request's keys up to context_lens[r]
+    (the chunk's own included), read through block_tables [R, MB]. Query i of request r sits at position
+    context_lens[r] - (query_starts[r + 1] - query_starts[r]) + i and attends to the keys at positions up
+    to its own; query head h reads KV head h // (Hq // Hkv). Returns [n, Hq, D] in q's dtype."""
+    outs = []
+    for r, length in enumerate(context_lens):
+        rows = q[query_starts[r]:query_starts[r + 1]].transpose(0, 1)  # [Hq, m, D]
+        keys = gather_blocks(k_pool, block_tables[r:r + 1])[0, :, :length]
+        values = gather_blocks(v_pool, block_tables[r:r + 1])[0, :, :length]
+        mask = torch.ones(rows.shape[1], length, dtype=torch.bool, device=q.device).tril(length - rows.shape[1])
+        out = F.scaled_dot_product_attention(rows.float()[None], keys.float()[None], values.float()[None],
+                                             attn_mask=mask, scale=scale, enable_gqa=True)[0]
+        outs.append(out.transpose(0, 1).to(q.dtype))
+    return torch.cat(outs)

@@ -496,6 +496,6 @@ class OffloadedKVPool(KVPool):
         store_kv(self.k, self.v, layer, block_ids, offsets, k, v)
         self.writes[layer].index_add_(0, block_ids.long(), torch.ones_like(block_ids, dtype=torch.int64))
 
-    def gather(self, layer: int, blocks: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill_attention(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, end: int) -> torch.Tensor:
         raise RuntimeError("an offloaded KV pool keeps no prefix on the device: its sequences prefill whole, "
                            "layer by layer (ModelRunner.prefill_layer_major)")
