@@ -19,9 +19,12 @@ from .samples import EvalResources, Sample
 REASONING_DATASET = "gsm_symbolic"
 INSTRUCTION = ("\n\nSolve the problem step by step. Then write the final answer, a number only, on the last line "
                "in the form \"Answer: <number>\".")
-CHAIN_INSTRUCTION = ("Solve the {count} problems below, one after another. For each one, reason step by step, then "
-                     "write its final answer, a number only, on its own line in the form \"Answer <k>: <number>\", "
-                     "with k the problem's number.")
+# Asked only to reason before each answer, the registry's models wrote every "Answer k:" line first and a bare
+# equation after it; a heading per problem and the order spelled out make them reason (notes/2026-12-01-gpu-runs.md).
+CHAIN_INSTRUCTION = ("Solve the {count} problems below, one after another, in order. For each problem k, first "
+                     "write a heading line \"Problem k\", then work it out step by step in full sentences, and "
+                     "only after the reasoning write its final answer, a number only, on its own line in the form "
+                     "\"Answer k: <number>\". Do not write any answer before its reasoning.")
 
 
 def load_reasoning_gym() -> Any:
