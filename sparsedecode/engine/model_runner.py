@@ -9,9 +9,10 @@ steps with one host synchronisation at the end.
 
 Prefill chunks of several sequences go through the weights as one batch of tokens; each chunk stores
 its K/V in the pool and attends causally to its sequence's prefix (read in place from the pool when
-the chunk does not start the sequence: `KVPool.prefill_attention`). A pool that keeps its K/V in host memory (`KVPool.layer_major_prefill`)
-takes each sequence's prefill whole, one layer at a time (`prefill_layer_major`); its decode steps are
-captured unless the pool says otherwise (`KVPool.decode_graphs`).
+the chunk does not start the sequence: `KVPool.prefill_attention`). A pool that keeps its K/V in host
+memory (`KVPool.layer_major_prefill`) takes each sequence's prefill whole, one layer at a time
+(`prefill_layer_major`); its decode steps are captured unless the pool says otherwise
+(`KVPool.decode_graphs`).
 
 On one GPU of a tensor-parallel model (`model.tp`) the runner holds that GPU's KV heads (`kv_heads`): its
 pool, and the method's state, are theirs; the logits, and so the sampled tokens, are the whole model's.
