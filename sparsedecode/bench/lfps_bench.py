@@ -266,8 +266,9 @@ def fit_table(shape: str, contexts: list[int], gpu_bytes: int, host_bytes: int, 
               ) -> list[dict[str, Any]]:
     """What a context needs at the prefill peak (bf16): dense on the GPU (weights, the whole KV) against
     offloaded (host: the whole KV; GPU: weights, layer-major prefill's hidden states and two layer K/V
-    buffers) and offloaded with the index on the GPU (the keys move from host to GPU). All also hold one
-    chunk's K/V prefix expanded to the query heads (prefill_attention)."""
+    buffers) and offloaded with the index on the GPU (the keys move from host to GPU). The offloaded ones
+    also hold one chunk's K/V prefix expanded to the query heads (layer-major prefill's `prefill_attention`);
+    dense chunks read their prefix in place (`KVPool.prefill_attention`)."""
     s = SHAPES[shape]
     layers, hidden, heads = s["num_hidden_layers"], s["hidden_size"], s["num_attention_heads"]
     kv_heads, head_dim = s["num_key_value_heads"], s.get("head_dim", hidden // heads)
@@ -278,7 +279,7 @@ def fit_table(shape: str, contexts: list[int], gpu_bytes: int, host_bytes: int, 
     for n in contexts:
         kv = 2 * layers * kv_heads * head_dim * 2 * n
         expanded = 2 * heads * head_dim * 2 * n  # one chunk's K/V prefix expanded to the query heads
-        gpu_dense = weights + kv + expanded
+        gpu_dense = weights + kv
         gpu_offload = weights + 2 * hidden * n + 2 * (2 * kv_heads * head_dim * 2 * n) + expanded
         gpu_index = gpu_offload + kv // 2  # index="gpu": the keys live on the GPU, the values on the host
         rows.append(dict(shape=shape, context=n, kv_gib=kv / 2**30, dense_gpu_gib=gpu_dense / 2**30,
