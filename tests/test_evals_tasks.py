@@ -220,7 +220,8 @@ def test_reasoning_samples_are_gsm_problems():
     assert [s.task for s in chained] == ["gsm_symbolic_x3"] * 2 and chained[0].metric == "numbered_answers"
     assert [s.references for s in chained] == [[s.references[0] for s in single[:3]],
                                               [s.references[0] for s in single[3:]]]
-    assert "Answer <k>: <number>" in chained[1].prompt and "Problem 3:" in chained[1].prompt
+    assert '"Answer k: <number>"' in chained[1].prompt and "Problem 3:" in chained[1].prompt
+    assert chained[1].prompt.index('heading line "Problem k"') < chained[1].prompt.index("Problem 1:")
     starts = [chained[1].prompt.index(f"Problem {k}:") for k in (1, 2, 3)]
     assert starts == sorted(starts) and "Problem 4:" not in chained[1].prompt
     assert chained[1].prompt_tokens > max(s.prompt_tokens for s in single[3:])
