@@ -253,7 +253,8 @@ def test_a_label_whose_default_roles_changed_is_not_resumed(tmp_path, monkeypatc
     ruler_run(tmp_path / "a", FakeLLM(config=config), lengths=[1024, 2048])  # same roles: resumes
 
     monkeypatch.setattr(lychee.Lychee, "default_roles", "random:3")  # as if another default had shipped
-    with pytest.raises(ValueError, match=r"lychee\(budget=64\) decoded with head roles .* other roles .*roles=learned:6"):
+    changed = r"lychee\(budget=64\) decoded with head roles .* other roles .*roles=learned:6"
+    with pytest.raises(ValueError, match=changed):
         ruler_run(tmp_path / "a", FakeLLM(config=config), lengths=[1024, 2048])
     ruler_run(tmp_path / "b", FakeLLM(config=config), lengths=[1024])
     with pytest.raises(ValueError, match="used other roles"):  # nor merged

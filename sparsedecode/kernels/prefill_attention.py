@@ -124,7 +124,8 @@ def paged_prefill_attention(
                          f"block_tables {tuple(block_tables.shape)}, {len(query_starts)} query starts for "
                          f"{requests} context lengths")
     if query_starts[0] != 0 or query_starts[-1] != n:
-        raise ValueError(f"query_starts must run from 0 to the {n} rows of q, not {query_starts[0]} .. {query_starts[-1]}")
+        raise ValueError(f"query_starts must run from 0 to the {n} rows of q, "
+                         f"not {query_starts[0]} .. {query_starts[-1]}")
     for r, length in enumerate(context_lens):
         rows = query_starts[r + 1] - query_starts[r]
         if rows < 1 or length < rows or length > block_tables.shape[1] * page:
