@@ -104,6 +104,13 @@ def test_bad_input_names_the_problem(change, message):
         paged_prefill_attention(q, k_pool, v_pool, tables, args["starts"], args["lens"])
 
 
+def test_a_launch_the_kernel_cannot_take_is_refused():
+    q, k_pool, v_pool, tables, starts, lens = make_case(1, "cpu", torch.float32, 1, 2, 16, 16, [(5, 20)])
+    with pytest.raises(ValueError, match="block_m must be a power of two of at least 16, not 24"):
+        paged_prefill_attention(q, k_pool, v_pool, tables, starts, lens, launch=PrefillLaunch(block_m=24),
+                                backend="triton")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_prefill_table_times_every_call_on_the_same_output(device, capsys):
     """`bench kernel --prefill` on a small case: each call's row, and the kernel's output equal to SDPA's."""

@@ -36,7 +36,11 @@ def test_budget_covering_the_context_equals_dense(tiny: LLM) -> None:
     assert all(torch.equal(a, b) for a, b in zip(quest[1], dense[1], strict=True))
 
 
-def test_page_bounds_follow_the_pool_and_the_top_pages_are_read(tiny: LLM) -> None:
+@pytest.mark.parametrize("chunk_blocks", [256, 3])  # bounds of the prompt's blocks in one piece, or in several
+def test_page_bounds_follow_the_pool_and_the_top_pages_are_read(tiny: LLM, chunk_blocks: int, monkeypatch) -> None:
+    from sparsedecode.methods import quest as quest_module
+
+    monkeypatch.setattr(quest_module, "BOUNDS_CHUNK_BLOCKS", chunk_blocks)
     tiny.use_method("quest", budget=64, page_size=PAGE, dense_layers=1)
     quest, config = tiny.method, tiny.config
     seen: list[dict] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -43,7 +44,8 @@ PREFILL_LAUNCH = PrefillLaunch()
 @triton.jit
 def _prefill_kernel(q, k_pool, v_pool, out, tables, tile_request, tile_first, query_starts, context_lens,
                     s_qn, s_qh, s_on, s_oh, s_pb, s_ph, s_pt, s_tr, scale_log2,
-                    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr):
+                    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     t = tl.program_id(0)
     kv_head = tl.program_id(1)
     r = tl.load(tile_request + t)
@@ -71,29 +73,44 @@ def _prefill_kernel(q, k_pool, v_pool, out, tables, tile_request, tile_first, qu
     for j in range(0, whole):
         place = tl.load(table + j).to(tl.int64) * s_pb + kv_base + slot[:, None] * s_pt + d[None, :]
         kt = tl.load(k_pool + place)
-        s = tl.dot(qt, tl.trans(kt)) * scale_log2
+        s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kt.dtype), tl.load(v_pool + place))
+        acc = acc * alpha[:, None] + tl.dot(p.to(kt.dtype), tl.load(v_pool + place), input_precision=DOT_PRECISION)
         m_i = m_new
     for j in range(whole, tl.cdiv(last, PAGE)):
         keys = j * PAGE + slot
         place = tl.load(table + j).to(tl.int64) * s_pb + kv_base + slot[:, None] * s_pt + d[None, :]
         kt = tl.load(k_pool + place, mask=(keys < length)[:, None], other=0.0)
-        s = tl.dot(qt, tl.trans(kt)) * scale_log2
+        s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_pool + place, mask=(keys < length)[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kt.dtype), vt, input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     out_rows = (q0 + m).to(tl.int64) * s_on + head * s_oh
     tl.store(out + out_rows[:, None] + d[None, :], acc.to(out.dtype.element_ty), mask=live[:, None])
+
+
+@lru_cache(maxsize=64)
+def _tile_plan(query_starts: tuple[int, ...], context_lens: tuple[int, ...], per_tile: int,
+               device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(tile request, tile first query, query starts, context lengths) on the device. Cached: the layers of a
+    prefill step share them, so they cross to the device once, without waiting for it."""
+    tiles = [(r, first) for r in range(len(context_lens))
+             for first in range(0, query_starts[r + 1] - query_starts[r], per_tile)]
+    host = torch.tensor([[r for r, _ in tiles], [f for _, f in tiles]], dtype=torch.int32)
+    lengths = torch.tensor([list(query_starts), list(context_lens) + [0]], dtype=torch.int32)
+    if device.type == "cuda":
+        host, lengths = host.pin_memory(), lengths.pin_memory()
+    host, lengths = host.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
+    return host[0], host[1], lengths[0], lengths[1]
 
 
 def paged_prefill_attention(
@@ -141,20 +158,22 @@ def paged_prefill_attention(
     if k_pool.stride() != v_pool.stride() or k_pool.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("the pools need equal strides; pools and q a contiguous last dimension")
     if page < 16 or dim < 16 or page & (page - 1) or dim & (dim - 1):
-        raise ValueError(f"the kernel takes power-of-two block sizes and head dims of at least 16, not {page} and {dim}")
+        raise ValueError("the kernel takes power-of-two block sizes and head dims of at least 16, "
+                         f"not {page} and {dim}")
+    if launch.block_m < 16 or launch.block_m & (launch.block_m - 1):
+        raise ValueError(f"PrefillLaunch.block_m must be a power of two of at least 16, not {launch.block_m}")
     group = heads // kv_heads
     block_m = max(launch.block_m, triton.next_power_of_2(group))  # rows: (query, head) pairs of one KV head
     per_tile = block_m // group  # queries per program
-    tiles = [(r, first) for r in range(requests)
-             for first in range(0, query_starts[r + 1] - query_starts[r], per_tile)]
-    meta = torch.tensor([[r for r, _ in tiles], [f for _, f in tiles]], dtype=torch.int32).to(q.device)
-    lengths = torch.tensor([list(query_starts), list(context_lens) + [0]], dtype=torch.int32).to(q.device)
+    tile_request, tile_first, starts, lengths = _tile_plan(tuple(query_starts), tuple(context_lens), per_tile,
+                                                           q.device)
     out = torch.empty_like(q)
     _, s_ph, s_pt, _ = k_pool.stride()
-    _prefill_kernel[(len(tiles), kv_heads)](
-        q, k_pool, v_pool, out, block_tables, meta[0], meta[1], lengths[0], lengths[1],
+    two_byte = q.element_size() == 2
+    _prefill_kernel[(tile_request.numel(), kv_heads)](
+        q, k_pool, v_pool, out, block_tables, tile_request, tile_first, starts, lengths,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_pool.stride(0), s_ph, s_pt,
         block_tables.stride(0), scale * LOG2E,
-        GROUP=group, D=dim, BLOCK_M=block_m, PAGE=page,
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+        GROUP=group, D=dim, BLOCK_M=block_m, PAGE=page, DOT_PRECISION="tf32" if two_byte else "ieee",
+        num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     return out

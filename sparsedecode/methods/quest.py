@@ -13,6 +13,8 @@ from ..kernels import quest_page_scores
 from .base import DecodeMethod
 from ..core.selection import BlockSelector
 
+BOUNDS_CHUNK_BLOCKS = 256  # blocks whose page bounds after_prefill computes at a time (one layer's K copied)
+
 
 class Quest(DecodeMethod):
     name = "quest"
@@ -48,14 +50,16 @@ class Quest(DecodeMethod):
                       queries: torch.Tensor | None = None) -> None:
         page, block_size = self.options["page_size"], pool.block_size
         held = blocks[: -(-length // block_size)]
-        k = pool.k[layer, held].unflatten(2, (-1, page))  # [blocks, Hkv, pages, page, D]
-        positions = torch.arange(len(held) * block_size, device=pool.device).view(len(held), 1, -1, page, 1)
-        filled = positions < length
-        # Empty pages get 0 rather than +-inf, so page scores stay finite; the selector never picks them.
-        k_min = k.masked_fill(~filled, float("inf")).amin(dim=3)
-        k_max = k.masked_fill(~filled, float("-inf")).amax(dim=3)
-        self.k_min[layer, held] = k_min.masked_fill(k_min.isinf(), 0)
-        self.k_max[layer, held] = k_max.masked_fill(k_max.isinf(), 0)
+        for lo in range(0, len(held), BOUNDS_CHUNK_BLOCKS):  # a bounded transient, whatever the length
+            part = held[lo:lo + BOUNDS_CHUNK_BLOCKS]
+            k = pool.k[layer, part].unflatten(2, (-1, page))  # [blocks, Hkv, pages, page, D]
+            positions = torch.arange(lo * block_size, (lo + len(part)) * block_size, device=pool.device)
+            filled = positions.view(len(part), 1, -1, page, 1) < length
+            # Empty pages get 0 rather than +-inf, so page scores stay finite; the selector never picks them.
+            k_min = k.masked_fill(~filled, float("inf")).amin(dim=3)
+            k_max = k.masked_fill(~filled, float("-inf")).amax(dim=3)
+            self.k_min[layer, part] = k_min.masked_fill(k_min.isinf(), 0)
+            self.k_max[layer, part] = k_max.masked_fill(k_max.isinf(), 0)
 
     def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         if layer < self.options["dense_layers"]:  # these layers never select: no page bounds to keep
