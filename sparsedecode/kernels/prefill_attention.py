@@ -1,5 +1,5 @@
-"""Prompt-chunk attention over the paged KV pool, read in place: one Triton launch for every request of a
-prefill step.
+"""Prompt-chunk attention over the paged KV pool, read in place: one Triton launch for the chunks of one or
+more requests.
 
 Computes `reference.paged_prefill_attention_ref` (read its docstring for the op). A chunk behind a cached
 prefix otherwise needs its sequence's keys gathered out of the pool and, for PyTorch's fused attention,
@@ -42,6 +42,17 @@ PREFILL_LAUNCH = PrefillLaunch()
 
 
 @triton.jit
+def _softmax_step(s, vt, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key block into the online softmax: scores s [BLOCK_M, PAGE] (log2 units), values vt [PAGE, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(q, k_pool, v_pool, out, tables, tile_request, tile_first, query_starts, context_lens,
                     s_qn, s_qh, s_on, s_oh, s_pb, s_ph, s_pt, s_tr, scale_log2,
                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr,
@@ -72,27 +83,17 @@ def _prefill_kernel(q, k_pool, v_pool, out, tables, tile_request, tile_first, qu
     last = tl.minimum(start + first + BLOCK_M // GROUP, length)  # keys the tile needs: positions below this
     for j in range(0, whole):
         place = tl.load(table + j).to(tl.int64) * s_pb + kv_base + slot[:, None] * s_pt + d[None, :]
-        kt = tl.load(k_pool + place)
-        s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kt.dtype), tl.load(v_pool + place), input_precision=DOT_PRECISION)
-        m_i = m_new
+        s = tl.dot(qt, tl.trans(tl.load(k_pool + place)), input_precision=DOT_PRECISION) * scale_log2
+        m_i, l_i, acc = _softmax_step(s, tl.load(v_pool + place), m_i, l_i, acc, DOT_PRECISION)
     for j in range(whole, tl.cdiv(last, PAGE)):
         keys = j * PAGE + slot
         place = tl.load(table + j).to(tl.int64) * s_pb + kv_base + slot[:, None] * s_pt + d[None, :]
-        kt = tl.load(k_pool + place, mask=(keys < length)[:, None], other=0.0)
+        stored = (keys < length)[:, None]
+        kt = tl.load(k_pool + place, mask=stored, other=0.0)
         s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_pool + place, mask=(keys < length)[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kt.dtype), vt, input_precision=DOT_PRECISION)
-        m_i = m_new
+        vt = tl.load(v_pool + place, mask=stored, other=0.0)
+        m_i, l_i, acc = _softmax_step(s, vt, m_i, l_i, acc, DOT_PRECISION)
     acc = acc / l_i[:, None]
     out_rows = (q0 + m).to(tl.int64) * s_on + head * s_oh
     tl.store(out + out_rows[:, None] + d[None, :], acc.to(out.dtype.element_ty), mask=live[:, None])
