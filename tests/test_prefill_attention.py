@@ -116,8 +116,8 @@ def test_prefill_table_times_every_call_on_the_same_output(device, capsys):
     """`bench kernel --prefill` on a small case: each call's row, and the kernel's output equal to SDPA's."""
     from sparsedecode.bench import kernel_bench
 
-    kernel_bench.prefill_rows(cases=((16, 80),), launches=(PrefillLaunch(block_m=16),), device=device,
-                              time_us=lambda call: 1.0)
+    kernel_bench.prefill_rows(cases=((16, 80),), launches=(PrefillLaunch(block_m=16, num_warps=4, num_stages=2),),
+                              device=device, time_us=lambda call: 1.0)
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |")]
     assert [row[2] for row in rows] == ["SDPA, gathered, heads expanded", "SDPA, gathered, enable_gqa",
                                         "paged kernel, 16 rows, 4 warps, 2 stages"]

@@ -33,9 +33,9 @@ LOG2E = 1.4426950408889634
 class PrefillLaunch:
     """Tile and warps of the prefill kernel; any values compute the same op (up to the order of float sums)."""
 
-    block_m: int = 64  # rows per program: (query, query head) pairs, the query heads of one KV head
+    block_m: int = 128  # rows per program: (query, query head) pairs, the query heads of one KV head
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 PREFILL_LAUNCH = PrefillLaunch()
