@@ -16,7 +16,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 from sparsedecode.kernels import paged_prefill_attention, paged_prefill_attention_ref  # noqa: E402
-from sparsedecode.kernels.prefill_attention import PrefillLaunch  # noqa: E402
+from sparsedecode.kernels.prefill_attention import (PREFILL_LAUNCH, SMALL_PREFILL_LAUNCH, PrefillLaunch,  # noqa: E402
+                                                    default_launch, shared_memory_bytes)
 
 INTERPRET = interpreted(importlib.import_module("sparsedecode.kernels.prefill_attention")._prefill_kernel)
 NEEDS_FRESH_PROCESS = not INTERPRET and not torch.cuda.is_available()
@@ -109,6 +110,24 @@ def test_a_launch_the_kernel_cannot_take_is_refused():
     with pytest.raises(ValueError, match="block_m must be a power of two of at least 16, not 24"):
         paged_prefill_attention(q, k_pool, v_pool, tables, starts, lens, launch=PrefillLaunch(block_m=24),
                                 backend="triton")
+
+
+# max_shared_mem per block (opt-in) that Triton reports: H100/H200, A100, and sm_86/sm_89 GPUs
+H200_SMEM, A100_SMEM, ADA_SMEM = 232448, 166912, 101376
+
+
+@pytest.mark.parametrize("smem, dtype, want", [
+    (H200_SMEM, torch.bfloat16, PREFILL_LAUNCH), (A100_SMEM, torch.bfloat16, PREFILL_LAUNCH),
+    (ADA_SMEM, torch.bfloat16, SMALL_PREFILL_LAUNCH), (H200_SMEM, torch.float32, PREFILL_LAUNCH),
+    (A100_SMEM, torch.float32, SMALL_PREFILL_LAUNCH),
+])
+def test_default_launch_fits_the_gpus_shared_memory(smem, dtype, want):
+    """Llama-shaped heads (d=128) in 64-token blocks: the tuned launch where its buffers fit, the small one
+    elsewhere, and the small one fits every GPU listed."""
+    size = torch.empty((), dtype=dtype).element_size()
+    assert default_launch(64, 128, size, smem) == want
+    assert shared_memory_bytes(default_launch(64, 128, size, smem), 64, 128, size) <= smem
+    assert shared_memory_bytes(SMALL_PREFILL_LAUNCH, 64, 128, 2) <= ADA_SMEM
 
 
 @pytest.mark.parametrize("device", DEVICES)

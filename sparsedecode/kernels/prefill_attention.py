@@ -39,6 +39,27 @@ class PrefillLaunch:
 
 
 PREFILL_LAUNCH = PrefillLaunch()
+#: for GPUs whose shared memory per block cannot hold PREFILL_LAUNCH's buffers (about 100 KB on sm_86 / sm_89)
+SMALL_PREFILL_LAUNCH = PrefillLaunch(block_m=64, num_warps=4, num_stages=2)
+
+
+def shared_memory_bytes(launch: PrefillLaunch, page: int, dim: int, element_size: int) -> int:
+    """Shared memory a launch's tiles take, estimated: one buffer per pipelining stage of a K and a V block
+    (float32 pools run at most 2 stages) and the query tile."""
+    stages = launch.num_stages if element_size == 2 else min(launch.num_stages, 2)
+    return (stages * 2 * page + launch.block_m) * dim * element_size
+
+
+def default_launch(page: int, dim: int, element_size: int, shared_memory: int) -> PrefillLaunch:
+    """PREFILL_LAUNCH where its tiles fit in `shared_memory` bytes per block, else SMALL_PREFILL_LAUNCH."""
+    if shared_memory_bytes(PREFILL_LAUNCH, page, dim, element_size) <= shared_memory:
+        return PREFILL_LAUNCH
+    return SMALL_PREFILL_LAUNCH
+
+
+@lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 @triton.jit
@@ -123,7 +144,7 @@ def paged_prefill_attention(
     context_lens: list[int],
     scale: float | None = None,
     *,
-    launch: PrefillLaunch = PREFILL_LAUNCH,
+    launch: PrefillLaunch | None = None,
     backend: Literal["auto", "triton", "reference"] = "auto",
 ) -> torch.Tensor:
     """The op of `reference.paged_prefill_attention_ref`: q [n, Hq, D] of R requests' prompt chunks (request
@@ -132,7 +153,7 @@ def paged_prefill_attention(
     [R, MB]. `scale` defaults to 1 / sqrt(D). Returns [n, Hq, D].
 
     backend "auto" runs one Triton launch on CUDA tensors and the reference on CPU ones; "triton" on CPU
-    tensors needs TRITON_INTERPRET=1 (the tests)."""
+    tensors needs TRITON_INTERPRET=1 (the tests). `launch` None: `default_launch` for the GPU's shared memory."""
     n, heads, dim = q.shape
     _, kv_heads, page, pool_dim = k_pool.shape
     requests = len(context_lens)
@@ -161,6 +182,9 @@ def paged_prefill_attention(
     if page < 16 or dim < 16 or page & (page - 1) or dim & (dim - 1):
         raise ValueError("the kernel takes power-of-two block sizes and head dims of at least 16, "
                          f"not {page} and {dim}")
+    if launch is None:
+        launch = (default_launch(page, dim, q.element_size(), _device_shared_memory(q.device.index))
+                  if q.is_cuda else PREFILL_LAUNCH)
     if launch.block_m < 16 or launch.block_m & (launch.block_m - 1):
         raise ValueError(f"PrefillLaunch.block_m must be a power of two of at least 16, not {launch.block_m}")
     group = heads // kv_heads
