@@ -141,6 +141,18 @@ def test_compiled_forward_matches_eager_with_one_graph_for_all_layers() -> None:
     assert llm.config.num_layers > 2 and counters["stats"]["unique_graphs"] - graphs_before == 2
 
 
+def test_decode_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatch) -> None:
+    llm = LLM("random:tiny-llama", device="cpu", block_size=16, max_context=256)
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: modes.append(options["mode"]) or fn)
+    llm.model.compile_decode("max-autotune-no-cudagraphs")
+    assert modes == ["max-autotune-no-cudagraphs"] * 2  # the work before and after each layer's attention
+    with pytest.raises(ValueError, match="'reduce-overhead' is not one of default, max-autotune-no-cudagraphs"):
+        llm.model.compile_decode("reduce-overhead")  # Inductor's CUDA graphs inside the engine's own
+    with pytest.raises(ValueError, match="compile_mode 'max-autotune' is not one of default, max-autotune-no"):
+        LLM("random:tiny-llama", device="cpu", compile_mode="max-autotune")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replays_match_eager_decoding_on_gpu() -> None:
     prompts = [[(7 * i) % 300 + 1 for i in range(n)] for n in (50, 131, 260)]

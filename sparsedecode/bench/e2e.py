@@ -138,6 +138,7 @@ class E2EOptions:
     haystack: str | None = None  # the prompt text source of real models (default: the essays)
     device: str | None = None
     compile_decode: bool = True  # False: the engine's element-wise work unfused (to measure what fusing gives)
+    compile_mode: str = "default"  # torch.compile mode of that work (`Transformer.compile_decode`)
     profile: bool = False  # also record the device time per kernel of one step of each method (CUDA)
     gpu_memory_utilization: float = 0.9  # the share of the GPU the engine takes: weights, activations, KV pool
     num_blocks: int | None = None  # KV pool blocks, instead of sizing the pool from gpu_memory_utilization
@@ -205,7 +206,7 @@ def _meta(opts: E2EOptions, device: torch.device, bandwidth: float) -> dict[str,
     return dict(
         device=name, torch=torch.__version__, transformers=transformers.__version__,
         copy_bandwidth=bandwidth, steps=opts.steps, warmup=opts.warmup, budget=opts.budget, roles=opts.roles,
-        hf_context=opts.hf_context, compile_decode=opts.compile_decode,
+        hf_context=opts.hf_context, compile_decode=opts.compile_decode, compile_mode=opts.compile_mode,
         gpu_memory_utilization=opts.gpu_memory_utilization, num_blocks=opts.num_blocks,
         tensor_parallel_size=opts.tensor_parallel_size, date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
@@ -259,8 +260,8 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
     log(f"loading {spec}")
     try:
         llm = LLM(spec, method=sizing, device=device, dtype=dtype, max_context=max(contexts) + DECODE_MARGIN,
-                  block_size=BLOCK_SIZE, compile_decode=opts.compile_decode, max_num_seqs=slots,
-                  num_blocks=opts.num_blocks, gpu_memory_utilization=opts.gpu_memory_utilization,
+                  block_size=BLOCK_SIZE, compile_decode=opts.compile_decode, compile_mode=opts.compile_mode,
+                  max_num_seqs=slots, num_blocks=opts.num_blocks, gpu_memory_utilization=opts.gpu_memory_utilization,
                   enable_prefix_caching=False, tensor_parallel_size=opts.tensor_parallel_size, **options[sizing])
     except Exception as e:  # noqa: BLE001 - e.g. no memory left for a pool: the other models still run
         _note(results, log, f"{spec}: the engine could not start, skipped: {_first_line(e)}")

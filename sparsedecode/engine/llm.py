@@ -12,6 +12,7 @@ import torch
 
 from ..core import KVPool
 from ..methods import make_method, method_class
+from ..models import DECODE_COMPILE_MODES
 from ..models.loader import default_device, default_dtype, load_config, load_model
 from ..models.parallel import TensorParallel, check_tensor_parallel
 from ..offload import (OffloadConfig, OffloadedKVPool, check_offload_method, offload_config, offload_pool_blocks,
@@ -44,7 +45,8 @@ class Generation:
 class LLM:
     """A decoder over a paged KV pool with continuous batching (`llm.engine`), chunked prefill, prefix
     caching, CUDA-graph decode steps on GPU (their element-wise work fused by torch.compile unless
-    `compile_decode=False`) and a pluggable decode-attention method (`dense`, `lychee`, `tidal`, `quest`,
+    `compile_decode=False`; `compile_mode="max-autotune-no-cudagraphs"` also lets Inductor tune their GEMMs)
+    and a pluggable decode-attention method (`dense`, `lychee`, `tidal`, `quest`,
     `streaming`, `lfps`, `lychee+lfps`).
 
     KV memory: on a GPU the pool takes `gpu_memory_utilization` of the GPU's memory less the weights and
@@ -77,6 +79,7 @@ class LLM:
         prefill_chunk: int = 2048,
         cuda_graphs: bool = True,
         compile_decode: bool = True,
+        compile_mode: str = "default",
         kv_offload: str | OffloadConfig | None = None,
         max_num_seqs: int = 64,
         num_blocks: int | None = None,
@@ -97,7 +100,10 @@ class LLM:
         dtype = dtype or default_dtype(device)
         config = load_config(model)
         self.max_context = max_context or config.max_position_embeddings
+        if compile_mode not in DECODE_COMPILE_MODES:
+            raise ValueError(f"compile_mode {compile_mode!r} is not one of {', '.join(DECODE_COMPILE_MODES)}")
         fused = compile_decode and device.type == "cuda"
+        self._compile_mode = compile_mode if fused else None
         runner_options = dict(max_num_seqs=max_num_seqs, max_model_len=self.max_context, block_size=block_size,
                               max_num_batched_tokens=prefill_chunk, num_blocks=num_blocks,
                               gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused)
@@ -108,7 +114,7 @@ class LLM:
                                  "tensor_parallel_size > 1")
             check_tensor_parallel(config, tensor_parallel_size)
             self.workers = Workers(tensor_parallel_size, device, ShardSpec(
-                str(model), dtype, fused, method_class(method), method_options, runner_options))
+                str(model), dtype, self._compile_mode, method_class(method), method_options, runner_options))
             self._stop_workers = weakref.finalize(self, self.workers.close)
         try:
             self._start(model, method, device, dtype, kv_offload, method_options, runner_options,
@@ -128,8 +134,8 @@ class LLM:
         self.model_spec = str(model)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
-        if runner_options["fused"]:
-            self.model.compile_decode()
+        if self._compile_mode:
+            self.model.compile_decode(self._compile_mode)
         self.method = make_method(method, self.config, **method_options)
         self.method_name = method
         self.kv_offload = offload_config(kv_offload, self.device)

@@ -41,7 +41,7 @@ class ShardSpec:
 
     model: str
     dtype: torch.dtype
-    fused: bool  # compile the decode step's element-wise work (`Transformer.compile_decode`)
+    compile_mode: str | None  # `Transformer.compile_decode`'s mode; None: the decode step is not compiled
     method: type[DecodeMethod]
     method_options: dict[str, Any]
     runner_options: dict[str, Any]  # ModelRunner's keyword arguments
@@ -183,8 +183,8 @@ def worker_main(rank: int, world_size: int, address: str, device: torch.device, 
         connection.send(traceback.format_exc())
         return
     connection.send("loaded")
-    if spec.fused:
-        loaded.model.compile_decode()
+    if spec.compile_mode:
+        loaded.model.compile_decode(spec.compile_mode)
     method = spec.method(loaded.config, **spec.method_options)
     runner = ModelRunner(loaded.model, loaded.config, method, **spec.runner_options)
     connection.send("ready")

@@ -1,1 +1,4 @@
 """Model loading: the offline registry, GGUF / Hugging Face folders, random-weight shapes, the decoder."""
+
+#: torch.compile modes `Transformer.compile_decode` takes (here, without torch, for the command line)
+DECODE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from . import DECODE_COMPILE_MODES
 from .config import ModelConfig
 from .parallel import TensorParallel, VocabParallelEmbedding, check_tensor_parallel
 
@@ -139,13 +140,18 @@ class Transformer(nn.Module):
         self.attention_input = DecoderLayer.attention_input
         self.attention_output = DecoderLayer.attention_output
 
-    def compile_decode(self) -> None:
+    def compile_decode(self, mode: str = "default") -> None:
         """Fuse the element-wise work around each layer's GEMMs in the decode step (norms, RoPE, SiLU,
         residual adds) with torch.compile: eager, it is dozens of small kernels per layer, each costing a
         launch even inside a CUDA graph. One compiled graph serves every layer (the layer's weights are its
-        inputs); the attention itself stays the caller's."""
-        self.attention_input = torch.compile(DecoderLayer.attention_input, fullgraph=True)
-        self.attention_output = torch.compile(DecoderLayer.attention_output, fullgraph=True)
+        inputs); the attention itself stays the caller's. `mode` is one of DECODE_COMPILE_MODES:
+        "max-autotune-no-cudagraphs" lets Inductor time Triton GEMM templates against cuBLAS for each GEMM
+        (longer compiles; the caller captures CUDA graphs itself, so no mode that adds Inductor's)."""
+        if mode not in DECODE_COMPILE_MODES:
+            raise ValueError(f"compile mode {mode!r} is not one of {', '.join(DECODE_COMPILE_MODES)} (the engine "
+                             "captures its decode steps in CUDA graphs itself)")
+        self.attention_input = torch.compile(DecoderLayer.attention_input, fullgraph=True, mode=mode)
+        self.attention_output = torch.compile(DecoderLayer.attention_output, fullgraph=True, mode=mode)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
