@@ -276,8 +276,10 @@ def test_pool_all_free_after_many_requests_with_disconnects(dense_url) -> None:
                                                 stream=True, extra_body={"ignore_eos": gone})
             async for _ in stream:
                 if gone:
-                    await stream.close()
-                    return "disconnected"
+                    break  # leave the iteration before closing: closing inside it warns of a running generator
+            if gone:
+                await stream.close()
+                return "disconnected"
             return "streamed"
 
     async def run() -> list[str]:
