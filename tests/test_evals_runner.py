@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from sparsedecode.evals import build_samples, merge_results, run_eval
+from sparsedecode.evals import build_samples, merge_results, run_eval, write_prompts
 from sparsedecode.evals.cli import eval_command, method_runs, parse_length
 from sparsedecode.evals.report import write_json_atomic
 from sparsedecode.utils import files as files_module
@@ -205,6 +205,54 @@ def test_merge_of_folders_equals_one_run(tmp_path):
     assert kept == [r for r in merged["records"] if r["task"] == TASKS[1]] and len(kept) == 8
     with pytest.raises(ValueError, match="no results of task.s. niah_nothing"):
         merge_results(tmp_path / "typo", [tmp_path / "long"], tasks={TASKS[1], "niah_nothing"})
+
+
+def test_prompts_restore_a_folder_kept_without_them(tmp_path):
+    ruler_run(tmp_path / "run", oracle("ruler", [1024], 2, 3, tasks=TASKS), lengths=[1024])
+    original = (tmp_path / "run" / "samples.json").read_text()
+    (tmp_path / "run" / "samples.json").unlink()  # as docs/data keeps a folder
+    with pytest.raises(ValueError, match="cannot read .*samples.json"):
+        merge_results(tmp_path / "merged", [tmp_path / "run"])
+
+    with pytest.raises(ValueError, match=r"8 of the 8 records of .*results.json name no prompt of these settings "
+                                         r"\(first: dense on niah_single_2 at length 1024, sample 0\); give the"):
+        write_prompts(smollm2_tokenizer(), "ruler", [2048], 2, 3, tmp_path / "run", model_name="fake", tasks=TASKS)
+    with pytest.raises(ValueError, match="has seed 3 but the prompts of these settings has seed 4"):
+        write_prompts(smollm2_tokenizer(), "ruler", [1024], 2, 4, tmp_path / "run", model_name="fake", tasks=TASKS)
+    assert not (tmp_path / "run" / "samples.json").exists()  # a refused restore writes nothing
+    path, count = write_prompts(smollm2_tokenizer(), "ruler", [1024], 2, 3, tmp_path / "run", model_name="fake",
+                                tasks=TASKS)
+    assert (path, count) == (tmp_path / "run" / "samples.json", 4)
+    assert path.read_text() == original
+
+    # resumable again: a longer run into the folder decodes only the new length
+    resumed = oracle("ruler", LENGTHS, 2, 3, tasks=TASKS)
+    ruler_run(tmp_path / "run", resumed)
+    assert sum(resumed.batches) == 2 * 2 * 2  # 2K only: 2 tasks x 2 samples x 2 methods
+    assert results_of(tmp_path / "run")["records"] == results_of(ruler_once(tmp_path))["records"]
+
+
+def ruler_once(tmp_path):
+    ruler_run(tmp_path / "once", oracle("ruler", LENGTHS, 2, 3, tasks=TASKS))
+    return tmp_path / "once"
+
+
+def test_cli_prompts_only_loads_no_model(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("--prompts-only loaded the model")
+
+    monkeypatch.setattr("sparsedecode.evals.cli.LLM", no_model)
+    monkeypatch.setattr("sparsedecode.evals.cli.load_tokenizer", lambda model: smollm2_tokenizer())
+    result = CliRunner().invoke(eval_command, ["ruler", "--model", "fake", "--lengths", "1k", "--samples", "2",
+                                               "--seed", "3", "--tasks", ",".join(TASKS), "--prompts-only",
+                                               "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'samples.json'}: 4 prompts" in result.output
+    written = json.loads((tmp_path / "samples.json").read_text())
+    built, _ = build_samples("ruler", smollm2_tokenizer(), [1024], 2, 3, tasks=TASKS)
+    assert [s["prompt"] for s in written["samples"]] == [s.prompt for s in built]
+    assert (written["suite"], written["model"], written["seed"]) == ("ruler", "fake", 3)
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_mismatched_results_are_not_merged(tmp_path):

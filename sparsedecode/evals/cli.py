@@ -11,13 +11,14 @@ import click
 
 from sparsedecode.cli import parse_method_options
 from sparsedecode.engine.llm import LLM
+from sparsedecode.models.loader import load_tokenizer
 
 from .attention_recall import DEFAULT_TASK, RECALL_TASKS, recall_context, run_recall
 from .needle import DEFAULT_DEPTHS
 from .reasoning import generate_problems, write_problems
 from .report import safe_name
 from .ruler import RULER_TASKS
-from .runner import context_needed, merge_results, run_eval
+from .runner import context_needed, merge_results, run_eval, write_prompts
 
 # Default samples per cell. RULER: 25 per task and length, so that a method's average (11 tasks x 4 lengths =
 # 1,100 prompts) has a 95% interval of at most about +-2.5 points, and its paired difference to dense (where
@@ -123,7 +124,16 @@ def _variant(text: str, options: dict[str, dict[str, Any]]) -> tuple[str, dict[s
     return method, {**options.get(method, {}), **own}
 
 
-def _common_options(default_lengths: str, lengths_help: str, default_samples: int) -> Callable:
+PROMPTS_ONLY = click.option(
+    "--prompts-only", is_flag=True,
+    help="Only write OUT/samples.json, the prompts this command decodes, and decode nothing (the tokenizer is "
+         "loaded, not the model): restores a results folder kept without its samples.json, so that it can be "
+         "resumed or merged again.")
+
+
+def _common_options(default_lengths: str, lengths_help: str, default_samples: int,
+                    suite_options: list[Callable] = ()) -> Callable:
+    suite_options = list(suite_options)
     options = [
         click.option("--model", "-m", required=True, help="Registry name (e.g. smollm2-135m), GGUF file or "
                                                           "Hugging Face model folder."),
@@ -159,7 +169,7 @@ def _common_options(default_lengths: str, lengths_help: str, default_samples: in
     ]
 
     def decorate(command: Callable) -> Callable:
-        for option in reversed(options):
+        for option in reversed(options + suite_options):
             command = option(command)
         return command
 
@@ -172,6 +182,14 @@ def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples
          **suite_options: Any) -> None:
     runs = method_runs(methods, budget, method_options, variants)
     out = out or Path("out") / "eval" / f"{suite}-{safe_name(Path(model).stem)}"
+    if suite_options.pop("prompts_only", False):
+        try:
+            path, count = write_prompts(load_tokenizer(model), suite, lengths, samples, seed, out, model_name=model,
+                                        haystack=haystack, **suite_options)
+        except (ValueError, ImportError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"wrote {path}: {count} prompts")
+        return
     first_method, first_options = runs[0]
     recall = suite == "recall"  # the diagnostic observes every attention call, so it decodes eagerly
     max_context = (recall_context(lengths, suite_options["steps"]) if recall
@@ -204,7 +222,8 @@ def eval_command() -> None:
 
 
 @eval_command.command("ruler")
-@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", RULER_SAMPLES)
+@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", RULER_SAMPLES,
+                 [PROMPTS_ONLY])
 @click.option("--tasks", default=None, callback=_tasks,
               help=f"Comma-separated RULER tasks [default: all: {', '.join(RULER_TASKS)}].")
 @click.option("--squad", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -223,7 +242,8 @@ def ruler_command(**options: Any) -> None:
 
 
 @eval_command.command("needle")
-@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", NEEDLE_SAMPLES)
+@_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", NEEDLE_SAMPLES,
+                 [PROMPTS_ONLY])
 @click.option("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS), show_default=True,
               callback=_depths, help="Comma-separated needle depths, 0 (start) to 1 (end).")
 def needle_command(**options: Any) -> None:
@@ -233,7 +253,7 @@ def needle_command(**options: Any) -> None:
 
 @eval_command.command("reasoning")
 @_common_options("2k", "Comma-separated generation budgets (max new tokens) of the chain of thought.",
-                 REASONING_SAMPLES)
+                 REASONING_SAMPLES, [PROMPTS_ONLY])
 @click.option("--problems", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="JSON Lines of problems from `eval export-problems` (no reasoning-gym needed) "
                    "[default: generate them with reasoning-gym from the seed].")

@@ -175,6 +175,35 @@ def merge_folders(out_dir: Path, sources: list[Path], tasks: set[str] | None = N
     return results
 
 
+def add_prompts_to_folder(out_dir: Path, samples: list[dict[str, Any]], settings: dict[str, Any]) -> ResultSet:
+    """The samples.json entries `samples` with those of `out_dir`, checked against its records: for a folder
+    kept without its (large) samples.json. Every record there must name one of the samples, with the same
+    prompt fingerprint."""
+    results = ResultSet(settings)
+    given = "the prompts of these settings"
+    results.add_samples(samples, given)
+    samples_path, results_path = Path(out_dir) / SAMPLES_FILE, Path(out_dir) / RESULTS_FILE
+    for path in (samples_path, results_path):
+        if not path.exists():
+            continue
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from e
+        results.check_settings(document, str(path), given)
+        if path == samples_path:
+            results.add_samples(document["samples"], str(path))
+            continue
+        unmatched = [r for r in document["records"] if results.samples.get(prompt_key(r), {}).get("prompt_hash")
+                     != r.get("prompt_hash")]
+        if unmatched:
+            raise ValueError(f"{len(unmatched)} of the {len(document['records'])} records of {path} name no prompt "
+                             f"of these settings (first: {unmatched[0]['method']} on "
+                             f"{_describe(prompt_key(unmatched[0]))}); give the --lengths, --samples, --tasks, "
+                             "--seed and haystack the folder's results were made with")
+    return results
+
+
 def write_samples(out_dir: Path, results: ResultSet) -> None:
     write_json_atomic(Path(out_dir) / SAMPLES_FILE, results.samples_file())
 

@@ -16,7 +16,8 @@ from sparsedecode.methods import make_method
 from .needle import DEFAULT_DEPTHS, needle_samples
 from .reasoning import reasoning_samples
 from .records import make_record, sample_entry, sample_key
-from .results import EvalReport, merge_folders, open_results, write_checkpoint, write_results, write_samples
+from .results import (EvalReport, add_prompts_to_folder, merge_folders, open_results, write_checkpoint, write_results,
+                      write_samples)
 from .ruler import NIAH_NEW_TOKENS, RULER_TASKS, load_qa_sets, ruler_samples
 from .samples import EvalResources, Sample
 
@@ -156,6 +157,18 @@ def run_eval(llm: Any, suite: str, methods: list[tuple[str, dict[str, Any]]], le
     notes = [f"resumed {out_dir}: {done_before} of {len(prompts) * len(runs)} generations were there already "
              "(delete the folder to start over)"] if done_before else []
     return write_results(out_dir, results, notes)
+
+
+def write_prompts(tokenizer: Any, suite: str, lengths: list[int], samples: int, seed: int, out_dir: Path, *,
+                  model_name: str | None = None, **suite_options: Any) -> tuple[Path, int]:
+    """Write `out_dir`/samples.json, the prompts a run with these settings decodes, without decoding them: it
+    restores a results folder kept without its samples.json, so that the folder can be resumed and merged
+    again. The folder's records must all name these prompts. Returns the file and its number of prompts."""
+    prompts, _ = build_samples(suite, tokenizer, sorted(set(lengths)), samples, seed, **suite_options)
+    settings = {"suite": suite, "model": model_name, "seed": seed}
+    results = add_prompts_to_folder(Path(out_dir), [sample_entry(s) for s in prompts], settings)
+    write_samples(Path(out_dir), results)
+    return Path(out_dir) / "samples.json", len(results.samples)
 
 
 def merge_results(out_dir: Path, sources: list[Path], tasks: set[str] | None = None) -> EvalReport:
