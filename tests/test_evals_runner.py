@@ -211,8 +211,10 @@ def test_prompts_restore_a_folder_kept_without_them(tmp_path):
     ruler_run(tmp_path / "run", oracle("ruler", [1024], 2, 3, tasks=TASKS), lengths=[1024])
     original = (tmp_path / "run" / "samples.json").read_text()
     (tmp_path / "run" / "samples.json").unlink()  # as docs/data keeps a folder
-    with pytest.raises(ValueError, match="cannot read .*samples.json"):
+    with pytest.raises(ValueError, match="has results but no samples.json .* plus --prompts-only"):
         merge_results(tmp_path / "merged", [tmp_path / "run"])
+    with pytest.raises(ValueError, match="has results but no samples.json"):  # nor resumed
+        ruler_run(tmp_path / "run", FakeLLM(), lengths=[1024])
 
     with pytest.raises(ValueError, match=r"8 of the 8 records of .*results.json name no prompt of these settings "
                                          r"\(first: dense on niah_single_2 at length 1024, sample 0\); give the"):

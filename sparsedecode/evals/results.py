@@ -136,6 +136,10 @@ class ResultSet:
 def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The samples.json and results.json of a results folder, checked to hold keyed records."""
     files = {}
+    if (Path(folder) / RESULTS_FILE).exists() and not (Path(folder) / SAMPLES_FILE).exists():
+        raise ValueError(f"{folder} has results but no {SAMPLES_FILE} (a folder kept without its prompts): write "
+                         "them again with the eval command that made the results plus --prompts-only and "
+                         f"--out {folder}")
     for name in (SAMPLES_FILE, RESULTS_FILE):
         path = Path(folder) / name
         try:
