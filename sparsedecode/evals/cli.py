@@ -132,8 +132,7 @@ PROMPTS_ONLY = click.option(
 
 
 def _common_options(default_lengths: str, lengths_help: str, default_samples: int,
-                    suite_options: list[Callable] = ()) -> Callable:
-    suite_options = list(suite_options)
+                    suite_options: tuple[Callable, ...] = ()) -> Callable:
     options = [
         click.option("--model", "-m", required=True, help="Registry name (e.g. smollm2-135m), GGUF file or "
                                                           "Hugging Face model folder."),
@@ -169,7 +168,7 @@ def _common_options(default_lengths: str, lengths_help: str, default_samples: in
     ]
 
     def decorate(command: Callable) -> Callable:
-        for option in reversed(options + suite_options):
+        for option in reversed([*options, *suite_options]):
             command = option(command)
         return command
 
@@ -223,7 +222,7 @@ def eval_command() -> None:
 
 @eval_command.command("ruler")
 @_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", RULER_SAMPLES,
-                 [PROMPTS_ONLY])
+                 (PROMPTS_ONLY,))
 @click.option("--tasks", default=None, callback=_tasks,
               help=f"Comma-separated RULER tasks [default: all: {', '.join(RULER_TASKS)}].")
 @click.option("--squad", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -243,7 +242,7 @@ def ruler_command(**options: Any) -> None:
 
 @eval_command.command("needle")
 @_common_options("4k,8k,16k,32k", "Comma-separated prompt lengths in tokens (4k, 32K, 32768).", NEEDLE_SAMPLES,
-                 [PROMPTS_ONLY])
+                 (PROMPTS_ONLY,))
 @click.option("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS), show_default=True,
               callback=_depths, help="Comma-separated needle depths, 0 (start) to 1 (end).")
 def needle_command(**options: Any) -> None:
@@ -253,7 +252,7 @@ def needle_command(**options: Any) -> None:
 
 @eval_command.command("reasoning")
 @_common_options("2k", "Comma-separated generation budgets (max new tokens) of the chain of thought.",
-                 REASONING_SAMPLES, [PROMPTS_ONLY])
+                 REASONING_SAMPLES, (PROMPTS_ONLY,))
 @click.option("--problems", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="JSON Lines of problems from `eval export-problems` (no reasoning-gym needed) "
                    "[default: generate them with reasoning-gym from the seed].")

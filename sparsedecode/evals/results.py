@@ -141,16 +141,19 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                          "them again with the eval command that made the results plus --prompts-only and "
                          f"--out {folder}")
     for name in (SAMPLES_FILE, RESULTS_FILE):
-        path = Path(folder) / name
-        try:
-            files[name] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from e
+        files[name] = _read_json(Path(folder) / name)
     samples, results = files[SAMPLES_FILE], files[RESULTS_FILE]
     if any("prompt_hash" not in item for item in [*samples["samples"], *results["records"]]):
         raise ValueError(f"{folder} was written before records carried their keys (no prompt_hash): it cannot be "
                          "resumed or merged; use another output folder")
     return samples, results
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
 
 
 def open_results(out_dir: Path, settings: dict[str, Any]) -> ResultSet:
@@ -190,10 +193,7 @@ def add_prompts_to_folder(out_dir: Path, samples: list[dict[str, Any]], settings
     for path in (samples_path, results_path):
         if not path.exists():
             continue
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from e
+        document = _read_json(path)
         results.check_settings(document, str(path), given)
         if path == samples_path:
             results.add_samples(document["samples"], str(path))

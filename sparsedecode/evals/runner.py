@@ -16,8 +16,8 @@ from sparsedecode.methods import make_method
 from .needle import DEFAULT_DEPTHS, needle_samples
 from .reasoning import reasoning_samples
 from .records import make_record, sample_entry, sample_key
-from .results import (EvalReport, add_prompts_to_folder, merge_folders, open_results, write_checkpoint, write_results,
-                      write_samples)
+from .results import (SAMPLES_FILE, EvalReport, add_prompts_to_folder, merge_folders, open_results, write_checkpoint,
+                      write_results, write_samples)
 from .ruler import NIAH_NEW_TOKENS, RULER_TASKS, load_qa_sets, ruler_samples
 from .samples import EvalResources, Sample
 
@@ -168,7 +168,7 @@ def write_prompts(tokenizer: Any, suite: str, lengths: list[int], samples: int, 
     settings = {"suite": suite, "model": model_name, "seed": seed}
     results = add_prompts_to_folder(Path(out_dir), [sample_entry(s) for s in prompts], settings)
     write_samples(Path(out_dir), results)
-    return Path(out_dir) / "samples.json", len(results.samples)
+    return Path(out_dir) / SAMPLES_FILE, len(results.samples)
 
 
 def merge_results(out_dir: Path, sources: list[Path], tasks: set[str] | None = None) -> EvalReport:
