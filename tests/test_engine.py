@@ -165,3 +165,32 @@ def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str) -> None:
         tokens.append([g.token_ids for g in llm.generate(prompts, max_new_tokens=12, stop_token_ids=[])])
         assert bool(llm.engine.runner.graphs) == fast
     assert tokens[0] == tokens[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_buckets_serve_every_later_step_on_gpu() -> None:
+    prompts = [[(5 * i) % 300 + 1 for i in range(n)] for n in (40, 90, 150)]
+    tokens = []
+    for capture in (False, True):
+        torch.manual_seed(0)
+        llm = LLM("random:tiny-llama", device="cuda", dtype=torch.float32, block_size=16, max_context=512,
+                  max_num_seqs=6)
+        runner = llm.engine.runner
+        if capture:
+            captured = llm.engine.capture_decode_steps()
+            assert [b for b, _ in captured] == [1, 2, 4, 6] and all(s > 0 for _, s in captured)
+            graphs = dict(runner.graphs)
+            assert set(graphs) == {(b, greedy) for b in (1, 2, 4, 6) for greedy in (True, False)}
+        tokens.append([g.token_ids for g in llm.generate(prompts, max_new_tokens=10, stop_token_ids=[])])
+        if capture:  # no step compiled or captured anything new
+            assert runner.graphs == graphs
+    assert tokens[0] == tokens[1]
+
+
+def test_capture_decode_steps_refuses_a_busy_engine_and_is_empty_without_graphs() -> None:
+    llm = LLM("random:tiny-llama", device="cpu", block_size=16, max_context=256)
+    assert llm.engine.capture_decode_steps() == []  # CPU: no CUDA graphs
+    llm.engine.add_request([1, 2, 3])
+    llm.engine.step()
+    with pytest.raises(RuntimeError, match="needs an idle engine"):
+        llm.engine.capture_decode_steps()

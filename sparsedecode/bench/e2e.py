@@ -184,7 +184,8 @@ def run_e2e(opts: E2EOptions, out: Path | None = None, log: Callable[[str], None
     log(f"measuring copy bandwidth on {device}")
     bandwidth = measure_copy_bandwidth(device)
     log(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)")
-    results: dict[str, Any] = {"meta": _meta(opts, device, bandwidth), "rows": [], "hf": [], "pools": [], "notes": []}
+    results: dict[str, Any] = {"meta": _meta(opts, device, bandwidth), "rows": [], "hf": [], "pools": [], "startup": [],
+                               "notes": []}
     methods = list(dict.fromkeys(["dense", *opts.methods]))  # dense first: every ratio needs it
     for name in methods:
         if name not in METHODS and name != SDPA:
@@ -258,6 +259,7 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
     if MAX_BATCH in opts.batches:
         slots = max(slots, MAX_NUM_SEQS)
     log(f"loading {spec}")
+    loading = time.perf_counter()
     try:
         llm = LLM(spec, method=sizing, device=device, dtype=dtype, max_context=max(contexts) + DECODE_MARGIN,
                   block_size=BLOCK_SIZE, compile_decode=opts.compile_decode, compile_mode=opts.compile_mode,
@@ -266,6 +268,11 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
     except Exception as e:  # noqa: BLE001 - e.g. no memory left for a pool: the other models still run
         _note(results, log, f"{spec}: the engine could not start, skipped: {_first_line(e)}")
         return
+    load_s = time.perf_counter() - loading
+    captured = llm.engine.capture_decode_steps()  # compile and capture every bucket: startup, not steps
+    results["startup"].append(dict(model=spec, method=sizing, compile_mode=opts.compile_mode if opts.compile_decode
+                                   else None, load_s=load_s, capture_s=dict(captured)))
+    log(f"loaded in {load_s:.1f} s; decode steps captured in " + ", ".join(f"{s:.1f} s (batch {b})" for b, s in captured))
     llm.engine.decode_steps = 1  # one decode step per engine step: the step `engine_ms` times
     rows_of_model = []
     with llm:  # stops the workers of a model split over GPUs before the next model loads
@@ -596,6 +603,15 @@ def results_markdown(results: dict[str, Any]) -> str:
         parts += ["## KV pool",
                   "How many sequences of ctx prompt tokens plus the tokens the benchmark decodes the engine's pool "
                   "holds; `--batches max` takes that many, up to the engine's decode slots.", markdown_table(pool_rows)]
+    if results.get("startup"):
+        startup_rows = [{"model": u["model"], "method": u["method"], "compile mode": u["compile_mode"] or "off",
+                         "load s": f"{u['load_s']:.1f}",
+                         "capture s (batch: s)": ", ".join(f"{b}: {s:.1f}" for b, s in u["capture_s"].items()) or "-"}
+                        for u in results["startup"]]
+        parts += ["## Startup",
+                  "Loading the engine (weights, KV pool), then compiling and capturing its decode step at every "
+                  "batch-size bucket (greedy and sampling graphs), as `LLMEngine.capture_decode_steps` does at "
+                  "server start.", markdown_table(startup_rows)]
     if results["hf"]:
         hf_rows = [{"model": h["model"], "ctx": token_count_label(h["context"]), "B": h["batch"], "mode": h["mode"],
                     "HF ms/step": h["ms"]} for h in results["hf"]]

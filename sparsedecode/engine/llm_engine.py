@@ -118,6 +118,14 @@ class LLMEngine:
                 self.runner.start_decoding(seq.slot, seq.block_table, seq.num_computed_tokens)
                 seq.steps_since_reset = 0
 
+    def capture_decode_steps(self) -> list[tuple[int, float]]:
+        """Compile and capture the decode step of every batch-size bucket now, before serving, instead of
+        when the first step of each bucket runs (seconds each, which would stall every running request);
+        returns (bucket, seconds) per bucket, nothing without CUDA graphs. Only while no sequence decodes."""
+        if self.scheduler.running:
+            raise RuntimeError("capture_decode_steps needs an idle engine: call it before adding requests")
+        return self.runner.capture_decode_steps()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

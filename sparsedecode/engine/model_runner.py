@@ -19,6 +19,7 @@ pool, and the method's state, are theirs; the logits, and so the sampled tokens,
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -311,6 +312,25 @@ class ModelRunner:
             out[i].copy_(self.tokens[:size])
         host = out.T.tolist()
         return [host[r.slot] for r in rows]
+
+    @torch.inference_mode()
+    def capture_decode_steps(self) -> list[tuple[int, float]]:
+        """Capture the decode step of every bucket now (greedy and sampling), as the first decode of each
+        would, so that no later step pays compilation or capture; returns (bucket, seconds) per bucket.
+        The steps run over idle rows: call it with no sequence decoding. Nothing to do without CUDA graphs."""
+        if not self.cuda_graphs:
+            return []
+        if self.pool.reserve_rows(self.buckets[-1]):  # the largest first: growing later would drop the graphs
+            self.drop_graphs()
+        times = []
+        for size in self.buckets:
+            start = time.perf_counter()
+            for greedy in (True, False):
+                self._load([], size, [])
+                self._run_step(size, greedy)
+            torch.cuda.synchronize(self.device)
+            times.append((size, time.perf_counter() - start))
+        return times
 
     def _load(self, rows: list[DecodeRow], size: int, table_changes: list[TableChange]) -> None:
         """Fill the first `size` rows of the step buffers: the given rows, the rest idle (null block)."""

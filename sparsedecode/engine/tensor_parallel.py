@@ -62,6 +62,10 @@ class TensorParallelRunner:
         self.workers.send("set_cuda_graphs", value)
         self.local.set_cuda_graphs(value)
 
+    def capture_decode_steps(self) -> list[tuple[int, float]]:
+        self.workers.send("capture_decode_steps")
+        return self.local.capture_decode_steps()
+
     def extra_kv_tokens_read(self, slot: int, mean_seq_len: float) -> float:
         """The sum over the GPUs: each counts the reads of its own KV heads."""
         self.workers.send("extra_kv_tokens_read", slot, mean_seq_len, reply=True)

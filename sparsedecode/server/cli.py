@@ -43,6 +43,8 @@ from ..cli import KV_OFFLOAD_CHOICES, offload_option, parse_method_options
                    "lychee+lfps): the index scores on the CPU over host keys, or on the GPU, where the keys stay.")
 @click.option("--offload-threads", type=click.IntRange(min=1), default=None,
               help="Threads of the CPU index (default: PyTorch's).")
+@click.option("--enforce-eager", is_flag=True,
+              help="Run decode steps eagerly: no CUDA graphs, so no compile and capture at start.")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Compute dtype (default: the loader's choice).")
@@ -54,8 +56,8 @@ def serve_command(model: str, method: str, options: tuple[str, ...], host: str, 
                   num_gpu_blocks_override: int | None, block_size: str | None,
                   max_num_batched_tokens: int | None, enable_prefix_caching: bool, num_scheduler_steps: int,
                   tensor_parallel_size: int,
-                  kv_offload: str | None, offload_threads: int | None, device: str | None, dtype: str | None,
-                  uvicorn_log_level: str) -> None:
+                  kv_offload: str | None, offload_threads: int | None, enforce_eager: bool, device: str | None,
+                  dtype: str | None, uvicorn_log_level: str) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     import uvicorn
 
@@ -69,9 +71,15 @@ def serve_command(model: str, method: str, options: tuple[str, ...], host: str, 
                    "prefill_chunk": max_num_batched_tokens, "enable_prefix_caching": enable_prefix_caching}
     try:
         llm = LLM(model, method=method, device=device, tensor_parallel_size=tensor_parallel_size,
+                  cuda_graphs=not enforce_eager,
                   **{k: v for k, v in engine_args.items() if v is not None}, **parse_method_options(options))
     except (ValueError, TypeError, FileNotFoundError) as e:  # unknown model or method, bad option, pool too big
         raise click.UsageError(str(e)) from None
     llm.engine.decode_steps = num_scheduler_steps
+    # A bucket's first step compiles and captures for seconds: pay that now, not in the first requests' latency.
+    captured = llm.engine.capture_decode_steps()
+    if captured:
+        click.echo(f"decode steps captured for batch sizes {', '.join(str(b) for b, _ in captured)} in "
+                   f"{sum(s for _, s in captured):.1f} s", err=True)
     app = build_app(llm, list(served_model_names) or [model], api_key)
     uvicorn.run(app, host=host, port=port, log_level=uvicorn_log_level, timeout_graceful_shutdown=5)
