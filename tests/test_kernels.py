@@ -279,48 +279,6 @@ def test_cuda_graph_replay_follows_new_lists_and_lengths():
         check((out, lse, unit_lse), (want_out, want, want_lse), torch.bfloat16)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="programmatic dependent launch needs Hopper or later")
-def test_dependent_launch_gives_the_same_bits_after_the_writes_before_it():
-    """With `Launch(pdl=True)` each kernel starts during the previous one: in a graph whose first kernel
-    writes the queries and lengths, every replay still sees them (the reference's result) and the bits of
-    the launch without it."""
-    device, unit_size, capacity = "cuda", 64, 4096
-    q, k, v, lens, gen = make_inputs(device, torch.bfloat16, 2, 8, 4, 128, capacity, [4000, 3000], seed=23)
-    lists, counts = random_lists(gen, 2, 8, 16, capacity // unit_size, device)
-    full = torch.tensor([[True] + [False] * 7, [False] * 7 + [True]], device=device)
-    unit_lse = torch.empty(2, 32, capacity // unit_size, device=device)
-    new_q, new_lens = torch.empty_like(q), torch.empty_like(lens)
-
-    def call(launch):
-        q.copy_(new_q)
-        lens.copy_(new_lens)
-        return sparse_decode_attention(q, k, v, lens, 0.088, unit_size, lists, counts, full, unit_lse,
-                                       launch=launch, sorted_lists=False)
-
-    graphs, outputs = {}, {}
-    for pdl in (False, True):
-        new_q.copy_(q)
-        new_lens.copy_(lens)
-        call(Launch(pdl=pdl))  # compiles outside the capture
-        graphs[pdl] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[pdl]):
-            outputs[pdl] = call(Launch(pdl=pdl))
-    for step in range(3):
-        new_q.copy_(torch.randn(q.shape, generator=gen).to(device, q.dtype))
-        new_lens.copy_(torch.tensor([4096 - 300 * step, 1000 + 7 * step], dtype=torch.int32))
-        results = {}
-        for pdl in (False, True):
-            graphs[pdl].replay()
-            results[pdl] = [t.clone() for t in (*outputs[pdl], unit_lse)]
-        for got, want in zip(results[True], results[False]):
-            assert torch.equal(got, want)
-        want_lse = torch.empty_like(unit_lse)
-        want_out, want = sparse_decode_attention_ref(new_q, k, v, new_lens, 0.088, unit_size, lists, counts, full,
-                                                     want_lse)
-        check(results[True], (want_out, want, want_lse), torch.bfloat16)
-
-
 def test_chunk_bounds():
     """Whole 64-token tiles per chunk, at least one, whatever is asked."""
     assert chunk_units(256, 64, 64) * 64 == 256 and chunk_units(256, 16, 64) * 16 == 256

@@ -262,11 +262,6 @@ def bench_config(context: int, batch: int, bandwidth: float, fi: ModuleType | No
         ("ours hybrid", [lambda c=c: hybrid(c, with_lse=False) for c in caches], "hybrid"),
         ("ours hybrid + unit_lse", [lambda c=c: hybrid(c) for c in caches], "hybrid"),
     ]
-    # the other side of the launch default's A/B: programmatic dependent launch on or off
-    other = replace(LAUNCH, pdl=not LAUNCH.pdl)
-    mark = ", pdl" if other.pdl else ", no pdl"
-    methods += [("ours dense" + mark, [lambda c=c: dense(c, launch=other) for c in caches], "dense"),
-                ("ours hybrid + unit_lse" + mark, [lambda c=c: hybrid(c, launch=other) for c in caches], "hybrid")]
     rows = [Row("sdpa dense", context, batch, time_sdpa(caches), kv_bytes(context, batch, "dense"), 0.0)]
     for name, calls, kind in methods:
         rows.append(Row(name, context, batch, timed(calls), kv_bytes(context, batch, kind), 0.0))
@@ -447,14 +442,13 @@ def prefill_rows(cases: tuple[tuple[int, int], ...] = PREFILL_CASES,
 
 
 #: the values `tune` tries for each `Launch` field
-TUNE_GRID: dict[str, tuple[int | bool, ...]] = {
+TUNE_GRID: dict[str, tuple[int, ...]] = {
     "num_stages": (2, 3, 4, 5),
     "num_warps": (4, 8),
     "tile_elements": (4096, 8192, 16384),
     "items_per_sm": (1, 2, 3, 4, 6, 8),
     "merge_elements": (4096, 8192, 16384),
     "min_chunk_tokens": (64, 128, 256, 512),
-    "pdl": (False, True),
 }
 #: the calls `tune` scores a setting on: (method, context, batch)
 TUNE_CASES = (("hybrid", 131072, 1), ("hybrid", 32768, 8), ("hybrid", 131072, 8), ("dense", 131072, 1),

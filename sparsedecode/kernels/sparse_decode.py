@@ -53,7 +53,6 @@ from typing import Literal
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .reference import gather_blocks, sparse_decode_attention_ref
 
@@ -147,16 +146,12 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
-                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
-                    PDL: tl.constexpr):
+                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
     TILE_UNIT: tl.constexpr = BLOCK_N // UPT  # tokens of one unit inside one tile
 
-    if PDL:  # launched before the previous kernel ended: wait for its writes, then let the merge launch
-        gdc_wait()
-        gdc_launch_dependents()
     w = tl.program_id(0)
     rows, n, nc, cum, C = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                                        stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
@@ -247,9 +242,7 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
                   R, HKV, T, K, ITEMS, C_FIXED, stride_ob, stride_oh, stride_cb, stride_ch, stride_fb, stride_fh,
                   G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr,
                   R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
-                  SORTED: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # resident while the partial kernel runs: wait for its partials
-        gdc_wait()
+                  SORTED: tl.constexpr):
     pid = tl.program_id(0)  # (sequence, query head)
     b = pid // (HKV * G)
     hq = pid % (HKV * G)
@@ -317,7 +310,6 @@ _SCRATCH: dict[tuple, dict[str, torch.Tensor]] = {}
 # The block table of a static cache, arange(B)[:, None], per (device, B): read-only, never scratch.
 _STATIC_TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}
 _NUM_SMS: dict[torch.device, int] = {}
-_PDL_CAPABLE: dict[torch.device, bool] = {}
 
 
 @dataclass(frozen=True)
@@ -332,7 +324,6 @@ class Launch:
     num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper measured slower)
     merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
     min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
-    pdl: bool = False  # programmatic dependent launch (Hopper and later): each kernel starts during the previous
 
     def tile_tokens(self, head_dim: int) -> int:
         return max(16, min(128, self.tile_elements // head_dim))
@@ -347,14 +338,6 @@ def _num_sms(device: torch.device) -> int:
     if device not in _NUM_SMS:
         _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _NUM_SMS[device]
-
-
-def _pdl_capable(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False  # the interpreter has no grid dependency control
-    if device not in _PDL_CAPABLE:
-        _PDL_CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
-    return _PDL_CAPABLE[device]
 
 
 def chunk_units(chunk_tokens: int, unit_size: int, tile_tokens: int) -> int:
@@ -427,8 +410,6 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     if not fixed_chunk:
         work = min(work, items + rows)
     r_pad = triton.next_power_of_2(rows)
-    pdl = launch.pdl and _pdl_capable(device)
-    pdl_launch = {"launch_pdl": True} if pdl else {}
     buf = _scratch(device, max(work, 1), group, head_dim, rows, k_pad)
 
     out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=device)
@@ -465,15 +446,14 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size, P=page,
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
-            DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31, PDL=pdl,
-            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2),
-            **pdl_launch)
+            DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31,
+            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
         rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
         *fstride, G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
         CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, HAS_FULL=has_full,
-        SORTED=sorted_lists, PDL=pdl, num_warps=4, **pdl_launch)
+        SORTED=sorted_lists, num_warps=4)
     return out, lse
 
 
