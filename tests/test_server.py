@@ -371,3 +371,37 @@ def test_text_deltas_hold_back_half_characters() -> None:
     assert deltas.next("caf\ufffd", False) == ""  # the first byte of "é" alone: wait for the next token
     assert deltas.next("café au", False) == "é au"
     assert deltas.next("café au \ufffd", True) == " \ufffd"  # finished: everything, as the whole text has it
+
+
+def test_serve_captures_every_bucket_before_listening_unless_eager(monkeypatch) -> None:
+    """The server compiles and captures its decode steps before uvicorn starts; `--enforce-eager` turns CUDA
+    graphs off instead."""
+    import uvicorn
+
+    import sparsedecode
+    from sparsedecode.server import app as app_module
+
+    events = []
+
+    class FakeEngine:
+        decode_steps = 1
+
+        def capture_decode_steps(self):
+            events.append("capture")
+            return [(1, 2.0), (2, 1.5)]
+
+    class FakeLLM:
+        def __init__(self, model, **kwargs):
+            events.append(("llm", kwargs["cuda_graphs"]))
+            self.engine = FakeEngine()
+
+    monkeypatch.setattr(sparsedecode, "LLM", FakeLLM)
+    monkeypatch.setattr(app_module, "build_app", lambda llm, names, key: "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: events.append("listen"))
+    result = CliRunner().invoke(serve_command, ["--model", MODEL])
+    assert result.exit_code == 0, result.output
+    assert events == [("llm", True), "capture", "listen"]
+    assert "decode steps captured for batch sizes 1, 2 in 3.5 s" in result.output
+    events.clear()
+    assert CliRunner().invoke(serve_command, ["--model", MODEL, "--enforce-eager"]).exit_code == 0
+    assert events == [("llm", False), "capture", "listen"]  # capturing nothing: the engine has no graphs
