@@ -194,3 +194,26 @@ def test_capture_decode_steps_refuses_a_busy_engine_and_is_empty_without_graphs(
     llm.engine.step()
     with pytest.raises(RuntimeError, match="needs an idle engine"):
         llm.engine.capture_decode_steps()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts the CUDA copies of a step")
+def test_compiled_decode_step_copies_nothing_per_layer_on_gpu() -> None:
+    """Compiled, a projection added to the residual stream and returned would become addmm, which copies the
+    residual into its output first: two device-to-device copies a layer. The decode step makes fewer copies
+    than the model has layers (the step's own bookkeeping)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sparsedecode import SamplingParams
+
+    llm = LLM("random:tiny-llama", device="cuda", block_size=16, max_context=512, cuda_graphs=False)
+    llm.generate([[1, 2, 3, 4, 5]], max_new_tokens=3)  # compiles
+    engine = llm.engine
+    rid = engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=4, ignore_eos=True))
+    while not engine.sequences[rid].output_token_ids:
+        engine.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.step()  # a decode step
+        torch.cuda.synchronize()
+    copies = sum(e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("Memcpy DtoD")
+                 for e in prof.events())
+    assert copies < llm.config.num_layers

@@ -112,10 +112,23 @@ class DecoderLayer(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attention_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The residual stream after this layer, from its attention output attn: [tokens, Hq, D] (this GPU's
-        heads; each projection back to the residual stream is a partial sum over the GPUs)."""
-        x = x + self.tp.all_reduce(self.o_proj(attn.reshape(x.shape[0], -1)))
-        return x + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+        """The residual stream after this layer, from its attention output attn: [tokens, Hq, D]."""
+        o, m = self.residual_updates(x, attn)
+        return x + o + m
+
+    def residual_updates(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What this layer adds to its input x: the attention's projection o, and the MLP's output m of x + o
+        (from attn: [tokens, Hq, D], this GPU's heads; each projection is a partial sum over the GPUs). The
+        layer's output is (x + o) + m."""
+        o = self.tp.all_reduce(self.o_proj(attn.reshape(x.shape[0], -1)))
+        return o, self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x + o)))
+
+    def residual_and_qkv(self, x: torch.Tensor, o: torch.Tensor, m: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This layer's input (x + o) + m, from the previous layer's input x and its `residual_updates`, and
+        the `attention_input` of it: (input, q, k, v)."""
+        x = x + o + m
+        return (x, *self.attention_input(x, cos, sin))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -137,8 +150,8 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config)
         # What a fixed-shape (decode) forward runs around each layer's attention; compile_decode swaps in
         # compiled versions.
-        self.attention_input = DecoderLayer.attention_input
-        self.attention_output = DecoderLayer.attention_output
+        self.residual_and_qkv = DecoderLayer.residual_and_qkv
+        self.residual_updates = DecoderLayer.residual_updates
 
     def compile_decode(self, mode: str = "default") -> None:
         """Fuse the element-wise work around each layer's GEMMs in the decode step (norms, RoPE, SiLU,
@@ -150,8 +163,8 @@ class Transformer(nn.Module):
         if mode not in DECODE_COMPILE_MODES:
             raise ValueError(f"compile mode {mode!r} is not one of {', '.join(DECODE_COMPILE_MODES)} (the engine "
                              "captures its decode steps in CUDA graphs itself)")
-        self.attention_input = torch.compile(DecoderLayer.attention_input, fullgraph=True, mode=mode)
-        self.attention_output = torch.compile(DecoderLayer.attention_output, fullgraph=True, mode=mode)
+        self.residual_and_qkv = torch.compile(DecoderLayer.residual_and_qkv, fullgraph=True, mode=mode)
+        self.residual_updates = torch.compile(DecoderLayer.residual_updates, fullgraph=True, mode=mode)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
@@ -160,13 +173,17 @@ class Transformer(nn.Module):
         `fused`: run the compiled element-wise work of `compile_decode` (fixed-shape calls: decode steps).
         Capturable in a CUDA graph when `attention` is."""
         cos, sin = self.rope(positions, self.embed_tokens.weight.dtype)
-        attention_input = self.attention_input if fused else DecoderLayer.attention_input
-        attention_output = self.attention_output if fused else DecoderLayer.attention_output
+        residual_and_qkv = self.residual_and_qkv if fused else DecoderLayer.residual_and_qkv
+        residual_updates = self.residual_updates if fused else DecoderLayer.residual_updates
         x = self.embed_tokens(token_ids)
+        # Each layer hands the next what it adds, not the sum: compiled, a projection added to the residual
+        # and returned becomes addmm, which copies the residual into its output first (two device copies a
+        # layer); added inside the next graph, the sum fuses into its norm.
+        o, m = torch.zeros_like(x), torch.zeros_like(x)  # two tensors, as every later layer gets: one graph
         for i, layer in enumerate(self.layers):
-            q, k, v = attention_input(layer, x, cos, sin)
-            x = attention_output(layer, x, attention(i, q, k, v))
-        return x
+            x, q, k, v = residual_and_qkv(layer, x, o, m, cos, sin)
+            o, m = residual_updates(layer, x, attention(i, q, k, v))
+        return x + o + m
 
     def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       attention: AttentionFn) -> torch.Tensor:
