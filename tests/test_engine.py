@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from sparsedecode import LLM
+from sparsedecode import LLM, SamplingParams
 from sparsedecode.bench.e2e import hf_model_like
 from sparsedecode.engine.model_runner import PrefillRequest
 from sparsedecode.kernels import sparse_decode_attention_ref
@@ -84,6 +84,37 @@ def test_sampling_is_seeded_and_streaming_matches(smollm: LLM) -> None:
     assert streamed == smollm.generate([prompt], max_new_tokens=16)[0].text
 
 
+def test_logprobs_are_the_models_log_softmax_and_leave_the_tokens_alone(smollm: LLM) -> None:
+    """Sampled tokens (not always the most likely) with their log-probabilities and top 3: transformers' own
+    log-softmax at each position; the same request without logprobs samples the same tokens."""
+    prompt, ids = PROMPTS[2], smollm.engine.encode(PROMPTS[2])
+    kwargs = dict(max_new_tokens=6, temperature=1.5, seed=3)
+    got = smollm.generate([prompt, PROMPTS[0]], **kwargs, logprobs=3)[0]
+    assert got.token_ids == smollm.generate([prompt], **kwargs)[0].token_ids
+    model = hf_model_like(smollm.engine.runner.model)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + got.token_ids])).logits[0, len(ids) - 1 : -1].float()
+    want = logits.log_softmax(-1)
+    assert [t.token_id for t in got.logprobs] == got.token_ids
+    assert any(t.token_id != t.top[0][0] for t in got.logprobs)  # sampled: the gather is tested
+    for i, t in enumerate(got.logprobs):
+        assert abs(t.logprob - want[i, t.token_id]) < 1e-3
+        top = want[i].topk(3)
+        assert [j for j, _ in t.top] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in t.top]), top.values, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="logprobs must be an integer from 0 to 20"):
+        smollm.generate([prompt], logprobs=21)
+    engine = smollm.engine  # in one batch, a request that asks and one that does not
+    asked = engine.add_request(ids, SamplingParams(max_tokens=4, logprobs=0))
+    plain = engine.add_request(ids, SamplingParams(max_tokens=4))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in engine.step()})
+    assert outputs[plain].logprobs is None and outputs[plain].token_ids == outputs[asked].token_ids
+    assert [t.token_id for t in outputs[asked].logprobs] == outputs[asked].token_ids
+    assert all(t.top == [] and t.logprob <= 0 for t in outputs[asked].logprobs)
+
+
 def test_stop_strings_and_tokens(smollm: LLM) -> None:
     out = smollm.generate(["1, 2, 3, 4, 5,"], max_new_tokens=30, stop=[" 8"])[0]
     assert out.finish_reason == "stop" and " 8" not in out.text and "7" in out.text
@@ -157,14 +188,19 @@ def test_decode_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(mon
 @pytest.mark.parametrize("compile_mode", ["default", "max-autotune-no-cudagraphs"])
 def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str) -> None:
     prompts = [[(7 * i) % 300 + 1 for i in range(n)] for n in (50, 131, 260)]
-    tokens = []
+    tokens, logprobs = [], []
     for fast in (False, True):
         torch.manual_seed(0)  # the same random weights in both
         llm = LLM("random:tiny-llama", device="cuda", dtype=torch.float32, block_size=16, max_context=512,
                   cuda_graphs=fast, compile_decode=fast, compile_mode=compile_mode)
         tokens.append([g.token_ids for g in llm.generate(prompts, max_new_tokens=12, stop_token_ids=[])])
+        with_logprobs = llm.generate(prompts, max_new_tokens=12, stop_token_ids=[], logprobs=2)
+        assert [g.token_ids for g in with_logprobs] == tokens[-1]  # the logprob step variant samples the same
+        logprobs.append(torch.tensor([[[t.logprob, *(v for _, v in t.top)] for t in g.logprobs]
+                                      for g in with_logprobs]))
         assert bool(llm.engine.runner.graphs) == fast
     assert tokens[0] == tokens[1]
+    torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-3, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -180,7 +216,7 @@ def test_captured_buckets_serve_every_later_step_on_gpu() -> None:
             captured = llm.engine.capture_decode_steps()
             assert [b for b, _ in captured] == [1, 2, 4, 6] and all(s > 0 for _, s in captured)
             graphs = dict(runner.graphs)
-            assert set(graphs) == {(b, greedy) for b in (1, 2, 4, 6) for greedy in (True, False)}
+            assert set(graphs) == {(b, greedy, False) for b in (1, 2, 4, 6) for greedy in (True, False)}
         tokens.append([g.token_ids for g in llm.generate(prompts, max_new_tokens=10, stop_token_ids=[])])
         if capture:  # no step compiled or captured anything new
             assert runner.graphs == graphs
@@ -202,8 +238,6 @@ def test_compiled_decode_step_copies_nothing_per_layer_on_gpu() -> None:
     residual into its output first: two device-to-device copies a layer. The decode step makes fewer copies
     than the model has layers (the step's own bookkeeping)."""
     from torch.profiler import ProfilerActivity, profile
-
-    from sparsedecode import SamplingParams
 
     llm = LLM("random:tiny-llama", device="cuda", block_size=16, max_context=512, cuda_graphs=False)
     llm.generate([[1, 2, 3, 4, 5]], max_new_tokens=3)  # compiles

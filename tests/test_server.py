@@ -173,6 +173,12 @@ BAD_REQUESTS = [  # (what, endpoint, body, status, param, words of the message)
      "temperature", "greater than or equal to 0"),
     ("method option not allowed per request", "completions",
      {"model": MODEL, "prompt": "hi", "sparsedecode": {"budget": 64}}, 400, None, "['budget'] are not supported"),
+    ("echo", "completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo", "echo=true is not supported"),
+    ("too many logprobs", "completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs",
+     "less than or equal to 20"),
+    ("top_logprobs without logprobs", "chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, None,
+     "top_logprobs needs logprobs=true"),
 ]
 
 
@@ -185,6 +191,39 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(dense_url, what, endpoi
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
     assert words in error["message"], error["message"]
     assert client(dense_url).completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_logprobs_of_chat_and_text_completions_whole_and_streamed(dense_url) -> None:
+    """Greedy: each token is its step's most likely one; the tokens' texts make the content; the streamed
+    chunks carry the same log-probabilities as the whole response."""
+    c = client(dense_url)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0,
+                                      logprobs=True, top_logprobs=3)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens == NEW_TOKENS
+    assert "".join(e.token for e in entries) == whole.choices[0].message.content
+    for e in entries:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
+        assert e.top_logprobs[0].token == e.token and e.logprob == tops[0] and e.bytes == list(e.token.encode())
+    chunks = list(c.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
+
+    text = c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                logprobs=2)
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens) == text.choices[0].text and len(lp.token_logprobs) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert all(len(top) == 2 and max(top.values()) == p for top, p in zip(lp.top_logprobs, lp.token_logprobs))
+    pieces = list(c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                       logprobs=2, stream=True))
+    assert [t for p in pieces for t in p.choices[0].logprobs.tokens] == lp.tokens
+    assert [o for p in pieces for o in p.choices[0].logprobs.text_offset] == lp.text_offset
 
 
 def test_malformed_json_and_wrong_api_key(dense_url) -> None:

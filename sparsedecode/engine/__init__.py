@@ -2,6 +2,7 @@
 from .llm import LLM, Generation
 from .llm_engine import LLMEngine, RequestOutput
 from .model_runner import ModelRunner
+from .sampling import TokenLogprob
 from .sampling_params import SamplingParams
 
-__all__ = ["LLM", "Generation", "LLMEngine", "ModelRunner", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "Generation", "LLMEngine", "ModelRunner", "RequestOutput", "SamplingParams", "TokenLogprob"]

@@ -19,6 +19,7 @@ from ..offload import (OffloadConfig, OffloadedKVPool, check_offload_method, off
                        offload_staging_bytes)
 from .llm_engine import LLMEngine, RequestOutput
 from .model_runner import ModelRunner
+from .sampling import TokenLogprob
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 from .tensor_parallel import TensorParallelRunner
@@ -40,6 +41,7 @@ class Generation:
     finish_reason: str  # "stop" or "length"
     prefill_reused: bool = False  # part of the prompt's KV came from the prefix cache
     cached_prompt_tokens: int = 0  # how many prompt tokens that was
+    logprobs: list[TokenLogprob] | None = None  # per token of token_ids, with `generate(..., logprobs=k)`
 
 
 class LLM:
@@ -226,17 +228,21 @@ class LLM:
         stop: list[str] | None = None,
         stop_token_ids: list[int] | None = None,
         sync_every: int | None = None,
+        logprobs: int | None = None,
     ) -> list[Generation]:
         """Generate for each prompt. A string prompt is used as given (apply the chat template with
         `apply_chat_template` first for chat models). Greedy when temperature is 0. `max_new_tokens`
         may be one limit per prompt. `stop_token_ids` replace the model's end-of-sequence tokens ([]: none).
         `sync_every`: decode steps between two looks at the tokens (stop checks; steps after a sequence's
-        stop are wasted); default 16 on a GPU, where each look is a host synchronisation, and 1 on a CPU."""
+        stop are wasted); default 16 on a GPU, where each look is a host synchronisation, and 1 on a CPU.
+        `logprobs=k`: each token's log-probability and the k most likely tokens of its step
+        (`Generation.logprobs`)."""
         if sync_every is None:
             sync_every = SYNC_EVERY_GPU if self.device.type == "cuda" else 1
         if sync_every < 1:
             raise ValueError(f"sync_every must be at least 1 decode step, not {sync_every}")
-        outputs = self._run(prompts, max_new_tokens, temperature, top_p, seed, stop, stop_token_ids, sync_every)
+        outputs = self._run(prompts, max_new_tokens, temperature, top_p, seed, stop, stop_token_ids, sync_every,
+                            logprobs)
         for _ in outputs:
             pass
         return self._results
@@ -258,7 +264,7 @@ class LLM:
             printed = len(output.text)
 
     def _run(self, prompts, max_new_tokens, temperature, top_p, seed, stop, stop_token_ids,
-             sync_every) -> Iterator[RequestOutput]:
+             sync_every, logprobs=None) -> Iterator[RequestOutput]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -271,7 +277,8 @@ class LLM:
             raise ValueError(f"max_new_tokens must be at least 1, not {min(limits)}")
         engine = self.engine
         params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=n, stop=stop,
-                                 stop_token_ids=stop_token_ids, ignore_eos=stop_token_ids is not None)
+                                 stop_token_ids=stop_token_ids, ignore_eos=stop_token_ids is not None,
+                                 logprobs=logprobs)
                   for n in limits]
         ids = [engine.encode(p) for p in prompts]
         for i, n in zip(ids, limits):  # refuse the whole batch before queueing any of it
@@ -310,4 +317,5 @@ class LLM:
             finish_reason=seq.finish_reason or "length",
             prefill_reused=seq.num_cached_tokens > 0,
             cached_prompt_tokens=seq.num_cached_tokens,
+            logprobs=None if seq.logprobs is None else list(seq.logprobs),
         )

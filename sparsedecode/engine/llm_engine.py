@@ -17,6 +17,7 @@ from ..methods.base import DecodeMethod
 from .block_manager import BlockManager
 from .model_runner import DecodeRow, ModelRunner, PrefillRequest
 from .output_text import OutputText
+from .sampling import TokenLogprob
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -33,6 +34,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length" or "abort" once finished
     kv_fraction_read: float  # KV rows read by its decode steps over what dense attention reads
     num_cached_tokens: int  # prompt tokens taken from the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when the request asked for them
 
 
 class LLMEngine:
@@ -144,9 +146,11 @@ class LLMEngine:
         # which ran over that slot as an idle row.
         if plan.decodes:
             rows = [self._row(seq, seq.num_tokens - 1) for seq in plan.decodes]
-            for seq, tokens in zip(plan.decodes, self.runner.decode(rows, plan.decode_steps)):
-                for token in tokens:
-                    self._append(seq, token, decoded=True)
+            tokens_per_row, logprobs_per_row = self.runner.decode(rows, plan.decode_steps)
+            for j, (seq, tokens) in enumerate(zip(plan.decodes, tokens_per_row)):
+                logprobs = logprobs_per_row[j] if logprobs_per_row else None
+                for i, token in enumerate(tokens):
+                    self._append(seq, token, decoded=True, logprob=logprobs[i] if logprobs else None)
                     if seq.is_finished:
                         break
                 if not seq.is_finished:
@@ -171,9 +175,10 @@ class LLMEngine:
             if first_tokens:
                 rows = [self._row(seq, seq.num_tokens) for seq in first_tokens]
                 now = time.perf_counter()
-                for seq, token in zip(first_tokens, self.runner.sample(logits, rows)):
+                tokens, logprobs = self.runner.sample(logits, rows)
+                for j, (seq, token) in enumerate(zip(first_tokens, tokens)):
                     seq.first_token_time = now
-                    self._append(seq, token, decoded=False)
+                    self._append(seq, token, decoded=False, logprob=logprobs[j] if logprobs else None)
                     advanced.append(seq)
         outputs = [self.output(seq) for seq in advanced]
         for seq in advanced:
@@ -184,11 +189,15 @@ class LLMEngine:
     def _row(self, seq: Sequence, position: int) -> DecodeRow:
         p = seq.params
         return DecodeRow(seq.slot, seq.output_token_ids[-1] if seq.output_token_ids else 0, position,
-                         seq.steps_since_reset, seq.block_table, p.temperature, p.top_p, p.top_k, seq.seed)
+                         seq.steps_since_reset, seq.block_table, p.temperature, p.top_p, p.top_k, seq.seed,
+                         p.logprobs is not None)
 
-    def _append(self, seq: Sequence, token: int, decoded: bool) -> None:
-        """Add a sampled token and end the sequence at a stop token, stop string or its limit."""
+    def _append(self, seq: Sequence, token: int, decoded: bool, logprob: TokenLogprob | None = None) -> None:
+        """Add a sampled token (with its log-probabilities, when asked for) and end the sequence at a stop
+        token, stop string or its limit."""
         seq.output_token_ids.append(token)
+        if seq.logprobs is not None and logprob is not None:
+            seq.logprobs.append(TokenLogprob(token, logprob.logprob, logprob.top[: seq.params.logprobs]))
         new_chars = seq.output_text.add(seq.output_token_ids)
         if decoded:  # the step that sampled it read the sequence's first num_tokens - 1 tokens
             method, seq_len = self.runner.method, seq.num_tokens - 1
@@ -227,4 +236,5 @@ class LLMEngine:
         if not seq.is_finished and stops:
             cut = min(cut, len(text) - max(len(s) for s in stops) + 1)  # may still become a stop string
         return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), text[: max(cut, 0)],
-                             seq.is_finished, seq.finish_reason, seq.kv_fraction_read, seq.num_cached_tokens)
+                             seq.is_finished, seq.finish_reason, seq.kv_fraction_read, seq.num_cached_tokens,
+                             None if seq.logprobs is None else list(seq.logprobs))

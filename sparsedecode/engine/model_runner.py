@@ -20,7 +20,7 @@ pool, and the method's state, are theirs; the logits, and so the sampled tokens,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,7 @@ from ..methods.base import DecodeMethod
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer, prefill_attention
 from .block_tables import BlockTables, TableChange
-from .sampling import sample_tokens
+from .sampling import MAX_LOGPROBS, TokenLogprob, sample_tokens, token_logprobs
 
 CPU_KV_BYTES = 2**30  # default pool size on a CPU device (a GPU's is sized from its free memory)
 GPU_MARGIN_BYTES = 2**30  # left free on a GPU for graphs, kernel scratch and the allocator's slack
@@ -50,6 +50,7 @@ class DecodeRow:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    logprobs: bool = False  # report its tokens' log-probabilities (`TokenLogprob`, MAX_LOGPROBS top ones)
 
 
 @dataclass
@@ -98,7 +99,11 @@ class ModelRunner:
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(seqs, dtype=torch.int64, device=device)
         self.seeds = torch.zeros(seqs, dtype=torch.int64, device=device)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.num_top = min(MAX_LOGPROBS, config.vocab_size)
+        self.chosen_logprobs = torch.zeros(seqs, dtype=torch.float32, device=device)
+        self.top_logprobs = torch.zeros(seqs, self.num_top, dtype=torch.float32, device=device)
+        self.top_ids = torch.zeros(seqs, self.num_top, dtype=torch.int64, device=device)
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}  # (bucket, greedy, logprobs)
         self.prompt_queries: dict[int, list[torch.Tensor]] = {}  # slot -> per layer, the last prefill queries
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.method = method
@@ -281,22 +286,30 @@ class ModelRunner:
         return self.method.extra_kv_tokens_read(slot, mean_seq_len)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: list[DecodeRow]) -> list[int]:
-        """Tokens for logits [n, vocab] with each row's sampling parameters (its `position`: the token's)."""
+    def sample(self, logits: torch.Tensor, rows: list[DecodeRow]
+               ) -> tuple[list[int], list[TokenLogprob | None] | None]:
+        """Tokens for logits [n, vocab] with each row's sampling parameters (its `position`: the token's), and,
+        when a row asks for them, per row its token's `TokenLogprob` (None for the others)."""
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=self.device)
 
         tokens = sample_tokens(logits, column("temperature", torch.float32), column("top_p", torch.float32),
                                column("top_k", torch.int64), column("seed", torch.int64),
                                column("position", torch.int64))
-        return tokens.tolist()
+        host = tokens.tolist()
+        if not any(r.logprobs for r in rows):
+            return host, None
+        chosen, values, ids = token_logprobs(logits, tokens, self.num_top)
+        per_row = with_logprobs(rows, [[t] for t in host], chosen[None], values[None], ids[None], range(len(rows)))
+        return host, [lists[0] if lists else None for lists in per_row]
 
     # -- decode ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, rows: list[DecodeRow], num_steps: int,
-               table_changes: list[TableChange] | None = None) -> list[list[int]]:
+               table_changes: list[TableChange] | None = None
+               ) -> tuple[list[list[int]], list[list[TokenLogprob] | None] | None]:
         """Run `num_steps` decode steps for `rows`; returns per row its `num_steps` sampled tokens (one host
-        synchronisation). A row's block table is a list the caller only extends in place between calls for
+        synchronisation) and, when a row asks for them, per row their `TokenLogprob`s (None for the others). A row's block table is a list the caller only extends in place between calls for
         its slot, or replaces by a new list (`BlockTables`). `table_changes`: the rows' table changes as rank
         0 computed them (a tensor-parallel worker's rows then carry no tables)."""
         size = self.bucket_for(max(r.slot for r in rows) + 1)
@@ -306,12 +319,24 @@ class ModelRunner:
             table_changes = self.tables.changes([(r.slot, r.block_table) for r in rows])
         self._load(rows, size, table_changes)
         greedy = all(r.temperature == 0 for r in rows)
+        want = any(r.logprobs for r in rows)  # a step variant of its own: the others skip the top-k
         out = torch.empty(num_steps, size, dtype=torch.int64, device=self.device)
+        if want:
+            chosen = torch.empty(num_steps, size, dtype=torch.float32, device=self.device)
+            values = torch.empty(num_steps, size, self.num_top, dtype=torch.float32, device=self.device)
+            ids = torch.empty(num_steps, size, self.num_top, dtype=torch.int64, device=self.device)
         for i in range(num_steps):
-            self._run_step(size, greedy)
+            self._run_step(size, greedy, want)
             out[i].copy_(self.tokens[:size])
+            if want:
+                chosen[i].copy_(self.chosen_logprobs[:size])
+                values[i].copy_(self.top_logprobs[:size])
+                ids[i].copy_(self.top_ids[:size])
         host = out.T.tolist()
-        return [host[r.slot] for r in rows]
+        tokens = [host[r.slot] for r in rows]
+        if not want:
+            return tokens, None
+        return tokens, with_logprobs(rows, tokens, chosen, values, ids, [r.slot for r in rows])
 
     @torch.inference_mode()
     def capture_decode_steps(self) -> list[tuple[int, float]]:
@@ -327,7 +352,7 @@ class ModelRunner:
             start = time.perf_counter()
             for greedy in (True, False):
                 self._load([], size, [])
-                self._run_step(size, greedy)
+                self._run_step(size, greedy, False)
             torch.cuda.synchronize(self.device)
             times.append((size, time.perf_counter() - start))
         return times
@@ -344,23 +369,24 @@ class ModelRunner:
             values[slots] = torch.tensor([getattr(r, name) for r in rows], dtype=buffer.dtype)
             buffer[:size].copy_(values)
 
-    def _run_step(self, size: int, greedy: bool) -> None:
+    def _run_step(self, size: int, greedy: bool, logprobs: bool) -> None:
         if not self.cuda_graphs:
-            self._step(size, greedy)
+            self._step(size, greedy, logprobs)
             return
-        graph = self.graphs.get((size, greedy))
+        key = (size, greedy, logprobs)
+        graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
             return
         # The first step of a bucket runs eagerly (it compiles kernels and is a real step); the capture
         # afterwards only records, so stateful methods see each step once.
-        self._step(size, greedy)
+        self._step(size, greedy, logprobs)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._step(size, greedy)
-        self.graphs[(size, greedy)] = graph
+            self._step(size, greedy, logprobs)
+        self.graphs[key] = graph
 
-    def _step(self, size: int, greedy: bool) -> None:
+    def _step(self, size: int, greedy: bool, logprobs: bool) -> None:
         """One decode step of the first `size` slots, in place on the step buffers (capturable)."""
         batch, positions, pool, method = self.batch(size), self.positions[:size], self.pool, self.method
         self.seq_lens[:size].copy_(positions + 1)
@@ -379,5 +405,19 @@ class ModelRunner:
             tokens = sample_tokens(logits, self.temperature[:size], self.top_p[:size], self.top_k[:size],
                                    self.seeds[:size], positions + 1)
         self.tokens[:size].copy_(tokens)
+        if logprobs:
+            chosen, values, ids = token_logprobs(logits, tokens, self.num_top)
+            self.chosen_logprobs[:size].copy_(chosen)
+            self.top_logprobs[:size].copy_(values)
+            self.top_ids[:size].copy_(ids)
         positions += 1
         self.steps[:size] += 1
+
+
+def with_logprobs(rows: list[DecodeRow], tokens: list[list[int]], chosen: torch.Tensor, values: torch.Tensor,
+                  ids: torch.Tensor, columns: Iterable[int]) -> list[list[TokenLogprob] | None]:
+    """Per row, the `TokenLogprob` of each of its tokens (None where the row did not ask): row j's step-i token
+    is at [i, columns[j]] of chosen [steps, n] and [i, columns[j], :] of values and ids [steps, n, top]."""
+    chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+    return [[TokenLogprob(t, chosen[i][c], list(zip(ids[i][c], values[i][c]))) for i, t in enumerate(row_tokens)]
+            if row.logprobs else None for row, row_tokens, c in zip(rows, tokens, columns)]

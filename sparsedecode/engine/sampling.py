@@ -6,7 +6,11 @@ state: it can be captured in a CUDA graph and replayed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask per token (vLLM's default limit)
 
 _MIX1 = 0xBF58476D1CE4E5B9 - 2**64  # splitmix64's multipliers, as int64
 _MIX2 = 0x94D049BB133111EB - 2**64
@@ -45,3 +49,23 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     choice = torch.where(keep, ranked + noise, float("-inf")).argmax(dim=-1, keepdim=True)
     sampled = order.gather(1, choice).squeeze(1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits, before temperature,
+    top-k and top-p) and the `top` most likely tokens of that step as (token id, log-probability), most
+    likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_top: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of `tokens` [B] under logits [B, V] float32, and the `num_top` largest of each row:
+    (chosen [B], top values [B, num_top], top ids [B, num_top]). Fixed shapes: capturable."""
+    logp = logits.log_softmax(dim=-1)
+    values, ids = logp.topk(num_top, dim=-1)
+    return logp.gather(1, tokens[:, None]).squeeze(1), values, ids

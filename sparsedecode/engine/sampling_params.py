@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .sampling import MAX_LOGPROBS
+
 
 @dataclass
 class SamplingParams:
@@ -11,7 +13,8 @@ class SamplingParams:
     Greedy when `temperature` is 0. `top_k` 0 keeps every token. Sampling with a `seed` gives the same
     tokens whatever else shares the batch; without one the engine draws a seed. `stop_token_ids` end the
     request besides the model's end-of-sequence tokens, which `ignore_eos` disables. `stop` strings are
-    cut from the text.
+    cut from the text. `logprobs` (0 to MAX_LOGPROBS): report each generated token's log-probability and
+    that many of the most likely tokens at its step; None: none.
     """
 
     temperature: float = 0.0
@@ -22,6 +25,7 @@ class SamplingParams:
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -40,6 +44,10 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, not {self.stop!r}")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of integers, not {self.stop_token_ids!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (the top tokens reported per "
+                             f"token) or None, not {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

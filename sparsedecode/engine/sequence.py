@@ -5,6 +5,7 @@ import enum
 import time
 
 from .output_text import OutputText
+from .sampling import TokenLogprob
 from .sampling_params import SamplingParams
 
 
@@ -21,6 +22,7 @@ class Sequence:
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.output_text = output_text  # their text, grown as they come
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None  # per output token
         self.params = params
         self.seed = seed  # the sampling noise's key: the params' seed, or one the engine drew
         self.stop_ids = stop_ids

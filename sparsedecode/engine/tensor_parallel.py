@@ -16,6 +16,7 @@ from ..core import KVPool
 from ..methods.base import DecodeMethod
 from ..models.config import ModelConfig
 from .model_runner import DecodeRow, ModelRunner, PrefillRequest
+from .sampling import TokenLogprob
 from .workers import Workers
 
 
@@ -44,7 +45,8 @@ class TensorParallelRunner:
         self.workers.send("prefill", requests)
         return self.local.prefill(requests)
 
-    def decode(self, rows: list[DecodeRow], num_steps: int) -> list[list[int]]:
+    def decode(self, rows: list[DecodeRow], num_steps: int
+               ) -> tuple[list[list[int]], list[list[TokenLogprob] | None] | None]:
         # the workers get what changed in the tables, not the tables: every rank's copy follows the same changes
         changes = self.local.tables.changes([(r.slot, r.block_table) for r in rows])
         self.workers.send("decode", [replace(r, block_table=[]) for r in rows], num_steps, changes)
@@ -72,6 +74,7 @@ class TensorParallelRunner:
         return self.local.extra_kv_tokens_read(slot, mean_seq_len) + sum(self.workers.replies())
 
     # -- rank 0 alone -------------------------------------------------------------------------------
-    def sample(self, logits: torch.Tensor, rows: list[DecodeRow]) -> list[int]:
+    def sample(self, logits: torch.Tensor, rows: list[DecodeRow]
+               ) -> tuple[list[int], list[TokenLogprob | None] | None]:
         """The first token after a prefill: the workers receive it as the input of the next decode plan."""
         return self.local.sample(logits, rows)

@@ -4,9 +4,11 @@ client sends takes the server down."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,6 +62,8 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
                                 f"{', '.join(served_model_names)}.", param="model", code="model_not_found")
         return requested
 
+    token_text = _token_texts(llm)
+
     def encode(prompt: str) -> Awaitable[list[int]]:  # on the engine thread: the tokenizer is not shared
         return engine_loop.call(lambda: llm.engine.encode(prompt))
 
@@ -93,7 +97,8 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
         if isinstance(body.prompt, str):
             _need_tokenizer(llm, "prompt")
         max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-        return await _generate(request, body, Completion(name, chat=False), body.prompt, max_tokens, arrival)
+        return await _generate(request, body, Completion(name, chat=False, token_text=token_text), body.prompt,
+                               max_tokens, arrival)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -109,7 +114,8 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:  # OpenAI's default: up to the end of the context
             max_tokens = max(llm.max_context - len(await encode(prompt)), 1)
-        return await _generate(request, body, Completion(name, chat=True), prompt, max_tokens, arrival)
+        return await _generate(request, body, Completion(name, chat=True, token_text=token_text), prompt, max_tokens,
+                               arrival)
 
     async def _generate(request: Request, body: GenerationRequest, completion: Completion,
                         prompt: str | list[int], max_tokens: int, arrival: float) -> Response:
@@ -125,6 +131,15 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
 
     app.include_router(api)
     return app
+
+
+def _token_texts(llm: LLM) -> Callable[[int], str]:
+    """A token id's text for log-probabilities, from a copy of the tokenizer (the engine thread uses its own:
+    a fast tokenizer is not safe to share between threads); `token_id:N` without a tokenizer."""
+    if llm.tokenizer is None:
+        return lambda token_id: f"token_id:{token_id}"
+    tokenizer = copy.deepcopy(llm.tokenizer)
+    return functools.lru_cache(maxsize=None)(lambda token_id: tokenizer.decode([token_id]))
 
 
 def _need_tokenizer(llm: LLM, param: str) -> None:
@@ -157,7 +172,8 @@ async def _events(stream: RequestStream, completion: Completion, body: Generatio
             piece = deltas.next(out.text, out.finished)
             yield completion.chunk(piece, tokens == 0, out.finish_reason if out.finished else None,
                                    usage(out) if body.continuous_usage() else None,
-                                   body.include_usage() or body.continuous_usage())
+                                   body.include_usage() or body.continuous_usage(),
+                                   None if out.logprobs is None else out.logprobs[tokens:])
             tokens = len(out.token_ids)
         if body.include_usage():
             yield completion.usage_chunk(out)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine import SamplingParams
+from ..engine.sampling import MAX_LOGPROBS
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) for /v1/completions; chat runs to the context's end
@@ -57,6 +58,10 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"only n=1 is supported, not {n}: send one request per completion")
         return n
 
+    def requested_logprobs(self) -> int | None:
+        """How many top log-probabilities per token the request asks for (0: only the tokens'), None: none."""
+        return None
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's parameters; `max_tokens` is this request's limit after the endpoint's default."""
         return SamplingParams(
@@ -68,6 +73,7 @@ class GenerationRequest(BaseModel):
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
+            logprobs=self.requested_logprobs(),
         )
 
     def include_usage(self) -> bool:
@@ -79,6 +85,19 @@ class GenerationRequest(BaseModel):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top tokens per generated token
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo=true is not supported: the response holds the completion only (the prompt's "
+                             "own log-probabilities are not computed)")
+        return echo
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -119,6 +138,17 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..engine import RequestOutput
+    from ..engine import RequestOutput, TokenLogprob
 
 
 
@@ -25,8 +26,31 @@ class Completion:
 
     model: str
     chat: bool
+    token_text: Callable[[int], str] = str  # a token id's text, for log-probabilities
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    text_offset: int = 0  # text completions: where the next token's text starts in the completion
+
+    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """OpenAI's `logprobs` of a choice for these tokens: chat's `content` list, or the text completion's
+        tokens, token_logprobs, top_logprobs and text_offset (continuing where the last call ended)."""
+        if tokens is None:
+            return None
+        if self.chat:
+            return {"content": [{**self._token(t.token_id, t.logprob),
+                                 "top_logprobs": [self._token(i, lp) for i, lp in t.top]} for t in tokens]}
+        texts = [self.token_text(t.token_id) for t in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(self.text_offset)
+            self.text_offset += len(text)
+        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [{self.token_text(i): lp for i, lp in t.top} for t in tokens],
+                "text_offset": offsets}
+
+    def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def __post_init__(self) -> None:
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -36,18 +60,19 @@ class Completion:
 
     def whole(self, out: RequestOutput) -> dict[str, Any]:
         content = ({"message": {"role": "assistant", "content": out.text}} if self.chat else {"text": out.text})
-        choice = {"index": 0, **content, "logprobs": None, "finish_reason": out.finish_reason}
+        choice = {"index": 0, **content, "logprobs": self.logprobs(out.logprobs), "finish_reason": out.finish_reason}
         return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
                 "usage": usage(out)}
 
     def chunk(self, piece: str, first: bool, finish_reason: str | None, usage: dict[str, Any] | None,
-              with_usage: bool) -> str:
-        """One event: the text `piece`; `usage` in it when `with_usage` (OpenAI then sends null until the end)."""
+              with_usage: bool, logprobs: list[TokenLogprob] | None = None) -> str:
+        """One event: the text `piece` (and the log-probabilities of the tokens new since the last event, when
+        asked for); `usage` in it when `with_usage` (OpenAI then sends null until the end)."""
         if self.chat:
             content = {"delta": {"role": "assistant", "content": piece} if first else {"content": piece}}
         else:
             content = {"text": piece}
-        choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, **content, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
         return event({**body, "usage": usage} if with_usage else body)
 
