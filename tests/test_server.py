@@ -164,7 +164,13 @@ BAD_REQUESTS = [  # (what, endpoint, body, status, param, words of the message)
     ("negative max_tokens", "chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens",
      "greater than or equal to 1"),
-    ("n > 1", "completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n", "n=1"),
+    ("n of 0", "completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n", "greater than or equal to 1"),
+    ("too many choices", "completions", {"model": MODEL, "prompt": ["hi"] * 20, "n": 13}, 400, "n",
+     "more than 256 choices"),
+    ("an empty prompt in a batch", "completions", {"model": MODEL, "prompt": ["hi", ""]}, 400, "prompt",
+     "empty prompt"),
+    ("a batch prompt over the context", "completions",
+     {"model": MODEL, "prompt": ["Hello", "Hi"], "max_tokens": MAX_CONTEXT}, 400, None, "max"),
     ("no messages", "chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
     ("prompt of the wrong type", "completions", {"model": MODEL, "prompt": 5}, 400, "prompt", "token ids"),
     ("token id beyond the vocabulary", "completions", {"model": MODEL, "prompt": [10**9]}, 400, None,
@@ -224,6 +230,33 @@ def test_logprobs_of_chat_and_text_completions_whole_and_streamed(dense_url) -> 
                                        logprobs=2, stream=True))
     assert [t for p in pieces for t in p.choices[0].logprobs.tokens] == lp.tokens
     assert [o for p in pieces for o in p.choices[0].logprobs.text_offset] == lp.text_offset
+
+
+def test_several_choices_and_batched_prompts_are_the_single_requests(dense_url) -> None:
+    """n choices of a seeded request are the requests with seeds seed, seed + 1, ...; a batch of prompts gives
+    each prompt's own completion, in order; streamed, the choices' pieces join to the same texts."""
+    c = client(dense_url)
+    messages = [{"role": "user", "content": "Write a word."}]
+    sampled = dict(model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=1.0)
+    many = c.chat.completions.create(**sampled, n=3, seed=11)
+    singles = [c.chat.completions.create(**sampled, seed=11 + i).choices[0].message.content for i in range(3)]
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    assert [ch.message.content for ch in many.choices] == singles and len(set(singles)) > 1
+    one = c.chat.completions.create(**sampled, seed=11)
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert many.usage.completion_tokens == sum(
+        c.chat.completions.create(**sampled, seed=11 + i).usage.completion_tokens for i in range(3))
+    chunks = list(c.chat.completions.create(**sampled, n=3, seed=11, stream=True,
+                                            stream_options={"include_usage": True}))
+    joined = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+              for i in range(3)]
+    assert joined == singles and chunks[-1].usage.completion_tokens == many.usage.completion_tokens
+
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+    batch = c.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    alone = [c.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    assert [ch.text for ch in batch.choices] == [t for t in alone for _ in range(2)]
+    assert batch.usage.completion_tokens == 36
 
 
 def test_malformed_json_and_wrong_api_key(dense_url) -> None:

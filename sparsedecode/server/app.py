@@ -20,8 +20,8 @@ from starlette.exceptions import HTTPException
 
 from .engine_loop import EngineLoop, RequestStream
 from .metrics import ServerMetrics
-from .protocol import (COMPLETION_DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest,
-                       GenerationRequest, TokenizeRequest)
+from .protocol import (COMPLETION_DEFAULT_MAX_TOKENS, MAX_CHOICES, APIError, ChatCompletionRequest,
+                       CompletionRequest, GenerationRequest, TokenizeRequest)
 from .responses import DONE, Completion, TextDeltas, event, usage
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         name = model_name(body.model)
-        if isinstance(body.prompt, str):
+        if any(isinstance(prompt, str) for prompt in body.prompt):
             _need_tokenizer(llm, "prompt")
         max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
         return await _generate(request, body, Completion(name, chat=False, token_text=token_text), body.prompt,
@@ -114,20 +114,32 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:  # OpenAI's default: up to the end of the context
             max_tokens = max(llm.max_context - len(await encode(prompt)), 1)
-        return await _generate(request, body, Completion(name, chat=True, token_text=token_text), prompt, max_tokens,
-                               arrival)
+        return await _generate(request, body, Completion(name, chat=True, token_text=token_text), [prompt],
+                               max_tokens, arrival)
 
     async def _generate(request: Request, body: GenerationRequest, completion: Completion,
-                        prompt: str | list[int], max_tokens: int, arrival: float) -> Response:
+                        prompts: list[str | list[int]], max_tokens: int, arrival: float) -> Response:
+        """`body.n` choices of each prompt, each an engine request; choice i of a prompt has index
+        prompt * n + i."""
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} choices in one "
+                                "request: split it", param="n")
+        streams = []
         try:
-            params = body.sampling_params(max_tokens)
-            stream = await engine_loop.add(prompt, params, body.sparsedecode, arrival)
+            for prompt in prompts:
+                for choice in range(body.n):
+                    params = body.sampling_params(max_tokens, choice)
+                    streams.append(await engine_loop.add(prompt, params, body.sparsedecode, arrival))
         except ValueError as e:  # the engine's own check of this request (length, parameters, method options)
+            _close(streams)
             raise APIError(400, str(e)) from None
+        except BaseException:
+            _close(streams)
+            raise
         if body.stream:
-            return StreamingResponse(_events(stream, completion, body), media_type="text/event-stream")
-        out = await _unless_disconnected(request, _last_output(stream))
-        return JSONResponse(completion.whole(out))
+            return StreamingResponse(_events(streams, completion, body), media_type="text/event-stream")
+        outs = await _unless_disconnected(request, _last_outputs(streams))
+        return JSONResponse(completion.whole(outs, body.n))
 
     app.include_router(api)
     return app
@@ -148,39 +160,80 @@ def _need_tokenizer(llm: LLM, param: str) -> None:
                             "/v1/completions", param=param)
 
 
-async def _last_output(stream: RequestStream) -> RequestOutput:
-    try:
-        async for out in stream:
-            pass
-        return out
-    except RuntimeError as e:  # the engine failed while running it
-        raise APIError(500, str(e)) from None
-    finally:
+def _close(streams: list[RequestStream]) -> None:
+    for stream in streams:
         stream.close()
 
 
-async def _events(stream: RequestStream, completion: Completion, body: GenerationRequest) -> AsyncIterator[str]:
-    """The request's server-sent events: one chunk per engine step that produced tokens (its text may be
-    empty: held back, or a model without tokenizer), then the usage chunk if asked, then [DONE]. A client
-    gone cancels this generator (Starlette listens for the disconnect), which aborts the request."""
-    deltas = TextDeltas()
-    tokens = 0
+async def _last_output(stream: RequestStream) -> RequestOutput:
+    async for out in stream:
+        pass
+    return out
+
+
+async def _last_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
+    tasks = [asyncio.ensure_future(_last_output(stream)) for stream in streams]
     try:
-        async for out in stream:
-            if len(out.token_ids) == tokens and not out.finished:
+        return list(await asyncio.gather(*tasks))
+    except RuntimeError as e:  # the engine failed while running them
+        raise APIError(500, str(e)) from None
+    finally:  # also when cancelled (a client gone): every unfinished choice is aborted
+        for task in tasks:
+            task.cancel()
+        _close(streams)
+
+
+async def _outputs_in_arrival_order(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) of all streams as they come, until every one has finished; raises what ended
+    one of them."""
+    arrivals: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                arrivals.put_nowait((index, out))
+        except RuntimeError as e:
+            arrivals.put_nowait((index, e))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        unfinished = len(streams)
+        while unfinished:
+            index, out = await arrivals.get()
+            if isinstance(out, RuntimeError):
+                raise out
+            unfinished -= out.finished
+            yield index, out
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _events(streams: list[RequestStream], completion: Completion,
+                  body: GenerationRequest) -> AsyncIterator[str]:
+    """The request's server-sent events: per choice one chunk per engine step that produced tokens (its text
+    may be empty: held back, or a model without tokenizer), then the usage chunk if asked, then [DONE]. A
+    client gone cancels this generator (Starlette listens for the disconnect), which aborts the choices."""
+    deltas = [TextDeltas() for _ in streams]
+    tokens = [0] * len(streams)
+    latest: list[RequestOutput | None] = [None] * len(streams)
+    try:
+        async for index, out in _outputs_in_arrival_order(streams):
+            latest[index] = out
+            if len(out.token_ids) == tokens[index] and not out.finished:
                 continue
-            piece = deltas.next(out.text, out.finished)
-            yield completion.chunk(piece, tokens == 0, out.finish_reason if out.finished else None,
-                                   usage(out) if body.continuous_usage() else None,
+            piece = deltas[index].next(out.text, out.finished)
+            yield completion.chunk(index, piece, tokens[index] == 0, out.finish_reason if out.finished else None,
+                                   usage([out]) if body.continuous_usage() else None,  # the choice's, as vLLM
                                    body.include_usage() or body.continuous_usage(),
-                                   None if out.logprobs is None else out.logprobs[tokens:])
-            tokens = len(out.token_ids)
+                                   None if out.logprobs is None else out.logprobs[tokens[index]:])
+            tokens[index] = len(out.token_ids)
         if body.include_usage():
-            yield completion.usage_chunk(out)
+            yield completion.usage_chunk(latest, body.n)
     except RuntimeError as e:  # headers are sent: the error goes in the stream, as vLLM does
         yield event(APIError(500, str(e)).body())
     finally:
-        stream.close()
+        _close(streams)
     yield DONE
 
 

@@ -14,6 +14,7 @@ from ..engine.sampling import MAX_LOGPROBS
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) for /v1/completions; chat runs to the context's end
+MAX_CHOICES = 256  # prompts x n of one request at most: each choice is an engine request
 
 
 class APIError(Exception):
@@ -42,7 +43,7 @@ class GenerationRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # 0 or -1: no top-k filter (vLLM takes -1)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per prompt; with a seed, choice i samples with seed + i
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -51,24 +52,18 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     sparsedecode: dict[str, Any] | None = None  # per-request decode-method options, checked by the engine
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported, not {n}: send one request per completion")
-        return n
-
     def requested_logprobs(self) -> int | None:
         """How many top log-probabilities per token the request asks for (0: only the tokens'), None: none."""
         return None
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """The engine's parameters; `max_tokens` is this request's limit after the endpoint's default."""
+    def sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """The engine's parameters of choice `choice` of a prompt; `max_tokens` is this request's limit after the
+        endpoint's default."""
         return SamplingParams(
             temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(self.top_k or 0, 0),
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed + choice,
             max_tokens=max_tokens,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
@@ -84,7 +79,7 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[int]
+    prompt: list[str | list[int]]  # one or more prompts (a single one is given as text or token ids)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top tokens per generated token
     echo: bool = False
 
@@ -101,19 +96,18 @@ class CompletionRequest(GenerationRequest):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> Any:
-        """Text, token ids, or a batch of one of them (the OpenAI API allows batches; we take one a request)."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError(f"a batch of {len(prompt)} prompts: send one prompt per request")
-            prompt = prompt[0]
-        ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                               for t in prompt)
-        if not (isinstance(prompt, str) or ids):
-            raise ValueError("give the prompt as text or as a list of token ids (integers >= 0)")
-        if not prompt:
-            raise ValueError("empty prompt")
-        return prompt
+    def _prompts(cls, prompt: Any) -> Any:
+        """Text, token ids, or a batch of either (a list of texts or of token-id lists): always a list here."""
+        batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+        for one in batch:
+            ids = isinstance(one, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                for t in one)
+            if not (isinstance(one, str) or ids):
+                raise ValueError("give the prompt as text, as a list of token ids (integers >= 0), or as a list "
+                                 "of either")
+            if not one:
+                raise ValueError("empty prompt")
+        return batch
 
 
 class TextPart(BaseModel):

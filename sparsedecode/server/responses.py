@@ -13,11 +13,14 @@ if TYPE_CHECKING:
 
 
 
-def usage(out: RequestOutput) -> dict[str, Any]:
-    """OpenAI's usage, plus the fraction of the KV cache the decode steps read (1.0 for dense attention)."""
-    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+def usage(outs: list[RequestOutput], n: int = 1) -> dict[str, Any]:
+    """OpenAI's usage of a request's choices so far (`n` per prompt, in prompt order: each prompt counted once),
+    plus the fraction of the KV cache their decode steps read (1.0 for dense attention), weighted by tokens."""
+    prompt = sum(len(out.prompt_token_ids) for out in outs[::n])
+    completion = sum(len(out.token_ids) for out in outs)
+    read = sum(out.kv_fraction_read * len(out.token_ids) for out in outs) / completion if completion else 0.0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "kv_fraction_read": out.kv_fraction_read}
+            "kv_fraction_read": read}
 
 
 @dataclass
@@ -29,11 +32,11 @@ class Completion:
     token_text: Callable[[int], str] = str  # a token id's text, for log-probabilities
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
-    text_offset: int = 0  # text completions: where the next token's text starts in the completion
+    text_offsets: dict[int, int] = field(default_factory=dict)  # text completions, per choice: the next token's
 
-    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        """OpenAI's `logprobs` of a choice for these tokens: chat's `content` list, or the text completion's
-        tokens, token_logprobs, top_logprobs and text_offset (continuing where the last call ended)."""
+    def logprobs(self, tokens: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
+        """OpenAI's `logprobs` of choice `index` for these tokens: chat's `content` list, or the text
+        completion's tokens, token_logprobs, top_logprobs and text_offset (continuing the choice's last call)."""
         if tokens is None:
             return None
         if self.chat:
@@ -42,8 +45,8 @@ class Completion:
         texts = [self.token_text(t.token_id) for t in tokens]
         offsets = []
         for text in texts:
-            offsets.append(self.text_offset)
-            self.text_offset += len(text)
+            offsets.append(self.text_offsets.get(index, 0))
+            self.text_offsets[index] = offsets[-1] + len(text)
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
                 "top_logprobs": [{self.token_text(i): lp for i, lp in t.top} for t in tokens],
                 "text_offset": offsets}
@@ -58,28 +61,34 @@ class Completion:
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self, out: RequestOutput) -> dict[str, Any]:
-        content = ({"message": {"role": "assistant", "content": out.text}} if self.chat else {"text": out.text})
-        choice = {"index": 0, **content, "logprobs": self.logprobs(out.logprobs), "finish_reason": out.finish_reason}
-        return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
-                "usage": usage(out)}
+    def whole(self, outs: list[RequestOutput], n: int = 1) -> dict[str, Any]:
+        """The response of finished choices `outs` (`n` per prompt, in order)."""
+        choices = []
+        for index, out in enumerate(outs):
+            content = {"message": {"role": "assistant", "content": out.text}} if self.chat else {"text": out.text}
+            choices.append({"index": index, **content, "logprobs": self.logprobs(out.logprobs, index),
+                            "finish_reason": out.finish_reason})
+        return {**self._envelope("chat.completion" if self.chat else "text_completion", choices),
+                "usage": usage(outs, n)}
 
-    def chunk(self, piece: str, first: bool, finish_reason: str | None, usage: dict[str, Any] | None,
+    def chunk(self, index: int, piece: str, first: bool, finish_reason: str | None, usage: dict[str, Any] | None,
               with_usage: bool, logprobs: list[TokenLogprob] | None = None) -> str:
-        """One event: the text `piece` (and the log-probabilities of the tokens new since the last event, when
-        asked for); `usage` in it when `with_usage` (OpenAI then sends null until the end)."""
+        """One event of choice `index`: the text `piece` (and the log-probabilities of the tokens new since the
+        choice's last event, when asked for); `usage` in it when `with_usage` (OpenAI then sends null until
+        the end)."""
         if self.chat:
             content = {"delta": {"role": "assistant", "content": piece} if first else {"content": piece}}
         else:
             content = {"text": piece}
-        choice = {"index": 0, **content, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+        choice = {"index": index, **content, "logprobs": self.logprobs(logprobs, index),
+                  "finish_reason": finish_reason}
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
         return event({**body, "usage": usage} if with_usage else body)
 
-    def usage_chunk(self, out: RequestOutput) -> str:
+    def usage_chunk(self, outs: list[RequestOutput], n: int = 1) -> str:
         """`stream_options.include_usage`: the last event, no choices, the usage of the whole request."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return event({**self._envelope(obj, []), "usage": usage(out)})
+        return event({**self._envelope(obj, []), "usage": usage(outs, n)})
 
 
 def event(data: dict[str, Any] | str) -> str:
