@@ -309,9 +309,10 @@ class ModelRunner:
                table_changes: list[TableChange] | None = None
                ) -> tuple[list[list[int]], list[list[TokenLogprob] | None] | None]:
         """Run `num_steps` decode steps for `rows`; returns per row its `num_steps` sampled tokens (one host
-        synchronisation) and, when a row asks for them, per row their `TokenLogprob`s (None for the others). A row's block table is a list the caller only extends in place between calls for
-        its slot, or replaces by a new list (`BlockTables`). `table_changes`: the rows' table changes as rank
-        0 computed them (a tensor-parallel worker's rows then carry no tables)."""
+        synchronisation) and, when a row asks for them, per row their `TokenLogprob`s (None for the others).
+        A row's block table is a list the caller only extends in place between calls for its slot, or
+        replaces by a new list (`BlockTables`). `table_changes`: the rows' table changes as rank 0 computed
+        them (a tensor-parallel worker's rows then carry no tables)."""
         size = self.bucket_for(max(r.slot for r in rows) + 1)
         if self.pool.reserve_rows(size):  # the pool's per-row buffers moved: steps captured before are stale
             self.drop_graphs()
