@@ -55,6 +55,7 @@ def test_two_processes_decode_the_tokens_of_one() -> None:
         expected = decode_all(one)
     with LLM(MODEL, tensor_parallel_size=2, **OPTIONS) as two:
         assert two.engine.runner.pool.num_kv_heads == 1  # this process holds one of the two KV heads
+        assert two.engine.capture_decode_steps() == []  # every rank takes the call (no graphs on a CPU)
         got = decode_all(two)
         workers = two.workers.processes
     assert got == expected
