@@ -329,6 +329,21 @@ def test_disconnect_aborts_at_once(dense_url) -> None:
     values = wait_idle(dense_url, 3)
     assert values["num_requests_running"] == 0 and values["kv_blocks_free"] == free
 
+    # several choices: a client gone aborts every one of them, streamed or not
+    stream = c.completions.create(stream=True, n=3, **long_run)
+    next(iter(stream))
+    deadline = time.monotonic() + 5  # the gauges are read between engine steps
+    while (values := metrics(dense_url))["num_requests_running"] + values["num_requests_waiting"] < 3:
+        assert time.monotonic() < deadline, values
+        time.sleep(0.05)
+    stream.close()
+    values = wait_idle(dense_url, 3)
+    assert values["num_requests_running"] == 0 and values["kv_blocks_free"] == free
+    with pytest.raises(openai.APITimeoutError):
+        client(dense_url, timeout=1.0).completions.create(n=3, **long_run)
+    values = wait_idle(dense_url, 3)
+    assert values["num_requests_running"] == 0 and values["kv_blocks_free"] == free
+
 
 def test_pool_all_free_after_many_requests_with_disconnects(dense_url) -> None:
     rng = random.Random(0)
