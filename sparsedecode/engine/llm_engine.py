@@ -190,14 +190,14 @@ class LLMEngine:
         p = seq.params
         return DecodeRow(seq.slot, seq.output_token_ids[-1] if seq.output_token_ids else 0, position,
                          seq.steps_since_reset, seq.block_table, p.temperature, p.top_p, p.top_k, seq.seed,
-                         p.logprobs is not None)
+                         p.logprobs)
 
     def _append(self, seq: Sequence, token: int, decoded: bool, logprob: TokenLogprob | None = None) -> None:
         """Add a sampled token (with its log-probabilities, when asked for) and end the sequence at a stop
         token, stop string or its limit."""
         seq.output_token_ids.append(token)
-        if seq.logprobs is not None and logprob is not None:
-            seq.logprobs.append(TokenLogprob(token, logprob.logprob, logprob.top[: seq.params.logprobs]))
+        if logprob is not None:  # the runner's, for a sequence that asked
+            seq.logprobs.append(logprob)
         new_chars = seq.output_text.add(seq.output_token_ids)
         if decoded:  # the step that sampled it read the sequence's first num_tokens - 1 tokens
             method, seq_len = self.runner.method, seq.num_tokens - 1

@@ -50,7 +50,7 @@ class DecodeRow:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    logprobs: bool = False  # report its tokens' log-probabilities (`TokenLogprob`, MAX_LOGPROBS top ones)
+    logprobs: int | None = None  # report its tokens' `TokenLogprob`s with this many top tokens (None: none)
 
 
 @dataclass
@@ -297,7 +297,7 @@ class ModelRunner:
                                column("top_k", torch.int64), column("seed", torch.int64),
                                column("position", torch.int64))
         host = tokens.tolist()
-        if not any(r.logprobs for r in rows):
+        if all(r.logprobs is None for r in rows):
             return host, None
         chosen, values, ids = token_logprobs(logits, tokens, self.num_top)
         per_row = with_logprobs(rows, [[t] for t in host], chosen[None], values[None], ids[None], range(len(rows)))
@@ -320,7 +320,7 @@ class ModelRunner:
             table_changes = self.tables.changes([(r.slot, r.block_table) for r in rows])
         self._load(rows, size, table_changes)
         greedy = all(r.temperature == 0 for r in rows)
-        want = any(r.logprobs for r in rows)  # a step variant of its own: the others skip the top-k
+        want = any(r.logprobs is not None for r in rows)  # a step variant of its own: the others skip the top-k
         out = torch.empty(num_steps, size, dtype=torch.int64, device=self.device)
         if want:
             chosen = torch.empty(num_steps, size, dtype=torch.float32, device=self.device)
@@ -417,8 +417,10 @@ class ModelRunner:
 
 def with_logprobs(rows: list[DecodeRow], tokens: list[list[int]], chosen: torch.Tensor, values: torch.Tensor,
                   ids: torch.Tensor, columns: Iterable[int]) -> list[list[TokenLogprob] | None]:
-    """Per row, the `TokenLogprob` of each of its tokens (None where the row did not ask): row j's step-i token
-    is at [i, columns[j]] of chosen [steps, n] and [i, columns[j], :] of values and ids [steps, n, top]."""
+    """Per row, the `TokenLogprob` of each of its tokens with the row's number of top tokens (None where the row
+    did not ask): row j's step-i token is at [i, columns[j]] of chosen [steps, n] and [i, columns[j], :] of
+    values and ids [steps, n, top]."""
     chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
-    return [[TokenLogprob(t, chosen[i][c], list(zip(ids[i][c], values[i][c]))) for i, t in enumerate(row_tokens)]
-            if row.logprobs else None for row, row_tokens, c in zip(rows, tokens, columns)]
+    return [None if row.logprobs is None else
+            [TokenLogprob(t, chosen[i][c], list(zip(ids[i][c][: row.logprobs], values[i][c][: row.logprobs])))
+             for i, t in enumerate(row_tokens)] for row, row_tokens, c in zip(rows, tokens, columns)]

@@ -165,21 +165,15 @@ def _close(streams: list[RequestStream]) -> None:
         stream.close()
 
 
-async def _last_output(stream: RequestStream) -> RequestOutput:
-    async for out in stream:
-        pass
-    return out
-
-
 async def _last_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
-    tasks = [asyncio.ensure_future(_last_output(stream)) for stream in streams]
+    latest: list[RequestOutput | None] = [None] * len(streams)
     try:
-        return list(await asyncio.gather(*tasks))
+        async for index, out in _outputs_in_arrival_order(streams):
+            latest[index] = out
+        return latest
     except RuntimeError as e:  # the engine failed while running them
         raise APIError(500, str(e)) from None
     finally:  # also when cancelled (a client gone): every unfinished choice is aborted
-        for task in tasks:
-            task.cancel()
         _close(streams)
 
 

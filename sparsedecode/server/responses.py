@@ -32,7 +32,7 @@ class Completion:
     token_text: Callable[[int], str] = str  # a token id's text, for log-probabilities
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
-    text_offsets: dict[int, int] = field(default_factory=dict)  # text completions, per choice: the next token's
+    text_offsets: dict[int, int] = field(default_factory=dict)  # text completions: choice -> its text's length
 
     def logprobs(self, tokens: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
         """OpenAI's `logprobs` of choice `index` for these tokens: chat's `content` list, or the text
