@@ -17,6 +17,7 @@ from sparsedecode.bench import cli as bench_cli
 from sparsedecode.bench import common, e2e, engine_check, lfps_bench
 from sparsedecode.core import DecodeBatch, KVPool
 from sparsedecode.engine.model_runner import PrefillRequest
+from sparsedecode.kernels.sparse_decode import Launch
 from sparsedecode.methods import make_method
 from sparsedecode.models.config import model_config_from_hf
 from sparsedecode.models.shapes import SHAPES, random_shape_config
@@ -322,15 +323,21 @@ def test_kernel_subcommand_calls_the_kernel_benchmark(monkeypatch):
 
     got = []
     fake = types.ModuleType("sparsedecode.bench.kernel_bench")
-    fake.run = lambda contexts, batches, flashinfer: got.append((contexts, batches, flashinfer))
+    fake.run = lambda contexts, batches, flashinfer, launches: got.append((contexts, batches, flashinfer, launches))
     monkeypatch.setitem(sys.modules, "sparsedecode.bench.kernel_bench", fake)
     monkeypatch.setattr(sparsedecode.bench, "kernel_bench", fake, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "128k,32k", "--batches", "8"])
+    result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "128k,32k", "--batches", "8",
+                                                        "--launch", "num_stages=5,items_per_sm=3", "--launch", "num_warps=8"])
     assert result.exit_code == 0, result.output
-    assert got == [((32768, 131072), (8,), None)]
+    assert got == [((32768, 131072), (8,), None, (Launch(num_stages=5, items_per_sm=3), Launch(num_warps=8)))]
     result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "lots"])
     assert result.exit_code == 2 and "bad token count 'lots'" in result.output
+    for bad, says in [("tiles=3", "FIELD one of"), ("num_warps=four", "num_warps is an integer"),
+                      ("num_warps", "give FIELD=VALUE")]:
+        result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--launch", bad])
+        assert result.exit_code == 2 and says in result.output, (bad, result.output)
+    assert len(got) == 1
 
 
 def test_lfps_subcommands_run_on_the_cpu(tmp_path):

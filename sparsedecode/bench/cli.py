@@ -3,6 +3,8 @@ and KV-offload measurements (`lfps-recall`, `lfps-index`, `offload`, `offload-hi
 `lfps-check`) and the engine check."""
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,6 +112,30 @@ def _hf_modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
     return modes
 
 
+def _launches(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple:
+    from ..kernels.sparse_decode import Launch
+
+    fields = {f.name: f.type for f in dataclasses.fields(Launch)}
+    launches = []
+    for text in value:
+        settings = {}
+        for item in _items(text):
+            name, _, raw = item.partition("=")
+            if name not in fields or not raw:
+                raise click.BadParameter(f"{item!r}: give FIELD=VALUE with FIELD one of {', '.join(fields)}")
+            if fields[name] in (bool, "bool"):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise click.BadParameter(f"{item!r}: {name} is true or false")
+                settings[name] = raw.lower() in ("true", "1")
+            else:
+                try:
+                    settings[name] = int(raw)
+                except ValueError:
+                    raise click.BadParameter(f"{item!r}: {name} is an integer") from None
+        launches.append(Launch(**settings))
+    return tuple(launches)
+
+
 @click.group("bench")
 def bench_group() -> None:
     """Benchmarks: the decode-attention kernel, the whole decode step, serving load, LFPS and KV offload, and
@@ -127,8 +153,11 @@ def bench_group() -> None:
               "(several warp counts) on Quest's, Lychee's and LFPS's top-k.")
 @click.option("--prefill", "prefill", is_flag=True, help="Instead of the table, time a prompt chunk's attention "
               "over its paged prefix: the paged prefill kernel (several launch settings) against PyTorch SDPA.")
+@click.option("--launch", "launches", multiple=True, callback=_launches, metavar="FIELD=VALUE,...",
+              help="Also time our kernels under these `Launch` settings (repeatable), e.g. "
+              "'num_stages=3,num_warps=8': rows 'ours dense [num_warps=8, num_stages=3]' beside the defaults'.")
 def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool | None, select: bool,
-           prefill: bool) -> None:
+           prefill: bool, launches: tuple) -> None:
     """One decode-attention layer (Llama-3.1-8B shapes): PyTorch SDPA and FlashInfer against our dense and hybrid
     kernel."""
     import torch
@@ -144,7 +173,7 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
     elif prefill:
         kernel_bench.prefill_rows()
     else:
-        kernel_bench.run(tuple(contexts), tuple(batches), flashinfer=flashinfer)
+        kernel_bench.run(tuple(contexts), tuple(batches), flashinfer=flashinfer, launches=launches)
 
 
 @bench_group.command("e2e")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from types import ModuleType
 from typing import Callable
 
@@ -120,16 +120,16 @@ def hybrid(c: Case, with_lse: bool = True, launch: Launch = LAUNCH) -> tuple[tor
                                    block_tables=c["tables"])
 
 
-def check(c: Case) -> None:
+def check(c: Case, launch: Launch = LAUNCH) -> None:
     """Dense and hybrid vs the reference for sequence 0 of the config (the reference on all of 128K x 8
     is slow)."""
     one = {n: t[:1] for n, t in c.items() if n not in ("k", "v")}
-    out, lse = dense(c)
+    out, lse = dense(c, launch)
     ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE,
                                                block_tables=one["tables"])
     torch.testing.assert_close(out[:1].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse[:1], ref, atol=2e-3, rtol=2e-3)
-    out, lse = hybrid(c)
+    out, lse = hybrid(c, launch=launch)
     ref_lse = torch.empty_like(one["unit_lse"])
     ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE, UNIT, one["lists"],
                                                one["counts"], one["full"], ref_lse, block_tables=one["tables"])
@@ -255,13 +255,26 @@ def flashinfer_rows(fi: ModuleType, caches: list[Case]) -> list[tuple[str, list[
 
 # ---------------------------------------------------------------------------------------------- table
 
-def bench_config(context: int, batch: int, bandwidth: float, fi: ModuleType | None) -> list[Row]:
+def launch_name(launch: Launch) -> str:
+    """The fields of `launch` that differ from the default, as 'a=1, b=2' ('' for the default)."""
+    return ", ".join(f"{f.name}={getattr(launch, f.name)}" for f in fields(Launch)
+                     if getattr(launch, f.name) != getattr(LAUNCH, f.name))
+
+
+def bench_config(context: int, batch: int, bandwidth: float, fi: ModuleType | None,
+                 launches: tuple[Launch, ...] = ()) -> list[Row]:
     caches = make_caches(context, batch)
     methods: list[tuple[str, list[Callable[[], object]], str]] = [
         ("ours dense", [lambda c=c: dense(c) for c in caches], "dense"),
         ("ours hybrid", [lambda c=c: hybrid(c, with_lse=False) for c in caches], "hybrid"),
         ("ours hybrid + unit_lse", [lambda c=c: hybrid(c) for c in caches], "hybrid"),
     ]
+    for launch in launches:
+        check(caches[0], launch)
+        name = launch_name(launch)
+        methods += [(f"ours dense [{name}]", [lambda c=c, l=launch: dense(c, l) for c in caches], "dense"),
+                    (f"ours hybrid + unit_lse [{name}]", [lambda c=c, l=launch: hybrid(c, launch=l) for c in caches],
+                     "hybrid")]
     rows = [Row("sdpa dense", context, batch, time_sdpa(caches), kv_bytes(context, batch, "dense"), 0.0)]
     for name, calls, kind in methods:
         rows.append(Row(name, context, batch, timed(calls), kv_bytes(context, batch, kind), 0.0))
@@ -300,8 +313,9 @@ def profile(call: Callable[[], object], title: str) -> None:
 
 
 def run(contexts: tuple[int, ...] = (32768, 131072), batches: tuple[int, ...] = (1, 8),
-        flashinfer: bool | None = None) -> list[Row]:
-    """The table; flashinfer: True needs it importable, None adds its rows when it is."""
+        flashinfer: bool | None = None, launches: tuple[Launch, ...] = ()) -> list[Row]:
+    """The table; flashinfer: True needs it importable, None adds its rows when it is; `launches` adds
+    rows of our kernels under those settings."""
     bandwidth = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     fi = None
@@ -313,7 +327,7 @@ def run(contexts: tuple[int, ...] = (32768, 131072), batches: tuple[int, ...] = 
     rows = []
     for context, batch in itertools.product(contexts, batches):
         print(f"context {context} batch {batch}", flush=True)
-        rows += bench_config(context, batch, bandwidth, fi)
+        rows += bench_config(context, batch, bandwidth, fi, launches)
     print("\n| method | context | batch | median us | GB/s | floor us | time/floor | speedup vs SDPA |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -490,8 +504,7 @@ def tune(rounds: int = 1) -> Launch:
     print("\n| setting | " + " | ".join(f"{m} {ctx // 1024}K B{b}" for m, ctx, b in TUNE_CASES) + " | geomean |")
     print("|---|" + "---|" * (len(TUNE_CASES) + 1))
     for launch, ratios in sorted(scores.items(), key=lambda item: -math.prod(item[1])):
-        fields = ", ".join(f"{f}={getattr(launch, f)}" for f in TUNE_GRID if getattr(launch, f) != getattr(LAUNCH, f))
-        print(f"| {fields or 'default'} | " + " | ".join(f"{r:.2f}" for r in ratios)
+        print(f"| {launch_name(launch) or 'default'} | " + " | ".join(f"{r:.2f}" for r in ratios)
               + f" | {math.prod(ratios) ** (1 / len(ratios)):.3f} |")
     print(f"\nbest: {best}")
     return best
