@@ -304,7 +304,7 @@ def test_chunks_sized_from_the_lengths(device, work_items):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("launch", [Launch(tile_elements=16384, merge_elements=8192, num_warps=8, num_stages=4),
                                     Launch(tile_elements=1024, merge_elements=256, items_per_sm=1, min_chunk_tokens=16),
-                                    Launch(tma=True, num_stages=5), Launch(early_v=True)])
+                                    Launch(merge_elements=64, merge_slices=4)])
 def test_launch_settings_compute_the_same_op(device, launch):
     """Other tiles, merge steps, warps and chunk sizes: still the reference's result (bf16, ragged)."""
     unit_size, head_dim = 32, 64
@@ -475,8 +475,7 @@ def test_paged_reference_bits_do_not_depend_on_the_unit_size():
 # and over several tiles of the partial kernel (32-token tiles at d=32).
 PAGED_TRITON = [(16, 8, 9, torch.bfloat16, LAUNCH), (32, 32, 5, torch.float32, LAUNCH),
                 (16, 64, 8, torch.bfloat16, Launch(tile_elements=1024, min_chunk_tokens=16)),
-                (64, 16, 3, torch.float32, LAUNCH), (32, 16, 5, torch.bfloat16, Launch(tma=True)),
-                (64, 64, 3, torch.float32, Launch(tma=True, num_stages=5))]
+                (64, 16, 3, torch.float32, LAUNCH), (32, 32, 5, torch.bfloat16, Launch(merge_slices=8))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -523,8 +522,7 @@ def test_blocks_past_element_2_31_of_a_pool_are_read_where_they_are(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tma", [False, True])
-def test_slots_past_the_length_may_hold_nan(device, tma):
+def test_slots_past_the_length_may_hold_nan(device):
     """A page's slots past the sequence's length hold whatever the pool had (NaN here): the result is
     that of a pool holding zeros there."""
     page, unit_size, head_dim = 32, 32, 64
@@ -540,8 +538,7 @@ def test_slots_past_the_length_may_hold_nan(device, tma):
             k[block, :, t % page] = v[block, :, t % page] = float("nan")
             clean_k[block, :, t % page] = clean_v[block, :, t % page] = 0
     for args in [(), (lists, counts, full)]:
-        got, _ = run_both(q, k, v, lens, unit_size, *args, launch=Launch(tma=tma), sorted_lists=bool(args),
-                          block_tables=tables)
+        got, _ = run_both(q, k, v, lens, unit_size, *args, sorted_lists=bool(args), block_tables=tables)
         _, want = run_both(q, clean_k, clean_v, lens, unit_size, *args, block_tables=tables)
         check(got, want, torch.bfloat16)
 

@@ -115,7 +115,7 @@ def _hf_modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
 def _launches(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple:
     from ..kernels.sparse_decode import Launch
 
-    fields = {f.name: f.type for f in dataclasses.fields(Launch)}
+    fields = [f.name for f in dataclasses.fields(Launch)]  # all integers
     launches = []
     for text in value:
         settings = {}
@@ -123,15 +123,10 @@ def _launches(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
             name, _, raw = item.partition("=")
             if name not in fields or not raw:
                 raise click.BadParameter(f"{item!r}: give FIELD=VALUE with FIELD one of {', '.join(fields)}")
-            if fields[name] in (bool, "bool"):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise click.BadParameter(f"{item!r}: {name} is true or false")
-                settings[name] = raw.lower() in ("true", "1")
-            else:
-                try:
-                    settings[name] = int(raw)
-                except ValueError:
-                    raise click.BadParameter(f"{item!r}: {name} is an integer") from None
+            try:
+                settings[name] = int(raw)
+            except ValueError:
+                raise click.BadParameter(f"{item!r}: {name} is an integer") from None
         launches.append(Launch(**settings))
     return tuple(launches)
 
