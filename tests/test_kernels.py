@@ -303,8 +303,7 @@ def test_chunks_sized_from_the_lengths(device, work_items):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("launch", [Launch(tile_elements=16384, merge_elements=8192, num_warps=8, num_stages=4),
-                                    Launch(tile_elements=1024, merge_elements=256, items_per_sm=1, min_chunk_tokens=16),
-                                    Launch(merge_elements=64, merge_slices=4)])
+                                    Launch(tile_elements=1024, merge_elements=256, items_per_sm=1, min_chunk_tokens=16)])
 def test_launch_settings_compute_the_same_op(device, launch):
     """Other tiles, merge steps, warps and chunk sizes: still the reference's result (bf16, ragged)."""
     unit_size, head_dim = 32, 64
@@ -475,7 +474,7 @@ def test_paged_reference_bits_do_not_depend_on_the_unit_size():
 # and over several tiles of the partial kernel (32-token tiles at d=32).
 PAGED_TRITON = [(16, 8, 9, torch.bfloat16, LAUNCH), (32, 32, 5, torch.float32, LAUNCH),
                 (16, 64, 8, torch.bfloat16, Launch(tile_elements=1024, min_chunk_tokens=16)),
-                (64, 16, 3, torch.float32, LAUNCH), (32, 32, 5, torch.bfloat16, Launch(merge_slices=8))]
+                (64, 16, 3, torch.float32, LAUNCH)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -26,8 +26,8 @@ graph):
    unnormalised partial (acc, running max, running sum) and, on request, the log-sum-exp of every
    unit it visits (same pass over K; `unit_lse` is filled with -inf before, for the units nobody
    visits). With `sorted_lists` the lists are read as given (no launch 1), and visited in their order.
-3. `_merge_kernel`, one program per (sequence, query head, slice of D): log-sum-exp merge of the row's
-   partials in chunk order, writing out [B, Hq, D] and lse [B, Hq] (0 and -inf for a row without units).
+3. `_merge_kernel`, one program per (sequence, query head): log-sum-exp merge of the row's partials
+   in chunk order, writing out [B, Hq, D] and lse [B, Hq] (0 and -inf for a row without units).
 
 Determinism: C depends only on how many units each row visits, and full rows and list rows share
 one code path whose unit index is either the slot itself or the (sorted) list entry. A list row whose
@@ -241,14 +241,11 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
 def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, full_rows, seq_lens,
                   R, HKV, T, K, ITEMS, C_FIXED, stride_ob, stride_oh, stride_cb, stride_ch, stride_fb, stride_fh,
                   G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr,
-                  R_PAD: tl.constexpr, CB: tl.constexpr, DS: tl.constexpr, HAS_LIST: tl.constexpr,
-                  HAS_FULL: tl.constexpr, SORTED: tl.constexpr):
-    # One program per (sequence, query head, slice of DS of the D output elements): a long row's partials are
-    # read by D // DS programs at once.
-    head = tl.program_id(0) // (D // DS)  # (sequence, query head)
-    d_first = tl.program_id(0) % (D // DS) * DS
-    b = head // (HKV * G)
-    hq = head % (HKV * G)
+                  R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
+                  SORTED: tl.constexpr):
+    pid = tl.program_id(0)  # (sequence, query head)
+    b = pid // (HKV * G)
+    hq = pid % (HKV * G)
     r = b * HKV + hq // G
     rows, n, nc, cum, _ = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                                        stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
@@ -258,10 +255,10 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
     first = tl.sum(tl.where(this, cum - nc, 0), 0)
 
     offs = tl.arange(0, CB)
-    d = d_first + tl.arange(0, DS)
+    d = tl.arange(0, D)
     m_run = tl.full([], float("-inf"), tl.float32)
     l_run = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([DS], tl.float32)
+    acc = tl.zeros([D], tl.float32)
     # Fixed chunk order: the merge is deterministic and identical for full and list rows. Loads go to L2
     # only (.cg): every partial is read once.
     for c0 in range(0, num_chunks, CB):
@@ -280,9 +277,8 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
     has_mass = l_run > 0
     res = tl.where(has_mass, acc / tl.where(has_mass, l_run, 1.0), 0.0)
     tl.store(out + b.to(tl.int64) * stride_ob + hq * stride_oh + d, res.to(out.dtype.element_ty))
-    if d_first == 0:
-        tl.store(lse + head, tl.where(has_mass, (m_run + tl.math.log2(tl.where(has_mass, l_run, 1.0))) * _LN2,
-                                      float("-inf")))
+    tl.store(lse + pid, tl.where(has_mass, (m_run + tl.math.log2(tl.where(has_mass, l_run, 1.0))) * _LN2,
+                                 float("-inf")))
 
 
 # ---------------------------------------------------------------------------------------- host side
@@ -326,8 +322,7 @@ class Launch:
     tile_elements: int = 16384  # K (or V) elements per tile of the partial kernel: 128 tokens at d=128
     num_warps: int = 4  # of the partial kernel
     num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper measured slower)
-    merge_elements: int = 16384  # partial-accumulator elements per step of a merge program: 128 partials at d=128
-    merge_slices: int = 1  # merge programs per output row (a power of 2), each merging D / merge_slices elements
+    merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
     min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
 
     def tile_tokens(self, head_dim: int) -> int:
@@ -453,12 +448,11 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31,
             num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
-    slice_elements = max(1, head_dim // triton.next_power_of_2(max(1, launch.merge_slices)))
-    _merge_kernel[(batch * num_heads * (head_dim // slice_elements),)](
+    _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
         rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
         *fstride, G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
-        CB=max(8, launch.merge_elements // slice_elements), DS=slice_elements, HAS_LIST=has_list, HAS_FULL=has_full,
+        CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, HAS_FULL=has_full,
         SORTED=sorted_lists, num_warps=4)
     return out, lse
 
