@@ -67,34 +67,31 @@ def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS
                 stride_cb, stride_ch, stride_fb, stride_fh, U: tl.constexpr, C_MIN: tl.constexpr,
                 C_TILE: tl.constexpr, R_PAD: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
                 SORTED: tl.constexpr):
-    """Per-row unit and chunk counts, the inclusive prefix sum of the chunk counts, C, the units per
-    chunk, and per row its length (clamped to T) and whether it reads its list (1) or all its units (0).
-    C is C_FIXED if > 0, else the call's total units over ITEMS items, in whole tiles of C_TILE units and
-    at least C_MIN. (Rounding up to whole C_MIN instead would leave far fewer items than ITEMS, and a
-    second wave on a few SMs: on one 128K retrieval head and seven 4K lists, 156 items where 264 were
-    asked.) A program takes its own row's length and kind from these vectors: no second trip to memory
-    before its first tile."""
+    """Per-row unit and chunk counts, the inclusive prefix sum of the chunk counts, and C, the units
+    per chunk: C_FIXED if > 0, else the call's total units over ITEMS items, in whole tiles of C_TILE
+    units and at least C_MIN. (Rounding up to whole C_MIN instead would leave far fewer items than
+    ITEMS, and a second wave on a few SMs: on one 128K retrieval head and seven 4K lists, 156 items
+    where 264 were asked.)"""
     rows = tl.arange(0, R_PAD)
     in_range = rows < R
-    lens = tl.minimum(tl.maximum(tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32), 0), T)
-    n = tl.cdiv(lens, U)
-    listed_rows = tl.zeros([R_PAD], tl.int32)
+    lens = tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32)
+    n = tl.cdiv(tl.minimum(tl.maximum(lens, 0), T), U)
     if HAS_LIST:
-        b = rows // HKV
-        h = rows % HKV
-        listed_rows = in_range.to(tl.int32)
-        if HAS_FULL:
-            full = tl.load(full_rows + b * stride_fb + h * stride_fh, mask=in_range, other=0) != 0
-            listed_rows = tl.where(full, 0, listed_rows)
         if SORTED:  # the caller's lists are valid as given: the row visits its first `count` entries
+            b = rows // HKV
+            h = rows % HKV
             count = tl.load(unit_counts + b * stride_cb + h * stride_ch, mask=in_range, other=0)
-            n = tl.where(listed_rows != 0, tl.minimum(tl.maximum(count, 0), tl.minimum(n, K)), n)
+            listed = tl.minimum(tl.maximum(count, 0), tl.minimum(n, K))
+            if HAS_FULL:
+                full = tl.load(full_rows + b * stride_fb + h * stride_fh, mask=in_range, other=0) != 0
+                listed = tl.where(full, n, listed)
+            n = listed
         else:
             n = tl.load(row_units + rows, mask=in_range, other=0)
     c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_TILE) * C_TILE, C_MIN)
     c = tl.where(C_FIXED > 0, C_FIXED, c)
     nc = tl.cdiv(n, c)
-    return rows, n, nc, tl.cumsum(nc, 0), c, lens, listed_rows
+    return rows, n, nc, tl.cumsum(nc, 0), c
 
 
 @triton.jit
@@ -156,9 +153,9 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
     TILE_UNIT: tl.constexpr = BLOCK_N // UPT  # tokens of one unit inside one tile
 
     w = tl.program_id(0)
-    rows, n, nc, cum, C, lens, listed_rows = _row_chunks(
-        row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED, stride_cb, stride_ch, stride_fb,
-        stride_fh, U, C_MIN, C_TILE, R_PAD, HAS_LIST, HAS_FULL, SORTED)
+    rows, n, nc, cum, C = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
+                                       stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
+                                       HAS_LIST, HAS_FULL, SORTED)
     if w >= tl.sum(nc, 0):
         return  # surplus program of the fixed-size grid
     r = tl.sum((cum <= w).to(tl.int32), 0)
@@ -167,8 +164,12 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
     chunk = w - tl.sum(tl.where(this, cum - nc, 0), 0)
     b = r // HKV
     h = r % HKV
-    seq_len = tl.sum(tl.where(this, lens, 0), 0)
-    use_list = tl.sum(tl.where(this, listed_rows, 0), 0) != 0
+    seq_len = tl.minimum(tl.maximum(tl.load(seq_lens + b).to(tl.int32), 0), T)
+    use_list = r < 0  # false; becomes true for list rows below
+    if HAS_LIST:
+        use_list = r >= 0
+        if HAS_FULL:
+            use_list = tl.load(full_rows + b * stride_fb + h * stride_fh) == 0
     first = chunk * C
     end = tl.minimum(first + C, n_r)
 
@@ -246,9 +247,9 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
     b = pid // (HKV * G)
     hq = pid % (HKV * G)
     r = b * HKV + hq // G
-    rows, n, nc, cum, _, _, _ = _row_chunks(
-        row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED, stride_cb, stride_ch, stride_fb,
-        stride_fh, U, C_MIN, C_TILE, R_PAD, HAS_LIST, HAS_FULL, SORTED)
+    rows, n, nc, cum, _ = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
+                                       stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
+                                       HAS_LIST, HAS_FULL, SORTED)
     this = rows == r
     num_chunks = tl.sum(tl.where(this, nc, 0), 0)
     first = tl.sum(tl.where(this, cum - nc, 0), 0)
