@@ -182,6 +182,16 @@ BAD_REQUESTS = [  # (what, endpoint, body, status, param, words of the message)
     ("echo", "completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo", "echo=true is not supported"),
     ("too many logprobs", "completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs",
      "less than or equal to 20"),
+    ("a penalty", "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                       "frequency_penalty": 0.5}, 400, "frequency_penalty",
+     "frequency_penalty=0.5 is not supported by this server; leave it out or send 0"),
+    ("tools", "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                   "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "tools=[{"),
+    ("structured output", "completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}},
+     400, "response_format", "leave it out or send {'type': 'text'}"),
+    ("vLLM's guided decoding", "completions", {"model": MODEL, "prompt": "hi", "guided_choice": ["a", "b"]}, 400,
+     "guided_choice", "leave it out"),
     ("top_logprobs without logprobs", "chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, None,
      "top_logprobs needs logprobs=true"),
@@ -197,6 +207,18 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(dense_url, what, endpoi
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
     assert words in error["message"], error["message"]
     assert client(dense_url).completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_fields_not_implemented_pass_with_the_values_that_change_nothing(dense_url) -> None:
+    """What clients send by default (zero penalties, an empty logit bias, text output) is served as without it."""
+    c = client(dense_url)
+    messages = [{"role": "user", "content": "Count to five."}]
+    plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    same = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, presence_penalty=0,
+                                     frequency_penalty=0.0, logit_bias={}, response_format={"type": "text"},
+                                     extra_body={"repetition_penalty": 1.0, "min_tokens": 0})
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    assert same.usage.completion_tokens == 4
 
 
 def test_logprobs_of_chat_and_text_completions_whole_and_streamed(dense_url) -> None:

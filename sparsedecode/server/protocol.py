@@ -1,7 +1,9 @@
 """The OpenAI API's request bodies and errors, with vLLM's extensions (`top_k`, `ignore_eos`,
 `stop_token_ids`, `stream_options.continuous_usage_stats`) and ours (`sparsedecode`: per-request method options).
 
-Unknown fields are ignored, as OpenAI and vLLM do, so that clients sending newer fields keep working.
+Unknown fields are ignored, as OpenAI and vLLM do, so that clients sending newer fields keep working; the known
+fields that would change the output but are not implemented (`NOT_IMPLEMENTED`: penalties, logit bias, tools,
+structured output, ...) are refused unless they hold the value that changes nothing.
 """
 from __future__ import annotations
 
@@ -30,6 +32,17 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+#: Fields of OpenAI's and vLLM's APIs that would change the output and that this server does not implement, with
+#: the values that change nothing (what clients send by default). Any other value is refused, not ignored.
+NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
+    "min_tokens": (0,), "min_p": (0,), "best_of": (1,), "use_beam_search": (False,), "tools": ([],),
+    "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},), "guided_json": (),
+    "guided_regex": (), "guided_choice": (), "guided_grammar": (), "prompt_logprobs": (), "suffix": ("",),
+    "skip_special_tokens": (True,),
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with the usage of the whole request
     continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
@@ -51,6 +64,19 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     sparsedecode: dict[str, Any] | None = None  # per-request decode-method options, checked by the engine
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_not_implemented(cls, body: Any) -> Any:
+        """A field of `NOT_IMPLEMENTED` with a value that would change the output is a 400 naming it (an
+        APIError passes through pydantic, so the error's `param` is the field)."""
+        for name, harmless in NOT_IMPLEMENTED.items():
+            value = body.get(name) if isinstance(body, dict) else None
+            if value is not None and not any(value == h for h in harmless):
+                keep = f" or send {harmless[0]!r}" if harmless else ""
+                raise APIError(400, f"{name}={value!r} is not supported by this server; leave it out{keep}",
+                               param=name)
+        return body
 
     def requested_logprobs(self) -> int | None:
         """How many top log-probabilities per token the request asks for (0: only the tokens'), None: none."""
