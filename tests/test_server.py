@@ -209,6 +209,34 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(dense_url, what, endpoi
     assert client(dense_url).completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_tokenize_and_detokenize(dense_url) -> None:
+    """vLLM's /tokenize (a prompt, or messages through the chat template: the prompt a chat request is charged for)
+    and /detokenize (back to the text); their bad input is a 400 naming the field."""
+    def post(path, body):
+        return httpx2.post(f"{dense_url}{path}", json={"model": MODEL, **body},
+                           headers={"Authorization": f"Bearer {API_KEY}"})
+
+    text = "The quick brown fox jumps over the lazy dog."
+    tokens = post("/tokenize", {"prompt": text}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 5 and tokens["max_model_len"] == MAX_CONTEXT
+    assert post("/detokenize", {"tokens": tokens["tokens"]}).json() == {"prompt": text}
+    assert post("/detokenize", {"tokens": []}).json() == {"prompt": ""}
+    messages = [{"role": "user", "content": text}]
+    chat = post("/tokenize", {"messages": messages}).json()
+    charged = client(dense_url).chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert chat["count"] == charged.usage.prompt_tokens > tokens["count"]
+    without_turn = post("/tokenize", {"messages": messages, "add_generation_prompt": False}).json()
+    assert without_turn["count"] < chat["count"] and chat["tokens"][:without_turn["count"]] == without_turn["tokens"]
+    for path, body, param, words in [("/tokenize", {"prompt": ""}, "prompt", "empty prompt"),
+                                     ("/tokenize", {}, None, "give either a prompt or messages"),
+                                     ("/tokenize", {"prompt": "hi", "messages": messages}, None, "either"),
+                                     ("/detokenize", {"tokens": [10**9]}, "tokens", "tokens must be integers in [0, "),
+                                     ("/detokenize", {"tokens": "abc"}, "tokens", "valid list")]:
+        response = post(path, body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (body, response.text)
+        assert words in response.json()["error"]["message"], response.text
+
+
 def test_fields_not_implemented_pass_with_the_values_that_change_nothing(dense_url) -> None:
     """What clients send by default (zero penalties, an empty logit bias, text output) is served as without it."""
     c = client(dense_url)

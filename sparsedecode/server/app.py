@@ -20,8 +20,8 @@ from starlette.exceptions import HTTPException
 
 from .engine_loop import EngineLoop, RequestStream
 from .metrics import ServerMetrics
-from .protocol import (COMPLETION_DEFAULT_MAX_TOKENS, MAX_CHOICES, APIError, ChatCompletionRequest,
-                       CompletionRequest, GenerationRequest, TokenizeRequest)
+from .protocol import (COMPLETION_DEFAULT_MAX_TOKENS, MAX_CHOICES, APIError, ChatCompletionRequest, ChatMessage,
+                       CompletionRequest, DetokenizeRequest, GenerationRequest, TokenizeRequest)
 from .responses import DONE, Completion, TextDeltas, event, usage
 
 if TYPE_CHECKING:
@@ -83,12 +83,38 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
                   "max_model_len": llm.max_context, "method": llm.method_name} for name in served_model_names]
         return {"object": "list", "data": cards}
 
+    async def chat_prompt(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """The messages through the model's chat template (on the engine thread, which owns the tokenizer)."""
+        dicts = [m.template_dict() for m in messages]
+        try:
+            return await engine_loop.call(lambda: llm.tokenizer.apply_chat_template(
+                dicts, tokenize=False, add_generation_prompt=add_generation_prompt))
+        except Exception as e:  # a template raises what it likes on messages it does not take
+            raise APIError(400, f"the chat template rejects these messages: {e}", param="messages") from None
+
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         model_name(body.model)
-        _need_tokenizer(llm, "prompt")
-        tokens = await encode(body.prompt)
+        param = "prompt" if body.messages is None else "messages"
+        _need_tokenizer(llm, param)
+        prompt = body.prompt if body.messages is None else await chat_prompt(body.messages, body.add_generation_prompt)
+        try:
+            tokens = await encode(prompt)
+        except ValueError as e:  # e.g. an empty prompt
+            raise APIError(400, str(e), param=param) from None
         return {"count": len(tokens), "max_model_len": llm.max_context, "tokens": tokens}
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        model_name(body.model)
+        _need_tokenizer(llm, "tokens")
+        if not body.tokens:
+            return {"prompt": ""}
+        try:
+            ids = llm.engine.encode(body.tokens)  # checks the ids against the vocabulary
+        except ValueError as e:
+            raise APIError(400, str(e).replace("prompt token ids", "tokens"), param="tokens") from None
+        return {"prompt": await engine_loop.call(lambda: llm.tokenizer.decode(ids))}
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -105,12 +131,7 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
         arrival = time.monotonic()
         name = model_name(body.model)
         _need_tokenizer(llm, "messages")
-        messages = [m.template_dict() for m in body.messages]
-        try:
-            prompt = await engine_loop.call(lambda: llm.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True))
-        except Exception as e:  # a template raises what it likes on messages it does not take
-            raise APIError(400, f"the chat template rejects these messages: {e}", param="messages") from None
+        prompt = await chat_prompt(body.messages)
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:  # OpenAI's default: up to the end of the context
             max_tokens = max(llm.max_context - len(await encode(prompt)), 1)

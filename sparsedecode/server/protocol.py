@@ -175,7 +175,23 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class TokenizeRequest(BaseModel):
-    """vLLM's `/tokenize`: the token ids of a prompt as the engine would see them."""
+    """vLLM's `/tokenize`: the token ids of a prompt, or of chat messages through the chat template, as the
+    engine would see them."""
 
     model: str | None = None
-    prompt: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # with messages: end with the assistant's turn opening, as chat does
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either a prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `/detokenize`: the text of token ids."""
+
+    model: str | None = None
+    tokens: list[int]
