@@ -92,6 +92,15 @@ def test_engine_refuses_bad_requests(model) -> None:
         SamplingParams(max_tokens=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    # values the step's parameter tensors cannot hold would fail every request of the batch: refused here
+    with pytest.raises(ValueError, match="seed must be a 64-bit integer"):
+        SamplingParams(seed=2**63)
+    with pytest.raises(ValueError, match="top_k must be an integer from 0"):
+        SamplingParams(top_k=2**64)
+    for temperature in (float("inf"), float("nan"), -0.5):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            SamplingParams(temperature=temperature)
+    assert SamplingParams(seed=-(2**63), top_k=2**63 - 1).seed == -(2**63)
     with pytest.raises(ValueError, match="per-request method options"):
         engine.add_request(prompts[0], SamplingParams(), method_options={"budget": 128})
     with pytest.raises(ValueError, match="token ids must be integers"):

@@ -1,9 +1,12 @@
 """How one request samples and when it stops."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .sampling import MAX_LOGPROBS
+
+INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -32,14 +35,16 @@ class SamplingParams:
             self.stop = [self.stop]
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer of at least 1, not {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature!r}")
+        # The step samples from device tensors of every row's parameters: a value that does not fit them would
+        # fail the whole batch's step, so it is refused here, with the request.
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0: no limit), not {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, not {self.seed!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= INT64_MAX:
+            raise ValueError(f"top_k must be an integer from 0 (no limit) to 2**63 - 1, not {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -INT64_MAX - 1 <= self.seed <= INT64_MAX):
+            raise ValueError(f"seed must be a 64-bit integer (-2**63 to 2**63 - 1) or None, not {self.seed!r}")
         if self.stop is not None and (not all(isinstance(s, str) and s for s in self.stop)):
             raise ValueError(f"stop must be a list of non-empty strings, not {self.stop!r}")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine import SamplingParams
+from ..engine.sampling_params import INT64_MAX
 from ..engine.sampling import MAX_LOGPROBS
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
@@ -55,9 +56,9 @@ class GenerationRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # 0 or -1: no top-k filter (vLLM takes -1)
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX)  # 0 or -1: no top-k filter (vLLM takes -1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per prompt; with a seed, choice i samples with seed + i
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX - MAX_CHOICES)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False  # run to max_tokens whatever the model says (benchmarks)
