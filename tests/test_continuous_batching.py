@@ -101,6 +101,12 @@ def test_engine_refuses_bad_requests(model) -> None:
         with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
             SamplingParams(temperature=temperature)
     assert SamplingParams(seed=-(2**63), top_k=2**63 - 1).seed == -(2**63)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, not 'hot'"):
+        SamplingParams(temperature="hot")
+    with pytest.raises(ValueError, match="top_p must be a number in"):
+        SamplingParams(top_p=None)
+    with pytest.raises(ValueError, match="a prompt is text or a list of token ids, not NoneType"):
+        engine.add_request(None, SamplingParams())
     with pytest.raises(ValueError, match="per-request method options"):
         engine.add_request(prompts[0], SamplingParams(), method_options={"budget": 128})
     with pytest.raises(ValueError, match="token ids must be integers"):

@@ -56,6 +56,8 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt: text is tokenised as given, ids are checked."""
+        if not isinstance(prompt, (str, list, tuple)):
+            raise ValueError(f"a prompt is text or a list of token ids, not {type(prompt).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer (random weights): give the prompt as token ids")

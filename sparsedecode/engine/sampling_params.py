@@ -37,10 +37,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer of at least 1, not {self.max_tokens!r}")
         # The step samples from device tensors of every row's parameters: a value that does not fit them would
         # fail the whole batch's step, so it is refused here, with the request.
-        if not 0 <= self.temperature < math.inf:
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], not {self.top_p!r}")
         if not isinstance(self.top_k, int) or not 0 <= self.top_k <= INT64_MAX:
             raise ValueError(f"top_k must be an integer from 0 (no limit) to 2**63 - 1, not {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not -INT64_MAX - 1 <= self.seed <= INT64_MAX):
@@ -57,3 +57,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
