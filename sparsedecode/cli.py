@@ -71,8 +71,9 @@ class LazyGroup(click.Group):
         # click would import every lazy command to show its line (eval's module imports torch: seconds)
         names = self.list_commands(ctx)
         limit = formatter.width - 6 - max(map(len, names))
-        rows = [(name, click.utils.make_default_short_help(_lazy_docstring(LAZY_COMMANDS[name]), limit)
-                 if name in LAZY_COMMANDS else self.commands[name].get_short_help_str(limit)) for name in names]
+        commands = {name: click.Command(name, help=_lazy_docstring(LAZY_COMMANDS[name])) if name in LAZY_COMMANDS
+                    else self.commands[name] for name in names}  # a stand-in command carries the lazy one's help
+        rows = [(name, command.get_short_help_str(limit)) for name, command in commands.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
