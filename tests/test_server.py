@@ -415,10 +415,12 @@ def test_pool_all_free_after_many_requests_with_disconnects(dense_url) -> None:
             gone = kind < 0.7  # a client gone mid-stream, from a request that would run much longer
             stream = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens + 60 * gone,
                                                 stream=True, extra_body={"ignore_eos": gone})
-            async for _ in stream:
+            events = stream.__aiter__()  # held, to be closed here rather than finalised later by the collector
+            async for _ in events:
                 if gone:
                     break  # leave the iteration before closing: closing inside it warns of a running generator
             if gone:
+                await events.aclose()
                 await stream.close()
                 return "disconnected"
             return "streamed"
