@@ -230,6 +230,12 @@ def generate(model, method, options, prompt, chat, max_new_tokens, temperature, 
     method_options = parse_method_options(options)
     method_cls = check_method(method, method_options)
     check_device(device)
+    from .engine import SamplingParams
+
+    try:  # before the model loads
+        SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_new_tokens)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     text = prompt if prompt is not None else sys.stdin.read()
     if not text.strip():
         raise click.UsageError("empty prompt: pass --prompt or pipe text on standard input")

@@ -148,6 +148,11 @@ def test_missing_inputs_are_refused(tiny, haystack, tmp_path):
     result = CliRunner().invoke(calibrate_command, ["--model", "smollm2-135m", "--target-retrieval", "9",
                                                     "--haystack", str(tmp_path / "missing"), "--out", "x.json"])
     assert result.exit_code == 2 and "does not exist" in result.output
+    for option, value, says in [("--seed", str(2**64), "--seed"), ("--lr", "-1", "--lr")]:
+        result = CliRunner().invoke(calibrate_command, ["--model", "smollm2-135m", "--target-retrieval", "9",
+                                                        "--out", str(tmp_path / "r.json"), option, value])
+        assert result.exit_code == 2 and says in result.output and "not in the range" in result.output, result.output
+        assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.slow  # 30 steps on real weights

@@ -57,6 +57,8 @@ def assert_one_error_line(result, *phrases: str) -> None:
     (["--method", "streaming", "-o", "budget=lots"], ["budget must be a positive", "'lots'"]),
     (["--method", "lychee", "-o", "budget"], ["'budget' is not key=value"]),
     (["-n", "0"], ["--max-new-tokens", "0 is not in the range"]),
+    (["--seed", str(2**70)], ["seed must be a 64-bit integer"]),
+    (["-t", "inf"], ["temperature must be a finite number"]),
     (["-m", "smolm2-135m"], ["did you mean smollm2-135m?"]),
     (["-m", "/no/such/model.gguf"], ["neither a registry model nor an existing path", ".gguf file"]),
     (["-m", "random:tiny-llama"], ["no tokenizer"]),

@@ -18,8 +18,9 @@ from .heuristics import ATTENTION_MASS, GATES
 @click.option("--data", type=click.Choice(["passkey"]), default="passkey", show_default=True)
 @click.option("--min-length", type=int, default=1000, show_default=True, help="Shortest prompt, tokens.")
 @click.option("--max-length", type=int, default=10000, show_default=True, help="Longest prompt, tokens.")
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option("--seed", type=click.IntRange(-2**63, 2**64 - 1), default=0, show_default=True,
+              help="Seed of the prompts and the gates' noise (torch's range: -2**63 to 2**64 - 1).")
 @click.option("--gate", type=click.Choice([*GATES, ATTENTION_MASS]), default="hardkuma", show_default=True,
               help="HardKuma (the method) or an ablation baseline.")
 @click.option("--keep-ratio", type=float, default=0.3, show_default=True, help="Blocks a sparse head keeps.")
