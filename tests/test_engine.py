@@ -138,6 +138,12 @@ def test_bad_input_errors(smollm: LLM, tmp_path) -> None:
     small = LLM("smollm2-135m", device="cpu", max_context=64)
     with pytest.raises(ValueError, match="exceeds max_context"):
         small.generate(["word " * 80], max_new_tokens=4)
+    # a batch whose last prompt does not fit the pool is refused whole: nothing of it stays queued
+    tight = LLM("random:tiny-llama", device="cpu", max_context=512, block_size=16, num_blocks=8)
+    with pytest.raises(ValueError, match="KV blocks but the pool holds"):
+        tight.generate([[5] * 20, [5] * 300], max_new_tokens=4)
+    assert not tight.engine.has_unfinished_requests()
+    assert len(tight.generate([[5] * 20], max_new_tokens=4)[0].token_ids) == 4
     with pytest.raises(FileNotFoundError):
         LLM(str(tmp_path / "missing.gguf"))
     folder = tmp_path / "gpt2"

@@ -285,6 +285,7 @@ class LLM:
             if len(i) + n > self.max_context:
                 raise ValueError(f"prompt of {len(i)} tokens plus max_new_tokens={n} exceeds max_context="
                                  f"{self.max_context}; shorten the prompt or raise max_context")
+            engine.check_fits(len(i), n)
         request_ids = [engine.add_request(i, p) for i, p in zip(ids, params)]
         sequences = [engine.sequences[r] for r in request_ids]
         pending = set(request_ids)

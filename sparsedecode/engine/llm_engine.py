@@ -74,6 +74,20 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         return ids
 
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ValueError, naming the limit, if a request of `prompt_tokens` prompt tokens that may generate
+        `max_tokens` more exceeds the context or the whole KV pool."""
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt of {prompt_tokens} tokens plus max_tokens={max_tokens} exceeds the model's context of "
+                f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
+        blocks = self.block_manager.blocks_for(prompt_tokens + max_tokens)
+        if blocks > self.block_manager.num_usable_blocks:
+            raise ValueError(
+                f"prompt plus max_tokens needs {blocks} KV blocks but the pool holds "
+                f"{self.block_manager.num_usable_blocks}; give the engine more KV memory (num_blocks, "
+                "gpu_memory_utilization) or shorten the request")
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, method_options: dict[str, Any] | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError naming the problem for a prompt that does not
@@ -85,16 +99,7 @@ class LLMEngine:
                 "method with one set of options; set them when starting it (LLM(..., method=..., option=value) "
                 "or `sparsedecode serve --method M -o option=value`)")
         ids = self.encode(prompt)
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens plus max_tokens={params.max_tokens} exceeds the model's context of "
-                f"{self.max_model_len} tokens; shorten the prompt or lower max_tokens")
-        blocks = self.block_manager.blocks_for(len(ids) + params.max_tokens)
-        if blocks > self.block_manager.num_usable_blocks:
-            raise ValueError(
-                f"prompt plus max_tokens needs {blocks} KV blocks but the pool holds "
-                f"{self.block_manager.num_usable_blocks}; give the engine more KV memory (num_blocks, "
-                "gpu_memory_utilization) or shorten the request")
+        self.check_fits(len(ids), params.max_tokens)
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
