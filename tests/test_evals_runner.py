@@ -361,6 +361,21 @@ def test_cli_runs_a_suite(tmp_path, monkeypatch):
     assert_png(tmp_path / "accuracy_vs_length.png")
 
 
+def test_cli_refuses_what_the_engine_cannot_run_before_writing_anything(tmp_path, monkeypatch):
+    """A suite whose longest prompt and answer do not fit the engine's pool, or a seed the engine refuses,
+    stops before the folder is made (not after writing the prompts of a run that can never go)."""
+    monkeypatch.setattr("sparsedecode.evals.cli.LLM", fake_llm_class([], pool_tokens=2048))
+    common = ["--model", "smollm2-135m", "--samples", "1", "--tasks", "niah_single_1"]
+    result = CliRunner().invoke(eval_command, ["ruler", *common, "--lengths", "4k", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "but the pool holds 2048" in result.output, result.output
+    result = CliRunner().invoke(eval_command, ["ruler", *common, "--lengths", "1k", "--seed", str(2**64),
+                                               "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "seed must be a 64-bit integer" in result.output, result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    result = CliRunner().invoke(eval_command, ["ruler", *common, "--lengths", "1k", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0 and (tmp_path / "c" / "results.json").exists(), result.output
+
+
 def test_cli_reasoning_chains_problems_and_sizes_the_context_for_them(tmp_path, monkeypatch):
     pytest.importorskip("reasoning_gym")
     problems = tmp_path / "problems.jsonl"

@@ -31,6 +31,17 @@ class FakeGeneration:
 
 
 @dataclass
+class FakeEngine:
+    """`LLMEngine.check_fits` over a pool of `pool_tokens` tokens."""
+    pool_tokens: int = 10**9
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.pool_tokens:
+            raise ValueError(f"prompt plus max_tokens needs {prompt_tokens + max_tokens} tokens but the pool holds "
+                             f"{self.pool_tokens}")
+
+
+@dataclass
 class FakeLLM:
     """Has `LLM`'s interface: the dense method answers with the references it was told, any other method
     answers wrongly."""
@@ -42,6 +53,7 @@ class FakeLLM:
     constructed_with: dict[str, Any] = field(default_factory=dict)
     fail_after: int | None = None  # generate calls that succeed before one raises (a run that dies)
     config: Any = None  # the model's ModelConfig, where a test needs the head roles a method resolves to
+    engine: FakeEngine = field(default_factory=FakeEngine)
 
     def use_method(self, name: str, **options: Any) -> None:
         self.method = name
@@ -60,12 +72,13 @@ class FakeLLM:
                 for text, p in zip(texts, prompts)]
 
 
-def fake_llm_class(created: list[FakeLLM]) -> type:
+def fake_llm_class(created: list[FakeLLM], pool_tokens: int = 10**9) -> type:
     """An `LLM` constructor stand-in for the CLI, recording each instance in `created`."""
 
     def construct(model: str, method: str = "dense", device: Any = None, dtype: Any = None,
                   max_context: int | None = None, **options: Any) -> FakeLLM:
-        llm = FakeLLM(method=method, constructed_with={"model": model, "max_context": max_context, **options})
+        llm = FakeLLM(method=method, constructed_with={"model": model, "max_context": max_context, **options},
+                      engine=FakeEngine(pool_tokens))
         created.append(llm)
         return llm
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from sparsedecode.cli import parse_method_options
-from sparsedecode.engine.llm import LLM
+from sparsedecode.engine import LLM, SamplingParams
 from sparsedecode.models.loader import load_tokenizer
 
 from .attention_recall import DEFAULT_TASK, RECALL_TASKS, recall_context, run_recall
@@ -194,9 +194,11 @@ def _run(suite: str, model: str, methods: list[str], lengths: list[int], samples
     max_context = (recall_context(lengths, suite_options["steps"]) if recall
                    else context_needed(suite, lengths, suite_options.get("problems_per_prompt", 1)))
     try:
+        SamplingParams(seed=seed)  # what the engine refuses fails here, before the model loads
         llm = LLM(model, method=first_method, device=device, dtype=dtype, max_context=max_context,
                   gpu_memory_utilization=gpu_memory_utilization, **({"cuda_graphs": False} if recall else {}),
                   **first_options)
+        llm.engine.check_fits(max_context, 0)  # the longest prompt and its answer, before any file is written
         common = dict(haystack=haystack, model_name=model, **suite_options)
         if recall:
             report = run_recall(llm, runs, lengths, samples, seed, batch_size, out, **common)
