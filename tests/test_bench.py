@@ -334,7 +334,8 @@ def test_kernel_subcommand_calls_the_kernel_benchmark(monkeypatch):
     result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--contexts", "lots"])
     assert result.exit_code == 2 and "bad token count 'lots'" in result.output
     for bad, says in [("tiles=3", "FIELD one of"), ("num_warps=four", "num_warps is an integer"),
-                      ("num_warps", "give FIELD=VALUE")]:
+                      ("num_warps", "give FIELD=VALUE"), ("items_per_sm=0", "items_per_sm must be a positive integer"),
+                      ("tile_elements=3000", "tile_elements must be a power of 2")]:
         result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--launch", bad])
         assert result.exit_code == 2 and says in result.output, (bad, result.output)
     assert len(got) == 1

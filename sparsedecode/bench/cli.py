@@ -127,7 +127,10 @@ def _launches(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
                 settings[name] = int(raw)
             except ValueError:
                 raise click.BadParameter(f"{item!r}: {name} is an integer") from None
-        launches.append(Launch(**settings))
+        try:
+            launches.append(Launch(**settings))
+        except ValueError as e:
+            raise click.BadParameter(f"{text!r}: {e}") from None
     return tuple(launches)
 
 

@@ -325,6 +325,14 @@ class Launch:
     merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
     min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
 
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Launch.{name} must be a positive integer, not {value!r}")
+        for name in ("tile_elements", "merge_elements"):  # the kernels' tiles are powers of 2
+            if getattr(self, name) & (getattr(self, name) - 1):
+                raise ValueError(f"Launch.{name} must be a power of 2, not {getattr(self, name)}")
+
     def tile_tokens(self, head_dim: int) -> int:
         return max(16, min(128, self.tile_elements // head_dim))
 
