@@ -65,14 +65,17 @@ class LLMEngine:
                 raise ValueError("empty prompt: give at least one token of text")
             bos = getattr(self.tokenizer, "bos_token", None)
             return self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos))).input_ids
-        ids = list(prompt)
-        if not ids:
+        if not prompt:
             raise ValueError("empty prompt: give at least one token")
+        return self.check_token_ids(prompt)
+
+    def check_token_ids(self, ids: list[int] | tuple[int, ...], what: str = "prompt token ids") -> list[int]:
+        """`ids` as a list, after checking that each is a token of the vocabulary (ValueError naming `what`)."""
         vocab = self.runner.config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        return ids
+            raise ValueError(f"{what} must be integers in [0, {vocab}); got {bad[:5]}")
+        return list(ids)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise ValueError, naming the limit, if a request of `prompt_tokens` prompt tokens that may generate

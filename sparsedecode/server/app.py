@@ -108,12 +108,10 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         model_name(body.model)
         _need_tokenizer(llm, "tokens")
-        if not body.tokens:
-            return {"prompt": ""}
         try:
-            ids = llm.engine.encode(body.tokens)  # checks the ids against the vocabulary
+            ids = llm.engine.check_token_ids(body.tokens, "tokens")
         except ValueError as e:
-            raise APIError(400, str(e).replace("prompt token ids", "tokens"), param="tokens") from None
+            raise APIError(400, str(e), param="tokens") from None
         return {"prompt": await engine_loop.call(lambda: llm.tokenizer.decode(ids))}
 
     @api.post("/v1/completions")
