@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from transformers import LogitsProcessor, LogitsProcessorList
+
 from sparsedecode import LLM, SamplingParams
 from sparsedecode.bench.e2e import hf_model_like
 from sparsedecode.engine.model_runner import PrefillRequest
@@ -115,6 +117,84 @@ def test_logprobs_are_the_models_log_softmax_and_leave_the_tokens_alone(smollm: 
     assert all(t.top == [] and t.logprob <= 0 for t in outputs[asked].logprobs)
 
 
+def run_requests(llm: LLM, requests: list[tuple[list[int], SamplingParams]]) -> list:
+    """The engine's outputs of requests queued together (one batch), in their order."""
+    engine = llm.engine
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in engine.step()})
+    return [outputs[i] for i in ids]
+
+
+class OutputPenalty(LogitsProcessor):
+    """vLLM's frequency and presence penalties for transformers' generate: per token of the output so far."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float) -> None:
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = input_ids[:, self.prompt_len:]
+        counts = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+def test_penalties_and_bias_match_transformers_generate(smollm: LLM) -> None:
+    """Greedy decoding with each penalty against transformers' generate with the same logits processors: the
+    repetition penalty is transformers' own, frequency and presence `OutputPenalty`, logit bias and min_tokens
+    its sequence bias and minimum length. All requests in one batch with an unpenalized one, which stays as
+    it is alone."""
+    smollm.use_method("dense")
+    model = hf_model_like(smollm.engine.runner.model)
+    prompt = smollm.engine.encode("1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,")
+    eos = sorted(smollm.engine.eos_token_ids)
+    new = 12
+    cases = [  # (ours, transformers' generate kwargs)
+        (dict(repetition_penalty=1.5), dict(repetition_penalty=1.5)),
+        (dict(frequency_penalty=1.5, presence_penalty=0.5),
+         dict(logits_processor=LogitsProcessorList([OutputPenalty(len(prompt), 1.5, 0.5)]))),
+        (dict(repetition_penalty=1.2, frequency_penalty=-0.5, presence_penalty=1.0),
+         dict(repetition_penalty=1.2, logits_processor=LogitsProcessorList([OutputPenalty(len(prompt), -0.5, 1.0)]))),
+        (dict(min_tokens=5, logit_bias={eos[0]: 100.0}), dict(min_new_tokens=5, sequence_bias={(eos[0],): 100.0})),
+    ]
+    plain = SamplingParams(max_tokens=new, ignore_eos=True)
+    outputs = run_requests(smollm, [(prompt, plain)] + [(prompt, SamplingParams(max_tokens=new, **ours))
+                                                         for ours, _ in cases])
+    assert outputs[0].token_ids == run_requests(smollm, [(prompt, plain)])[0].token_ids
+    for (ours, theirs), got in zip(cases, outputs[1:]):
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                              **theirs)[0, len(prompt):].tolist()
+        assert got.token_ids == want, ours
+        assert got.token_ids != outputs[0].token_ids, ours  # the penalty changed something
+    assert len(outputs[-1].token_ids) == 6 and outputs[-1].finish_reason == "stop"  # 5 held back, then biased eos
+
+
+def test_penalties_survive_a_method_change_and_min_p_one_is_greedy(smollm: LLM) -> None:
+    """A penalized sequence whose slot state is rewritten from its history mid-generation (the engine's method
+    changes after 6 of its 12 tokens) gives the tokens of an uninterrupted run: at the last token the
+    frequency penalty of the comma's three earlier outputs, two of them before the change, turns greedy away
+    from it. min_p=1 keeps only the most likely token."""
+    smollm.use_method("dense")
+    prompt = smollm.engine.encode("1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,")
+    params = SamplingParams(max_tokens=12, ignore_eos=True, frequency_penalty=1.2)
+    whole = run_requests(smollm, [(prompt, params)])[0].token_ids
+    plain = run_requests(smollm, [(prompt, SamplingParams(max_tokens=12, ignore_eos=True))])[0].token_ids
+    assert whole[:-1] == plain[:-1] and whole[-1] != plain[-1]
+    engine = smollm.engine
+    request = engine.add_request(prompt, params)
+    outputs = {}
+    for _ in range(6):  # the prefill and its first token, then 5 decode steps
+        outputs.update({o.request_id: o for o in engine.step()})
+    assert len(outputs[request].token_ids) == 6
+    smollm.use_method("dense")  # running sequences restart their slot state
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in engine.step()})
+    assert outputs[request].token_ids == whole
+    hot = dict(max_tokens=12, ignore_eos=True, temperature=2.0, seed=1)
+    kept, free = run_requests(smollm, [(prompt, SamplingParams(**hot, min_p=1.0)), (prompt, SamplingParams(**hot))])
+    assert kept.token_ids == plain and free.token_ids != plain
+
+
 def test_stop_strings_and_tokens(smollm: LLM) -> None:
     out = smollm.generate(["1, 2, 3, 4, 5,"], max_new_tokens=30, stop=[" 8"])[0]
     assert out.finish_reason == "stop" and " 8" not in out.text and "7" in out.text
@@ -205,6 +285,11 @@ def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str) -> None:
         logprobs.append(torch.tensor([[[t.logprob, *(v for _, v in t.top)] for t in g.logprobs]
                                       for g in with_logprobs]))
         assert bool(llm.engine.runner.graphs) == fast
+        penalized = [SamplingParams(max_tokens=12, ignore_eos=True, frequency_penalty=1.0, repetition_penalty=1.3,
+                                    logit_bias={5: 2.0}, min_tokens=3, temperature=t, min_p=0.1, seed=3)
+                     for t in (0.0, 0.8, 0.0)]
+        tokens[-1].append([o.token_ids for o in run_requests(llm, list(zip(prompts, penalized)))])
+        assert any(key[3] for key in llm.engine.runner.graphs) == fast  # the penalized step variant replayed
     assert tokens[0] == tokens[1]
     torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-3, rtol=0)
 
@@ -222,7 +307,7 @@ def test_captured_buckets_serve_every_later_step_on_gpu() -> None:
             captured = llm.engine.capture_decode_steps()
             assert [b for b, _ in captured] == [1, 2, 4, 6] and all(s > 0 for _, s in captured)
             graphs = dict(runner.graphs)
-            assert set(graphs) == {(b, greedy, False) for b in (1, 2, 4, 6) for greedy in (True, False)}
+            assert set(graphs) == {(b, greedy, False, False) for b in (1, 2, 4, 6) for greedy in (True, False)}
         tokens.append([g.token_ids for g in llm.generate(prompts, max_new_tokens=10, stop_token_ids=[])])
         if capture:  # no step compiled or captured anything new
             assert runner.graphs == graphs

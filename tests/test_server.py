@@ -186,9 +186,18 @@ BAD_REQUESTS = [  # (what, endpoint, body, status, param, words of the message)
      {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "seed", "less than or equal"),
     ("a top_k beyond 64 bits", "completions", {"model": MODEL, "prompt": "hi", "top_k": 2**64}, 400, "top_k",
      "less than or equal"),
-    ("a penalty", "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                                       "frequency_penalty": 0.5}, 400, "frequency_penalty",
-     "frequency_penalty=0.5 is not supported by this server; leave it out or send 0"),
+    ("a penalty out of range", "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                    "frequency_penalty": 2.5}, 400, "frequency_penalty",
+     "less than or equal to 2"),
+    ("a logit bias for a token beyond the vocabulary", "completions",
+     {"model": MODEL, "prompt": "hi", "logit_bias": {"49152": 5}}, 400, None,
+     "logit_bias token ids must be integers in [0, 49152)"),
+    ("a logit bias over 100", "completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, None,
+     "logit_bias must map token ids"),
+    ("min_tokens over max_tokens", "completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5},
+     400, None, "min_tokens must be an integer from 0 to max_tokens (4)"),
+    ("best_of", "completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of",
+     "best_of=3 is not supported by this server; leave it out or send 1"),
     ("tools", "chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                    "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "tools=[{"),
@@ -241,16 +250,26 @@ def test_tokenize_and_detokenize(dense_url) -> None:
         assert words in response.json()["error"]["message"], response.text
 
 
-def test_fields_not_implemented_pass_with_the_values_that_change_nothing(dense_url) -> None:
-    """What clients send by default (zero penalties, an empty logit bias, text output) is served as without it."""
+def test_default_values_change_nothing_and_penalties_and_bias_apply(dense_url) -> None:
+    """What clients send by default (zero penalties, an empty logit bias, text output) is served as without it;
+    a logit bias of 20 makes its token every token, streamed or not, and a repetition penalty on top of it
+    turns the tokens away from it once it has been output."""
     c = client(dense_url)
     messages = [{"role": "user", "content": "Count to five."}]
     plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
     same = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, presence_penalty=0,
                                      frequency_penalty=0.0, logit_bias={}, response_format={"type": "text"},
-                                     extra_body={"repetition_penalty": 1.0, "min_tokens": 0})
+                                     extra_body={"repetition_penalty": 1.0, "min_tokens": 0, "min_p": None})
     assert same.choices[0].message.content == plain.choices[0].message.content
     assert same.usage.completion_tokens == 4
+    token = httpx2.post(f"{dense_url}/tokenize", json={"model": MODEL, "prompt": " banana"},
+                        headers={"Authorization": f"Bearer {API_KEY}"}).json()["tokens"][-1]
+    biased = dict(model=MODEL, prompt="Count to five.", max_tokens=5, temperature=0, logit_bias={str(token): 20})
+    whole = c.completions.create(**biased)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(**biased, stream=True) if ch.choices)
+    assert whole.choices[0].text == streamed == " banana" * 5
+    penalized = c.completions.create(**biased, extra_body={"repetition_penalty": 2.0}).choices[0].text
+    assert penalized.startswith(" banana") and " banana" not in penalized[len(" banana"):]
 
 
 def test_logprobs_of_chat_and_text_completions_whole_and_streamed(dense_url) -> None:

@@ -17,7 +17,7 @@ from ..methods.base import DecodeMethod
 from .block_manager import BlockManager
 from .model_runner import DecodeRow, ModelRunner, PrefillRequest
 from .output_text import OutputText
-from .sampling import TokenLogprob
+from .sampling import PenaltyRow, TokenLogprob
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -103,6 +103,8 @@ class LLMEngine:
                 "or `sparsedecode serve --method M -o option=value`)")
         ids = self.encode(prompt)
         self.check_fits(len(ids), params.max_tokens)
+        if params.logit_bias:
+            self.check_token_ids(list(params.logit_bias), "logit_bias token ids")
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -198,9 +200,17 @@ class LLMEngine:
 
     def _row(self, seq: Sequence, position: int) -> DecodeRow:
         p = seq.params
+        penalties = None
+        if p.penalized:
+            fresh = seq.steps_since_reset == 0  # the slot's device state is written from the history
+            penalties = PenaltyRow(p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p,
+                                   p.min_tokens, p.logit_bias or {},
+                                   sorted(t for t in seq.stop_ids if 0 <= t < self.runner.config.vocab_size),
+                                   seq.prompt_token_ids if fresh else None,
+                                   list(seq.output_token_ids) if fresh else None)
         return DecodeRow(seq.slot, seq.output_token_ids[-1] if seq.output_token_ids else 0, position,
                          seq.steps_since_reset, seq.block_table, p.temperature, p.top_p, p.top_k, seq.seed,
-                         p.logprobs)
+                         p.logprobs, penalties)
 
     def _append(self, seq: Sequence, token: int, decoded: bool, logprob: TokenLogprob | None = None) -> None:
         """Add a sampled token (with its log-probabilities, when asked for) and end the sequence at a stop

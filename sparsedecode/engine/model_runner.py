@@ -31,7 +31,7 @@ from ..methods.base import DecodeMethod
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer, prefill_attention
 from .block_tables import BlockTables, TableChange
-from .sampling import MAX_LOGPROBS, TokenLogprob, sample_tokens, token_logprobs
+from .sampling import MAX_LOGPROBS, Penalties, PenaltyRow, TokenLogprob, sample_tokens, token_logprobs
 
 CPU_KV_BYTES = 2**30  # default pool size on a CPU device (a GPU's is sized from its free memory)
 GPU_MARGIN_BYTES = 2**30  # left free on a GPU for graphs, kernel scratch and the allocator's slack
@@ -51,6 +51,7 @@ class DecodeRow:
     top_k: int = 0
     seed: int = 0
     logprobs: int | None = None  # report its tokens' `TokenLogprob`s with this many top tokens (None: none)
+    penalties: PenaltyRow | None = None  # its penalties, logit bias, min_p or min_tokens (None: none)
 
 
 @dataclass
@@ -103,7 +104,9 @@ class ModelRunner:
         self.chosen_logprobs = torch.zeros(seqs, dtype=torch.float32, device=device)
         self.top_logprobs = torch.zeros(seqs, self.num_top, dtype=torch.float32, device=device)
         self.top_ids = torch.zeros(seqs, self.num_top, dtype=torch.int64, device=device)
-        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}  # (bucket, greedy, logprobs)
+        self.penalties: Penalties | None = None  # per-slot state of penalized rows, made at the first of them
+        # (bucket, greedy, logprobs, penalized)
+        self.graphs: dict[tuple[int, bool, bool, bool], torch.cuda.CUDAGraph] = {}
         self.prompt_queries: dict[int, list[torch.Tensor]] = {}  # slot -> per layer, the last prefill queries
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.method = method
@@ -293,9 +296,14 @@ class ModelRunner:
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=self.device)
 
-        tokens = sample_tokens(logits, column("temperature", torch.float32), column("top_p", torch.float32),
+        scored, min_p = logits, None
+        if any(r.penalties is not None for r in rows):
+            penalties = Penalties(len(rows), logits.shape[-1], self.device)
+            penalties.load([(i, r.penalties) for i, r in enumerate(rows)], len(rows))
+            scored, min_p = penalties.apply(logits), penalties.min_p
+        tokens = sample_tokens(scored, column("temperature", torch.float32), column("top_p", torch.float32),
                                column("top_k", torch.int64), column("seed", torch.int64),
-                               column("position", torch.int64))
+                               column("position", torch.int64), min_p)
         host = tokens.tolist()
         if all(r.logprobs is None for r in rows):
             return host, None
@@ -318,7 +326,8 @@ class ModelRunner:
             self.drop_graphs()
         if table_changes is None:
             table_changes = self.tables.changes([(r.slot, r.block_table) for r in rows])
-        self._load(rows, size, table_changes)
+        penalized = any(r.penalties is not None for r in rows)  # a step variant of its own, as are logprobs
+        self._load(rows, size, table_changes, penalized)
         greedy = all(r.temperature == 0 for r in rows)
         want = any(r.logprobs is not None for r in rows)  # a step variant of its own: the others skip the top-k
         out = torch.empty(num_steps, size, dtype=torch.int64, device=self.device)
@@ -327,7 +336,7 @@ class ModelRunner:
             values = torch.empty(num_steps, size, self.num_top, dtype=torch.float32, device=self.device)
             ids = torch.empty(num_steps, size, self.num_top, dtype=torch.int64, device=self.device)
         for i in range(num_steps):
-            self._run_step(size, greedy, want)
+            self._run_step(size, greedy, want, penalized)
             out[i].copy_(self.tokens[:size])
             if want:
                 chosen[i].copy_(self.chosen_logprobs[:size])
@@ -352,14 +361,15 @@ class ModelRunner:
         for size in self.buckets:
             start = time.perf_counter()
             for greedy in (True, False):
-                self._load([], size, [])
-                self._run_step(size, greedy, False)
+                self._load([], size, [], False)
+                self._run_step(size, greedy, False, False)
             torch.cuda.synchronize(self.device)
             times.append((size, time.perf_counter() - start))
         return times
 
-    def _load(self, rows: list[DecodeRow], size: int, table_changes: list[TableChange]) -> None:
-        """Fill the first `size` rows of the step buffers: the given rows, the rest idle (null block)."""
+    def _load(self, rows: list[DecodeRow], size: int, table_changes: list[TableChange], penalized: bool) -> None:
+        """Fill the first `size` rows of the step buffers: the given rows, the rest idle (null block); with
+        `penalized`, their penalties too."""
         slots = [r.slot for r in rows]
         self.tables.apply(table_changes, set(slots), size)
         self.block_tables[:size].copy_(torch.from_numpy(self.tables.host[:size]))
@@ -369,25 +379,29 @@ class ModelRunner:
             values = torch.full((size,), idle, dtype=buffer.dtype)
             values[slots] = torch.tensor([getattr(r, name) for r in rows], dtype=buffer.dtype)
             buffer[:size].copy_(values)
+        if penalized:
+            if self.penalties is None:
+                self.penalties = Penalties(self.max_num_seqs, self.config.vocab_size, self.device)
+            self.penalties.load([(r.slot, r.penalties) for r in rows], size)
 
-    def _run_step(self, size: int, greedy: bool, logprobs: bool) -> None:
+    def _run_step(self, size: int, greedy: bool, logprobs: bool, penalized: bool) -> None:
         if not self.cuda_graphs:
-            self._step(size, greedy, logprobs)
+            self._step(size, greedy, logprobs, penalized)
             return
-        key = (size, greedy, logprobs)
+        key = (size, greedy, logprobs, penalized)
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
             return
         # The first step of a bucket runs eagerly (it compiles kernels and is a real step); the capture
         # afterwards only records, so stateful methods see each step once.
-        self._step(size, greedy, logprobs)
+        self._step(size, greedy, logprobs, penalized)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._step(size, greedy, logprobs)
+            self._step(size, greedy, logprobs, penalized)
         self.graphs[key] = graph
 
-    def _step(self, size: int, greedy: bool, logprobs: bool) -> None:
+    def _step(self, size: int, greedy: bool, logprobs: bool, penalized: bool) -> None:
         """One decode step of the first `size` slots, in place on the step buffers (capturable)."""
         batch, positions, pool, method = self.batch(size), self.positions[:size], self.pool, self.method
         self.seq_lens[:size].copy_(positions + 1)
@@ -400,11 +414,14 @@ class ModelRunner:
             return method.attend(layer, q, pool, batch)
 
         logits = self.model.logits(self.model.forward(self.tokens[:size], positions, attention, fused=self.fused))
+        scored = self.penalties.apply(logits) if penalized else logits  # log-probabilities stay the raw ones
         if greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = scored.argmax(dim=-1)
         else:
-            tokens = sample_tokens(logits, self.temperature[:size], self.top_p[:size], self.top_k[:size],
-                                   self.seeds[:size], positions + 1)
+            tokens = sample_tokens(scored, self.temperature[:size], self.top_p[:size], self.top_k[:size],
+                                   self.seeds[:size], positions + 1, self.penalties.min_p[:size] if penalized else None)
+        if penalized:
+            self.penalties.count(tokens)
         self.tokens[:size].copy_(tokens)
         if logprobs:
             chosen, values, ids = token_logprobs(logits, tokens, self.num_top)

@@ -18,6 +18,14 @@ class SamplingParams:
     request besides the model's end-of-sequence tokens, which `ignore_eos` disables. `stop` strings are
     cut from the text. `logprobs` (0 to MAX_LOGPROBS): report each generated token's log-probability and
     that many of the most likely tokens at its step; None: none.
+
+    Penalties and biases, as vLLM applies them to the raw logits before temperature (greedy requests too):
+    `logit_bias` adds its value (-100 to 100) to its token's logit; `min_tokens` keeps the end-of-sequence and
+    stop tokens out until that many tokens are out; `repetition_penalty` (> 0, 1: none) divides the positive
+    logits of every token of the prompt and the output so far and multiplies the negative ones;
+    `frequency_penalty` and `presence_penalty` (-2 to 2) subtract, per token of the output so far, its count
+    times the first and once the second. `min_p` (0 to 1) drops, when sampling, the tokens less likely than
+    `min_p` times the most likely one.
     """
 
     temperature: float = 0.0
@@ -29,6 +37,12 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,10 +67,34 @@ class SamplingParams:
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (the top tokens reported per "
                              f"token) or None, not {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number from -2 to 2, not {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), not {self.repetition_penalty!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be a number from 0 to 1, not {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or \
+                not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), not "
+                             f"{self.min_tokens!r}")
+        if self.logit_bias is not None and (
+                not isinstance(self.logit_bias, dict)
+                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _is_number(b) and -100 <= b <= 100
+                           for t, b in self.logit_bias.items())):
+            raise ValueError("logit_bias must map token ids (integers >= 0) to numbers from -100 to 100, not "
+                             f"{self.logit_bias!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty, bias, min_p or min_tokens changes the logits (the decode step's own variant)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.min_p
+                    or self.min_tokens or self.logit_bias)
 
 
 def _is_number(value: object) -> bool:

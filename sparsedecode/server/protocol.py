@@ -1,9 +1,10 @@
-"""The OpenAI API's request bodies and errors, with vLLM's extensions (`top_k`, `ignore_eos`,
-`stop_token_ids`, `stream_options.continuous_usage_stats`) and ours (`sparsedecode`: per-request method options).
+"""The OpenAI API's request bodies and errors, with vLLM's extensions (`top_k`, `min_p`, `repetition_penalty`,
+`min_tokens`, `ignore_eos`, `stop_token_ids`, `stream_options.continuous_usage_stats`) and ours (`sparsedecode`:
+per-request method options).
 
 Unknown fields are ignored, as OpenAI and vLLM do, so that clients sending newer fields keep working; the known
-fields that would change the output but are not implemented (`NOT_IMPLEMENTED`: penalties, logit bias, tools,
-structured output, ...) are refused unless they hold the value that changes nothing.
+fields that would change the output but are not implemented (`NOT_IMPLEMENTED`: tools, structured output, beam
+search, ...) are refused unless they hold the value that changes nothing.
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ class APIError(Exception):
 #: Fields of OpenAI's and vLLM's APIs that would change the output and that this server does not implement, with
 #: the values that change nothing (what clients send by default). Any other value is refused, not ignored.
 NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
-    "min_tokens": (0,), "min_p": (0,), "best_of": (1,), "use_beam_search": (False,), "tools": ([],),
+    "best_of": (1,), "use_beam_search": (False,), "tools": ([],),
     "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},), "guided_json": (),
     "guided_regex": (), "guided_choice": (), "guided_grammar": (), "prompt_logprobs": (), "suffix": ("",),
     "skip_special_tokens": (True,),
@@ -62,6 +62,13 @@ class GenerationRequest(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False  # run to max_tokens whatever the model says (benchmarks)
+    # None (sent by some clients): the value that changes nothing
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)  # vLLM's: 1 is none
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's
+    logit_bias: dict[int, float] | None = None  # token id (a string in JSON) -> bias from -100 to 100
     stream: bool = False
     stream_options: StreamOptions | None = None
     sparsedecode: dict[str, Any] | None = None  # per-request decode-method options, checked by the engine
@@ -96,6 +103,12 @@ class GenerationRequest(BaseModel):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             logprobs=self.requested_logprobs(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens or 0,
+            logit_bias=self.logit_bias,
         )
 
     def include_usage(self) -> bool:
