@@ -86,6 +86,16 @@ def test_sampling_is_seeded_and_streaming_matches(smollm: LLM) -> None:
     assert streamed == smollm.generate([prompt], max_new_tokens=16)[0].text
 
 
+def run_requests(llm: LLM, requests: list[tuple[list[int], SamplingParams]]) -> list:
+    """The engine's outputs of requests queued together (one batch), in their order."""
+    engine = llm.engine
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in engine.step()})
+    return [outputs[i] for i in ids]
+
+
 def test_logprobs_are_the_models_log_softmax_and_leave_the_tokens_alone(smollm: LLM) -> None:
     """Sampled tokens (not always the most likely) with their log-probabilities and top 3: transformers' own
     log-softmax at each position; the same request without logprobs samples the same tokens."""
@@ -106,25 +116,12 @@ def test_logprobs_are_the_models_log_softmax_and_leave_the_tokens_alone(smollm: 
         torch.testing.assert_close(torch.tensor([v for _, v in t.top]), top.values, atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="logprobs must be an integer from 0 to 20"):
         smollm.generate([prompt], logprobs=21)
-    engine = smollm.engine  # in one batch, a request that asks and one that does not
-    asked = engine.add_request(ids, SamplingParams(max_tokens=4, logprobs=0))
-    plain = engine.add_request(ids, SamplingParams(max_tokens=4))
-    outputs = {}
-    while engine.has_unfinished_requests():
-        outputs.update({o.request_id: o for o in engine.step()})
-    assert outputs[plain].logprobs is None and outputs[plain].token_ids == outputs[asked].token_ids
-    assert [t.token_id for t in outputs[asked].logprobs] == outputs[asked].token_ids
-    assert all(t.top == [] and t.logprob <= 0 for t in outputs[asked].logprobs)
-
-
-def run_requests(llm: LLM, requests: list[tuple[list[int], SamplingParams]]) -> list:
-    """The engine's outputs of requests queued together (one batch), in their order."""
-    engine = llm.engine
-    ids = [engine.add_request(prompt, params) for prompt, params in requests]
-    outputs = {}
-    while engine.has_unfinished_requests():
-        outputs.update({o.request_id: o for o in engine.step()})
-    return [outputs[i] for i in ids]
+    # in one batch, a request that asks and one that does not
+    asked, plain = run_requests(smollm, [(ids, SamplingParams(max_tokens=4, logprobs=0)),
+                                         (ids, SamplingParams(max_tokens=4))])
+    assert plain.logprobs is None and plain.token_ids == asked.token_ids
+    assert [t.token_id for t in asked.logprobs] == asked.token_ids
+    assert all(t.top == [] and t.logprob <= 0 for t in asked.logprobs)
 
 
 class OutputPenalty(LogitsProcessor):

@@ -204,8 +204,7 @@ class LLMEngine:
         if p.penalized:
             fresh = seq.steps_since_reset == 0  # the slot's device state is written from the history
             penalties = PenaltyRow(p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p,
-                                   p.min_tokens, p.logit_bias or {},
-                                   sorted(t for t in seq.stop_ids if 0 <= t < self.runner.config.vocab_size),
+                                   p.min_tokens, p.logit_bias or {}, list(seq.stop_ids) if fresh else [],
                                    seq.prompt_token_ids if fresh else None,
                                    list(seq.output_token_ids) if fresh else None)
         return DecodeRow(seq.slot, seq.output_token_ids[-1] if seq.output_token_ids else 0, position,

@@ -78,8 +78,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_top: int
 @dataclass
 class PenaltyRow:
     """A decode row's penalties and logit bias (`SamplingParams`' fields of those names), and the tokens they
-    apply to: `stop_ids`, kept out until `min_tokens` are out; the sequence's prompt and output so far where
-    its slot's device state is (re)written (its first step in the slot), None where the device holds them."""
+    apply to where its slot's device state is (re)written (its first step in the slot): `stop_ids`, kept out
+    until `min_tokens` are out (ids outside the vocabulary ignored), and the sequence's prompt and output so
+    far; `output_ids` None where the device holds them."""
 
     presence: float = 0.0
     frequency: float = 0.0
@@ -90,6 +91,11 @@ class PenaltyRow:
     stop_ids: list[int] = field(default_factory=list)
     prompt_ids: list[int] | None = None
     output_ids: list[int] | None = None
+
+    @property
+    def biased(self) -> float:
+        """1.0 where the row adds a logit bias, else 0.0: the weight of its slot's bias table."""
+        return float(bool(self.logit_bias))
 
 
 class Penalties:
@@ -118,16 +124,17 @@ class Penalties:
         by_slot = dict(rows)
         per_slot = [by_slot.get(slot) or PenaltyRow() for slot in range(size)]
         for name in self.SCALARS:
-            values = [float(bool(r.logit_bias)) if name == "biased" else getattr(r, name) for r in per_slot]
             target = getattr(self, name)[:size]
-            target.copy_(torch.tensor(values, dtype=target.dtype))
+            target.copy_(torch.tensor([getattr(r, name) for r in per_slot], dtype=target.dtype))
         for slot, row in rows:
             if row is None or row.output_ids is None:
                 continue
             self.counts[slot].zero_()
             self.counts[slot].index_add_(0, _ids(row.output_ids, self.counts),
                                          torch.ones(len(row.output_ids), dtype=torch.int32, device=self.counts.device))
-            for table, ids in ((self.in_prompt, row.prompt_ids or []), (self.stop, row.stop_ids)):
+            vocab_size = self.stop.shape[1]
+            stop_ids = [t for t in row.stop_ids if 0 <= t < vocab_size]  # other ids are never sampled
+            for table, ids in ((self.in_prompt, row.prompt_ids or []), (self.stop, stop_ids)):
                 table[slot].zero_()
                 table[slot, _ids(ids, table)] = True
             self.bias[slot].zero_()
