@@ -134,23 +134,6 @@ def _unit_at(list_row, slot, end, use_list, stride, HAS_LIST: tl.constexpr, SORT
 
 
 @triton.jit
-def _tile_offsets(list_row, table_row, slot, offs, end, use_list, list_stride, seq_len, stride_tm,
-                  stride_kb, stride_kt, stride_vb, stride_vt,
-                  U: tl.constexpr, P: tl.constexpr, HAS_LIST: tl.constexpr, SORTED: tl.constexpr, WIDE: tl.constexpr):
-    """K and V element offsets (within the head) of the tokens `offs` past unit slot `slot`, and which
-    of them are read: the unit list, then the block table (two dependent loads)."""
-    pos = offs
-    unit = _unit_at(list_row, slot + pos // U, end, use_list, list_stride, HAS_LIST, SORTED)
-    tok = unit * U + pos % U
-    ok = (unit >= 0) & (tok < seq_len)
-    # logical token -> (physical block, slot): every token below seq_len has a table entry
-    block = tl.load(table_row + (tok // P) * stride_tm, mask=ok, other=0)
-    if WIDE:  # pools of 2**31 elements or more need 64-bit offsets
-        block = block.to(tl.int64)
-    return block * stride_kb + (tok % P) * stride_kt, block * stride_vb + (tok % P) * stride_vt, ok
-
-
-@triton.jit
 def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
                     part_acc, part_m, part_l, unit_lse,
                     qk_scale, R, HKV, T, K, ITEMS, C_FIXED,
@@ -163,8 +146,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
-                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
-                    LOOKAHEAD: tl.constexpr):
+                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
@@ -211,28 +193,21 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    if LOOKAHEAD:  # the first tile's offsets; later ones are computed one tile ahead, in the loop
-        k_next, v_next, ok_next = _tile_offsets(list_row, table_row, first, offs, end, use_list, list_stride,
-                                                seq_len, stride_tm, stride_kb, stride_kt, stride_vb, stride_vt,
-                                                U, P, HAS_LIST, SORTED, WIDE)
     for i in range(first, end, UPT):
         unit_m = tl.full([G_PAD, UPT], float("-inf"), tl.float32)
         unit_s = tl.zeros([G_PAD, UPT], tl.float32)
         for j in tl.static_range(SUB):
-            if LOOKAHEAD and SUB == 1:
-                k_tok, v_tok, ok = k_next, v_next, ok_next
-                kt = tl.load(k_head + k_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-                vt = tl.load(v_head + v_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-                # the next tile's list and table entries load while this tile computes
-                k_next, v_next, ok_next = _tile_offsets(list_row, table_row, i + UPT, offs, end, use_list,
-                                                        list_stride, seq_len, stride_tm, stride_kb, stride_kt,
-                                                        stride_vb, stride_vt, U, P, HAS_LIST, SORTED, WIDE)
-            else:
-                k_tok, v_tok, ok = _tile_offsets(list_row, table_row, i, j * BLOCK_N + offs, end, use_list,
-                                                 list_stride, seq_len, stride_tm, stride_kb, stride_kt, stride_vb,
-                                                 stride_vt, U, P, HAS_LIST, SORTED, WIDE)
-                kt = tl.load(k_head + k_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-                vt = tl.load(v_head + v_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            pos = j * BLOCK_N + offs  # token position inside the UPT units starting at slot i
+            unit = _unit_at(list_row, i + pos // U, end, use_list, list_stride, HAS_LIST, SORTED)
+            tok = unit * U + pos % U
+            ok = (unit >= 0) & (tok < seq_len)
+            # logical token -> (physical block, slot): every token below seq_len has a table entry
+            block = tl.load(table_row + (tok // P) * stride_tm, mask=ok, other=0)
+            if WIDE:  # pools of 2**31 elements or more need 64-bit offsets
+                block = block.to(tl.int64)
+            k_tok = block * stride_kb + (tok % P) * stride_kt
+            v_tok = block * stride_vb + (tok % P) * stride_vt
+            kt = tl.load(k_head + k_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale  # log2 units
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -240,6 +215,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_head + v_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
             if WRITE_LSE:
@@ -348,11 +324,10 @@ class Launch:
     num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper measured slower)
     merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
     min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
-    lookahead: int = 0  # 1: a tile's list and table entries are loaded while the tile before it computes
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "lookahead" else 1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Launch.{name} must be a positive integer, not {value!r}")
         for name in ("tile_elements", "merge_elements"):  # the kernels' tiles are powers of 2
             if getattr(self, name) & (getattr(self, name) - 1):
@@ -480,7 +455,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31,
-            LOOKAHEAD=launch.lookahead > 0, num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
+            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
         rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
