@@ -53,7 +53,6 @@ from typing import Literal
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .reference import gather_blocks, sparse_decode_attention_ref
 
@@ -135,7 +134,7 @@ def _unit_at(list_row, slot, end, use_list, stride, HAS_LIST: tl.constexpr, SORT
 
 
 @triton.jit
-def _partial_kernel(q, k, v, k_desc, v_desc, block_tables, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
+def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
                     part_acc, part_m, part_l, unit_lse,
                     qk_scale, R, HKV, T, K, ITEMS, C_FIXED,
                     stride_qb, stride_qh, stride_tb, stride_tm,
@@ -147,8 +146,7 @@ def _partial_kernel(q, k, v, k_desc, v_desc, block_tables, seq_lens, row_units, 
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
-                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
-                    TMA: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr):
+                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
@@ -195,31 +193,21 @@ def _partial_kernel(q, k, v, k_desc, v_desc, block_tables, seq_lens, row_units, 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for i in tl.range(first, end, UPT, num_stages=STAGES, warp_specialize=WS):
+    for i in range(first, end, UPT):
         unit_m = tl.full([G_PAD, UPT], float("-inf"), tl.float32)
         unit_s = tl.zeros([G_PAD, UPT], tl.float32)
         for j in tl.static_range(SUB):
-            if TMA:  # one table entry per tile; the copy engine computes the addresses
-                unit1 = _unit_at(list_row, i, end, use_list, list_stride, HAS_LIST, SORTED)
-                tok = unit1 * U + offs
-                ok = (unit1 >= 0) & (tok < seq_len)
-                block1 = tl.load(table_row + (unit1 * U // P) * stride_tm, mask=unit1 >= 0, other=0)
-                slot1 = tl.where(unit1 >= 0, unit1 * U % P, 0)
-                kt = tl.reshape(k_desc.load([block1, h, slot1, 0]), [BLOCK_N, D])
-                # the page's slots past the length hold anything, NaN included: p = 0 must meet zeros
-                vt = tl.where(ok[:, None], tl.reshape(v_desc.load([block1, h, slot1, 0]), [BLOCK_N, D]), 0.0)
-            else:
-                pos = j * BLOCK_N + offs  # token position inside the UPT units starting at slot i
-                unit = _unit_at(list_row, i + pos // U, end, use_list, list_stride, HAS_LIST, SORTED)
-                tok = unit * U + pos % U
-                ok = (unit >= 0) & (tok < seq_len)
-                # logical token -> (physical block, slot): every token below seq_len has a table entry
-                block = tl.load(table_row + (tok // P) * stride_tm, mask=ok, other=0)
-                if WIDE:  # pools of 2**31 elements or more need 64-bit offsets
-                    block = block.to(tl.int64)
-                k_tok = block * stride_kb + (tok % P) * stride_kt
-                v_tok = block * stride_vb + (tok % P) * stride_vt
-                kt = tl.load(k_head + k_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            pos = j * BLOCK_N + offs  # token position inside the UPT units starting at slot i
+            unit = _unit_at(list_row, i + pos // U, end, use_list, list_stride, HAS_LIST, SORTED)
+            tok = unit * U + pos % U
+            ok = (unit >= 0) & (tok < seq_len)
+            # logical token -> (physical block, slot): every token below seq_len has a table entry
+            block = tl.load(table_row + (tok // P) * stride_tm, mask=ok, other=0)
+            if WIDE:  # pools of 2**31 elements or more need 64-bit offsets
+                block = block.to(tl.int64)
+            k_tok = block * stride_kb + (tok % P) * stride_kt
+            v_tok = block * stride_vb + (tok % P) * stride_vt
+            kt = tl.load(k_head + k_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale  # log2 units
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -227,8 +215,7 @@ def _partial_kernel(q, k, v, k_desc, v_desc, block_tables, seq_lens, row_units, 
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if not TMA:
-                vt = tl.load(v_head + v_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            vt = tl.load(v_head + v_tok[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
             if WRITE_LSE:
@@ -337,12 +324,10 @@ class Launch:
     num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper measured slower)
     merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
     min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
-    tma: int = 0  # 1: tiles of one unit read by the bulk tensor copy engine (Hopper and later), where it can
-    warp_specialize: int = 0  # 1: the tile loop's loads in producer warps (Triton's Hopper warp specialization)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("tma", "warp_specialize") else 1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Launch.{name} must be a positive integer, not {value!r}")
         for name in ("tile_elements", "merge_elements"):  # the kernels' tiles are powers of 2
             if getattr(self, name) & (getattr(self, name) - 1):
@@ -392,21 +377,6 @@ def static_block_tables(device: torch.device, batch: int) -> torch.Tensor:
     return _STATIC_TABLES[key]
 
 
-def bulk_copy_descriptors(k: torch.Tensor, v: torch.Tensor,
-                          unit_size: int) -> tuple[TensorDescriptor, TensorDescriptor] | None:
-    """Tensor descriptors of one unit [1, 1, U, D] of the pools k, v [NB, Hkv, P, D]; None where the bulk
-    copy engine cannot read them (a GPU before Hopper, units that straddle pages, unaligned pools)."""
-    page, head_dim = k.shape[2], k.shape[3]
-    if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
-        return None
-    aligned = all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
-                  for t in (k, v))
-    if not aligned or page % unit_size or not 16 <= unit_size <= 256 or head_dim * k.element_size() < 16:
-        return None
-    box = [1, 1, unit_size, head_dim]
-    return TensorDescriptor.from_tensor(k, box), TensorDescriptor.from_tensor(v, box)
-
-
 def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
                           unit_lse, chunk_tokens, work_items, launch, sorted_lists, block_tables):
     batch, num_heads, head_dim = q.shape
@@ -434,8 +404,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     device = q.device
     rows = batch * num_kv_heads
     num_units = capacity // unit_size
-    descriptors = bulk_copy_descriptors(k, v, unit_size) if launch.tma else None
-    block_n = unit_size if descriptors else launch.tile_tokens(head_dim)
+    block_n = launch.tile_tokens(head_dim)
     tile_units = max(1, block_n // unit_size)
     min_chunk = chunk_units(launch.min_chunk_tokens, unit_size, block_n)
     fixed_chunk = chunk_units(chunk_tokens, unit_size, block_n) if chunk_tokens else 0
@@ -476,10 +445,8 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     lse_stride = unit_lse.stride()[:2] if unit_lse is not None else (0, 0)
     if work > 0:
         two_byte = q.element_size() == 2
-        k_desc, v_desc = descriptors or (k, v)  # unused pointers without TMA
-        stages = launch.num_stages if two_byte else min(launch.num_stages, 2)
         _partial_kernel[(work,)](
-            q, k, v, k_desc, v_desc, block_tables, seq_lens, buf["row_units"], buf["sorted"], unit_lists, unit_counts, full_rows,
+            q, k, v, block_tables, seq_lens, buf["row_units"], buf["sorted"], unit_lists, unit_counts, full_rows,
             buf["acc"], buf["m"], buf["l"], lse_buf,
             scale * LOG2E, rows, num_kv_heads, capacity, list_width, items, fixed_chunk,
             q.stride(0), q.stride(1), *block_tables.stride(), k.stride(0), k.stride(1), k.stride(2),
@@ -488,8 +455,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31,
-            TMA=descriptors is not None, WS=launch.warp_specialize > 0, STAGES=stages,
-            num_warps=launch.num_warps, num_stages=stages)
+            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
         rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
