@@ -166,6 +166,30 @@ def test_penalties_and_bias_match_transformers_generate(smollm: LLM) -> None:
     assert len(outputs[-1].token_ids) == 6 and outputs[-1].finish_reason == "stop"  # 5 held back, then biased eos
 
 
+def test_generate_takes_sampling_params(smollm: LLM) -> None:
+    """vLLM's `generate(prompts, sampling_params=...)`: one SamplingParams per prompt (with top_k and a penalty,
+    which the keywords do not give) decodes what the engine decodes for those requests, and so does `stream`;
+    one SamplingParams serves every prompt; keywords beside it and a list of the wrong length are refused."""
+    smollm.use_method("dense")
+    prompts = [PROMPTS[0], "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"]
+    params = [SamplingParams(max_tokens=8, temperature=0.9, top_k=5, seed=2),
+              SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=1.5)]
+    got = smollm.generate(prompts, sampling_params=params)
+    want = run_requests(smollm, [(smollm.engine.encode(p), sp) for p, sp in zip(prompts, params)])
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [len(g.token_ids) for g in got] == [8, 12]
+    assert got[1].token_ids != smollm.generate(prompts[1], max_new_tokens=12, stop_token_ids=[])[0].token_ids
+    assert "".join(smollm.stream(prompts[1], sampling_params=params[1])) == got[1].text
+    shared = smollm.generate(prompts, sampling_params=params[1])
+    assert shared[1].token_ids == got[1].token_ids and len(shared[0].token_ids) == 12
+    with pytest.raises(ValueError, match="temperature, stop given beside sampling_params"):
+        smollm.generate(prompts, temperature=0.5, stop=["x"], sampling_params=params)
+    with pytest.raises(ValueError, match="a list of 2 .one per prompt., not 1 items"):
+        smollm.generate(prompts, sampling_params=params[:1])
+    with pytest.raises(ValueError, match="not dict"):
+        smollm.generate(prompts, sampling_params={"temperature": 0.5})
+
+
 def test_penalties_survive_a_method_change_and_min_p_one_is_greedy(smollm: LLM) -> None:
     """A penalized sequence whose slot state is rewritten from its history mid-generation (the engine's method
     changes after 6 of its 12 tokens) gives the tokens of an uninterrupted run: at the last token the

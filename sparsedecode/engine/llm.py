@@ -1,6 +1,7 @@
 """The public entry point: `LLM(model, method=...)`, `generate` and `stream`, on the continuous-batching engine."""
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,36 @@ from .workers import ShardSpec, Workers
 
 
 SYNC_EVERY_GPU = 16  # decode steps per host synchronisation of `generate` on a GPU
+
+
+def sampling_list(count: int, sampling_params: SamplingParams | list[SamplingParams] | None,
+                  **keywords: Any) -> list[SamplingParams]:
+    """One `SamplingParams` per prompt: `sampling_params` (one for all, or a list of `count`), or built from
+    `LLM.generate`'s sampling keywords (`max_new_tokens` may be a list of `count` limits)."""
+    if count == 0:
+        raise ValueError("no prompts given")
+    if sampling_params is not None:  # the keywords must then be left at their defaults
+        defaults = inspect.signature(LLM.generate).parameters
+        given = [name for name, value in keywords.items() if value != defaults[name].default]
+        if given:
+            raise ValueError(f"{', '.join(given)} given beside sampling_params: set them in the SamplingParams "
+                             "(max_new_tokens is its max_tokens) or leave sampling_params out")
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else []
+        if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
+            what = f"{len(params)} items" if params else type(sampling_params).__name__
+            raise ValueError(f"sampling_params must be one SamplingParams or a list of {count} (one per prompt), "
+                             f"not {what}")
+        return params
+    limit = keywords.pop("max_new_tokens")
+    limits = [limit] * count if isinstance(limit, int) else list(limit)
+    if len(limits) != count:
+        raise ValueError(f"max_new_tokens gives {len(limits)} limits for {count} prompts; give one, or one per prompt")
+    if min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {min(limits)}")
+    return [SamplingParams(max_tokens=n, ignore_eos=keywords["stop_token_ids"] is not None, **keywords)
+            for n in limits]
 
 
 @dataclass
@@ -229,6 +260,8 @@ class LLM:
         stop_token_ids: list[int] | None = None,
         sync_every: int | None = None,
         logprobs: int | None = None,
+        *,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[Generation]:
         """Generate for each prompt. A string prompt is used as given (apply the chat template with
         `apply_chat_template` first for chat models). Greedy when temperature is 0. `max_new_tokens`
@@ -236,13 +269,19 @@ class LLM:
         `sync_every`: decode steps between two looks at the tokens (stop checks; steps after a sequence's
         stop are wasted); default 16 on a GPU, where each look is a host synchronisation, and 1 on a CPU.
         `logprobs=k`: each token's log-probability and the k most likely tokens of its step
-        (`Generation.logprobs`)."""
+        (`Generation.logprobs`).
+
+        `sampling_params`: instead of the sampling keywords above, vLLM's way: one `SamplingParams` for
+        every prompt or one per prompt, with all its fields (top_k, penalties, logit_bias, ...)."""
         if sync_every is None:
             sync_every = SYNC_EVERY_GPU if self.device.type == "cuda" else 1
         if sync_every < 1:
             raise ValueError(f"sync_every must be at least 1 decode step, not {sync_every}")
-        outputs = self._run(prompts, max_new_tokens, temperature, top_p, seed, stop, stop_token_ids, sync_every,
-                            logprobs)
+        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        params = sampling_list(len(prompts), sampling_params, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                               stop_token_ids=stop_token_ids, logprobs=logprobs)
+        outputs = self._run(prompts, params, sync_every)
         for _ in outputs:
             pass
         return self._results
@@ -256,32 +295,22 @@ class LLM:
         seed: int | None = None,
         stop: list[str] | None = None,
         stop_token_ids: list[int] | None = None,
+        *,
+        sampling_params: SamplingParams | None = None,
     ) -> Iterator[str]:
-        """Yield the text of one prompt's generation piece by piece as tokens are decoded."""
+        """Yield the text of one prompt's generation piece by piece as tokens are decoded (`sampling_params`
+        as in `generate`)."""
+        params = sampling_list(1, sampling_params, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids)
         printed = 0
-        for output in self._run([prompt], max_new_tokens, temperature, top_p, seed, stop, stop_token_ids, 1):
+        for output in self._run([prompt], params, 1):
             yield output.text[printed:]
             printed = len(output.text)
 
-    def _run(self, prompts, max_new_tokens, temperature, top_p, seed, stop, stop_token_ids,
-             sync_every, logprobs=None) -> Iterator[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("no prompts given")
-        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(limits) != len(prompts):
-            raise ValueError(f"max_new_tokens gives {len(limits)} limits for {len(prompts)} prompts; "
-                             "give one, or one per prompt")
-        if min(limits) < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, not {min(limits)}")
+    def _run(self, prompts: list, params: list[SamplingParams], sync_every: int) -> Iterator[RequestOutput]:
         engine = self.engine
-        params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=n, stop=stop,
-                                 stop_token_ids=stop_token_ids, ignore_eos=stop_token_ids is not None,
-                                 logprobs=logprobs)
-                  for n in limits]
         ids = [engine.encode(p) for p in prompts]
-        for i, n in zip(ids, limits):  # refuse the whole batch before queueing any of it
+        for i, n in zip(ids, (p.max_tokens for p in params)):  # refuse the whole batch before queueing any of it
             if len(i) + n > self.max_context:
                 raise ValueError(f"prompt of {len(i)} tokens plus max_new_tokens={n} exceeds max_context="
                                  f"{self.max_context}; shorten the prompt or raise max_context")
