@@ -323,7 +323,7 @@ class Launch:
     num_warps: int = 4  # of the partial kernel
     num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper measured slower)
     merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
-    min_chunk_tokens: int = 512  # below this the partial write and merge cost more than the split gains
+    min_chunk_tokens: int = 128  # one tile: a small call (LFPS lists at batch 1) spreads over more SMs
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
