@@ -2,7 +2,10 @@
 its LFPS candidates, 194 blocks, the others read the 64 blocks handed to them; per-block log-sum-exp on),
 Llama-3.1-8B heads at 128K, under the work-splitting settings of `Launch`: the minimum chunk (512 tokens by
 default, tuned on lychee's call, whose full row dominates) and the work items per SM. Medians of CUDA-graph
-replays over 4 caches (cold in L2). On the GPU machine: PYTHONPATH=. python3 docs/data/kernel-h200/s22-lfps-chunks.py"""
+replays over 4 caches (cold in L2). On the GPU machine: PYTHONPATH=. python3 docs/data/kernel-h200/s22-lfps-chunks.py
+[FIELD=VALUE,...]... (the `Launch` settings to time, the first the reference of the ratios; default: the list below)"""
+import sys
+
 import torch
 
 from sparsedecode.bench.kernel_bench import SCALE, UNIT, make_cache, timed
@@ -10,9 +13,9 @@ from sparsedecode.kernels import sparse_decode_attention
 from sparsedecode.kernels.sparse_decode import Launch
 
 CANDIDATES, HANDED = 194, 64
-SETTINGS = [Launch(), Launch(min_chunk_tokens=256), Launch(min_chunk_tokens=128),
-            Launch(min_chunk_tokens=128, items_per_sm=3), Launch(min_chunk_tokens=128, items_per_sm=4),
-            Launch(min_chunk_tokens=256, items_per_sm=3)]
+SETTINGS = [Launch(min_chunk_tokens=512, items_per_sm=2, list_items_per_sm=2),
+            Launch(min_chunk_tokens=128, items_per_sm=2, list_items_per_sm=2),
+            Launch(min_chunk_tokens=128, items_per_sm=2, list_items_per_sm=3)]
 
 
 def lfps_case(batch: int, gen: torch.Generator) -> dict:
@@ -32,23 +35,24 @@ def call(c: dict, launch: Launch):
                                    block_tables=c["tables"])
 
 
-def main() -> None:
-    print("| batch | setting | us | x default |")
+def main(settings: list[Launch]) -> None:
+    print("| batch | setting | us | x first |")
     print("|---|---|---:|---:|")
     for batch in (1, 4, 8):
         gen = torch.Generator(device="cuda").manual_seed(batch)
         cases = [lfps_case(batch, gen) for _ in range(4)]
         want = call(cases[0], Launch())[0].float()
         base = None
-        for launch in SETTINGS:
+        for launch in settings:
             torch.testing.assert_close(call(cases[0], launch)[0].float(), want, atol=2e-2, rtol=2e-2)
             us = timed([lambda c=c, launch=launch: call(c, launch) for c in cases])
             base = base or us
-            name = ", ".join(f"{k}={v}" for k, v in vars(launch).items() if v != getattr(Launch(), k)) or "default"
+            name = ", ".join(f"{k}={getattr(launch, k)}" for k in ("min_chunk_tokens", "items_per_sm", "list_items_per_sm"))
             print(f"| {batch} | {name} | {us:.1f} | {us / base:.3f} |", flush=True)
         del cases
         torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    main()
+    given = [Launch(**{k: int(v) for k, v in (item.split("=") for item in arg.split(","))}) for arg in sys.argv[1:]]
+    main(given or SETTINGS)
