@@ -20,12 +20,12 @@ graph):
    (row, chunk) work items are numbered row-major and every program finds its own item from a prefix
    sum of the per-row chunk counts. C is computed on the device from the units the rows visit in
    this call (the actual lengths and lists, not the capacity): their total spread over about `items`
-   work items (a few per SM; a few more when no row is full), so a light hybrid call and a heavy
-   dense one both fill the GPU evenly, without a tail wave and without more partials than needed. The
-   grid is an upper bound that depends only on shapes (items + rows); surplus programs exit at once.
-   A program writes an unnormalised partial (acc, running max, running sum) and, on request, the
-   log-sum-exp of every unit it visits (same pass over K; `unit_lse` is filled with -inf before, for
-   the units nobody visits). With `sorted_lists` the lists are read as given (no launch 1), and visited in their order.
+   work items (a few per SM), so a light hybrid call and a heavy dense one both fill the GPU
+   evenly, without a tail wave and without more partials than needed. The grid is an upper bound
+   that depends only on shapes (items + rows); surplus programs exit at once. A program writes an
+   unnormalised partial (acc, running max, running sum) and, on request, the log-sum-exp of every
+   unit it visits (same pass over K; `unit_lse` is filled with -inf before, for the units nobody
+   visits). With `sorted_lists` the lists are read as given (no launch 1), and visited in their order.
 3. `_merge_kernel`, one program per (sequence, query head): log-sum-exp merge of the row's partials
    in chunk order, writing out [B, Hq, D] and lse [B, Hq] (0 and -inf for a row without units).
 
@@ -63,36 +63,32 @@ _INVALID = tl.constexpr(2**30)
 
 
 @triton.jit
-def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, LIST_ITEMS, C_FIXED,
+def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                 stride_cb, stride_ch, stride_fb, stride_fh, U: tl.constexpr, C_MIN: tl.constexpr,
                 C_TILE: tl.constexpr, R_PAD: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
                 SORTED: tl.constexpr):
     """Per-row unit and chunk counts, the inclusive prefix sum of the chunk counts, and C, the units
-    per chunk: C_FIXED if > 0, else the call's total units over ITEMS items (LIST_ITEMS when no row of
-    the call is full), in whole tiles of C_TILE units and at least C_MIN. (Rounding up to whole C_MIN
-    instead would leave far fewer items than ITEMS, and a second wave on a few SMs: on one 128K
-    retrieval head and seven 4K lists, 156 items where 264 were asked.)"""
+    per chunk: C_FIXED if > 0, else the call's total units over ITEMS items, in whole tiles of C_TILE
+    units and at least C_MIN. (Rounding up to whole C_MIN instead would leave far fewer items than
+    ITEMS, and a second wave on a few SMs: on one 128K retrieval head and seven 4K lists, 156 items
+    where 264 were asked.)"""
     rows = tl.arange(0, R_PAD)
     in_range = rows < R
     lens = tl.load(seq_lens + rows // HKV, mask=in_range, other=0).to(tl.int32)
     n = tl.cdiv(tl.minimum(tl.maximum(lens, 0), T), U)
-    items = ITEMS
     if HAS_LIST:
-        b = rows // HKV
-        h = rows % HKV
-        items = LIST_ITEMS
-        if HAS_FULL:
-            full = tl.load(full_rows + b * stride_fb + h * stride_fh, mask=in_range, other=0) != 0
-            items = tl.where(tl.max(full.to(tl.int32), 0) > 0, ITEMS, LIST_ITEMS)
         if SORTED:  # the caller's lists are valid as given: the row visits its first `count` entries
+            b = rows // HKV
+            h = rows % HKV
             count = tl.load(unit_counts + b * stride_cb + h * stride_ch, mask=in_range, other=0)
             listed = tl.minimum(tl.maximum(count, 0), tl.minimum(n, K))
             if HAS_FULL:
+                full = tl.load(full_rows + b * stride_fb + h * stride_fh, mask=in_range, other=0) != 0
                 listed = tl.where(full, n, listed)
             n = listed
         else:
             n = tl.load(row_units + rows, mask=in_range, other=0)
-    c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), items), C_TILE) * C_TILE, C_MIN)
+    c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_TILE) * C_TILE, C_MIN)
     c = tl.where(C_FIXED > 0, C_FIXED, c)
     nc = tl.cdiv(n, c)
     return rows, n, nc, tl.cumsum(nc, 0), c
@@ -140,7 +136,7 @@ def _unit_at(list_row, slot, end, use_list, stride, HAS_LIST: tl.constexpr, SORT
 @triton.jit
 def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
                     part_acc, part_m, part_l, unit_lse,
-                    qk_scale, R, HKV, T, K, ITEMS, LIST_ITEMS, C_FIXED,
+                    qk_scale, R, HKV, T, K, ITEMS, C_FIXED,
                     stride_qb, stride_qh, stride_tb, stride_tm,
                     stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt,
@@ -157,8 +153,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
     TILE_UNIT: tl.constexpr = BLOCK_N // UPT  # tokens of one unit inside one tile
 
     w = tl.program_id(0)
-    rows, n, nc, cum, C = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, LIST_ITEMS,
-                                      C_FIXED,
+    rows, n, nc, cum, C = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                                        stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
                                        HAS_LIST, HAS_FULL, SORTED)
     if w >= tl.sum(nc, 0):
@@ -244,8 +239,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
 
 @triton.jit
 def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, full_rows, seq_lens,
-                  R, HKV, T, K, ITEMS, LIST_ITEMS, C_FIXED, stride_ob, stride_oh, stride_cb, stride_ch,
-                  stride_fb, stride_fh,
+                  R, HKV, T, K, ITEMS, C_FIXED, stride_ob, stride_oh, stride_cb, stride_ch, stride_fb, stride_fh,
                   G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr,
                   R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
                   SORTED: tl.constexpr):
@@ -253,8 +247,7 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
     b = pid // (HKV * G)
     hq = pid % (HKV * G)
     r = b * HKV + hq // G
-    rows, n, nc, cum, _ = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, LIST_ITEMS,
-                                      C_FIXED,
+    rows, n, nc, cum, _ = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                                        stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
                                        HAS_LIST, HAS_FULL, SORTED)
     this = rows == r
@@ -326,7 +319,6 @@ class Launch:
     (docs/benchmarks.md, docs/notes/2026-11-24-static-engine.md)."""
 
     items_per_sm: int = 2  # work items the device-side chunk size aims for, per SM
-    list_items_per_sm: int = 3  # the same for a call without a full row (LFPS between refreshes)
     tile_elements: int = 16384  # K (or V) elements per tile of the partial kernel: 128 tokens at d=128
     num_warps: int = 4  # of the partial kernel
     num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper measured slower)
@@ -417,7 +409,6 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     min_chunk = chunk_units(launch.min_chunk_tokens, unit_size, block_n)
     fixed_chunk = chunk_units(chunk_tokens, unit_size, block_n) if chunk_tokens else 0
     items = work_items or launch.items_per_sm * _num_sms(device)
-    list_items = work_items or launch.list_items_per_sm * _num_sms(device)
     list_width = unit_lists.shape[-1] if has_list else 0
     k_pad = max(2, triton.next_power_of_2(list_width))
     # Fixed grid (shapes only, no host sync): the most items any row can have, times the rows; with
@@ -425,7 +416,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     most_units = num_units if (has_full or not has_list) else min(list_width, num_units)
     work = rows * triton.cdiv(most_units, fixed_chunk or min_chunk)
     if not fixed_chunk:
-        work = min(work, max(items, list_items) + rows)
+        work = min(work, items + rows)
     r_pad = triton.next_power_of_2(rows)
     buf = _scratch(device, max(work, 1), group, head_dim, rows, k_pad)
 
@@ -457,7 +448,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
         _partial_kernel[(work,)](
             q, k, v, block_tables, seq_lens, buf["row_units"], buf["sorted"], unit_lists, unit_counts, full_rows,
             buf["acc"], buf["m"], buf["l"], lse_buf,
-            scale * LOG2E, rows, num_kv_heads, capacity, list_width, items, list_items, fixed_chunk,
+            scale * LOG2E, rows, num_kv_heads, capacity, list_width, items, fixed_chunk,
             q.stride(0), q.stride(1), *block_tables.stride(), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *lstride, *cstride, *fstride, *lse_stride,
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size, P=page,
@@ -467,8 +458,8 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
-        rows, num_kv_heads, capacity, list_width, items, list_items, fixed_chunk, out.stride(0), out.stride(1),
-        *cstride, *fstride, G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
+        rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
+        *fstride, G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
         CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, HAS_FULL=has_full,
         SORTED=sorted_lists, num_warps=4)
     return out, lse

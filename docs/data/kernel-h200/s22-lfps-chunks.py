@@ -13,9 +13,9 @@ from sparsedecode.kernels import sparse_decode_attention
 from sparsedecode.kernels.sparse_decode import Launch
 
 CANDIDATES, HANDED = 194, 64
-SETTINGS = [Launch(min_chunk_tokens=512, items_per_sm=2, list_items_per_sm=2),
-            Launch(min_chunk_tokens=128, items_per_sm=2, list_items_per_sm=2),
-            Launch(min_chunk_tokens=128, items_per_sm=2, list_items_per_sm=3)]
+SETTINGS = [Launch(min_chunk_tokens=512), Launch(min_chunk_tokens=256), Launch(min_chunk_tokens=128),
+            Launch(min_chunk_tokens=128, items_per_sm=3), Launch(min_chunk_tokens=128, items_per_sm=4),
+            Launch(min_chunk_tokens=256, items_per_sm=3)]
 
 
 def lfps_case(batch: int, gen: torch.Generator) -> dict:
@@ -47,7 +47,7 @@ def main(settings: list[Launch]) -> None:
             torch.testing.assert_close(call(cases[0], launch)[0].float(), want, atol=2e-2, rtol=2e-2)
             us = timed([lambda c=c, launch=launch: call(c, launch) for c in cases])
             base = base or us
-            name = ", ".join(f"{k}={getattr(launch, k)}" for k in ("min_chunk_tokens", "items_per_sm", "list_items_per_sm"))
+            name = ", ".join(f"{k}={v}" for k, v in vars(launch).items() if v != getattr(Launch(), k)) or "default"
             print(f"| {batch} | {name} | {us:.1f} | {us / base:.3f} |", flush=True)
         del cases
         torch.cuda.empty_cache()
