@@ -1,7 +1,7 @@
 """The attention call of a lychee+lfps step between refreshes (every row a list: one KV head in eight scores
 its LFPS candidates, 194 blocks, the others read the 64 blocks handed to them; per-block log-sum-exp on),
-Llama-3.1-8B heads at 128K, under the work-splitting settings of `Launch`: the minimum chunk (512 tokens by
-default, tuned on lychee's call, whose full row dominates) and the work items per SM. Medians of CUDA-graph
+Llama-3.1-8B heads at 128K, under the work-splitting settings of `Launch`: the minimum chunk (512 tokens until
+session 22, tuned on lychee's call, whose full row dominates; 128 since) and the work items per SM. Medians of CUDA-graph
 replays over 4 caches (cold in L2). On the GPU machine: PYTHONPATH=. python3 docs/data/kernel-h200/s22-lfps-chunks.py
 [FIELD=VALUE,...]... (the `Launch` settings to time, the first the reference of the ratios; default: the list below)"""
 import sys
