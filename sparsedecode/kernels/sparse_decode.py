@@ -315,8 +315,8 @@ _NUM_SMS: dict[torch.device, int] = {}
 @dataclass(frozen=True)
 class Launch:
     """How the partial and merge kernels are launched. Any values compute the same op (up to the order
-    of float sums); the defaults are what `sparsedecode bench kernel --tune` found fastest
-    (docs/benchmarks.md, docs/notes/2026-11-24-static-engine.md)."""
+    of float sums); the defaults are what `sparsedecode bench kernel --tune` and `--launch` found fastest
+    (docs/benchmarks.md, "Launch settings of the paged decode kernels")."""
 
     items_per_sm: int = 2  # work items the device-side chunk size aims for, per SM
     tile_elements: int = 16384  # K (or V) elements per tile of the partial kernel: 128 tokens at d=128
