@@ -217,6 +217,9 @@ def main() -> None:
 @click.option("--max-new-tokens", "-n", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: every token.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float,
+              help="vLLM's: > 1 makes the tokens of the prompt and output so far less likely; 1: none.")
 @click.option("--seed", type=int)
 @click.option("--device")
 @click.option("--kv-offload", type=click.Choice(KV_OFFLOAD_CHOICES), default=None,
@@ -224,8 +227,8 @@ def main() -> None:
                    "keys, or on the GPU, where the keys then stay (only the values in host memory).")
 @click.option("--offload-threads", type=click.IntRange(min=1), default=None,
               help="Threads of the CPU index (default: PyTorch's).")
-def generate(model, method, options, prompt, chat, max_new_tokens, temperature, top_p, seed, device, kv_offload,
-             offload_threads) -> None:
+def generate(model, method, options, prompt, chat, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+             seed, device, kv_offload, offload_threads) -> None:
     """Generate a continuation, streamed to standard output."""
     method_options = parse_method_options(options)
     method_cls = check_method(method, method_options)
@@ -233,7 +236,8 @@ def generate(model, method, options, prompt, chat, max_new_tokens, temperature, 
     from .engine import SamplingParams
 
     try:  # before the model loads
-        SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_new_tokens)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                max_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     text = prompt if prompt is not None else sys.stdin.read()
@@ -261,7 +265,7 @@ def generate(model, method, options, prompt, chat, max_new_tokens, temperature, 
     from . import LLM
 
     llm = LLM(model, method=method, device=device, kv_offload=offload, **method_options)
-    for piece in llm.stream(text, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+    for piece in llm.stream(text, sampling_params=params):
         click.echo(piece, nl=False)
     click.echo()
 

@@ -59,6 +59,8 @@ def assert_one_error_line(result, *phrases: str) -> None:
     (["-n", "0"], ["--max-new-tokens", "0 is not in the range"]),
     (["--seed", str(2**70)], ["seed must be a 64-bit integer"]),
     (["-t", "inf"], ["temperature must be a finite number"]),
+    (["--repetition-penalty", "0"], ["repetition_penalty must be a finite number > 0"]),
+    (["--top-k", "-1"], ["--top-k", "-1 is not in the range"]),
     (["-m", "smolm2-135m"], ["did you mean smollm2-135m?"]),
     (["-m", "/no/such/model.gguf"], ["neither a registry model nor an existing path", ".gguf file"]),
     (["-m", "random:tiny-llama"], ["no tokenizer"]),
@@ -111,6 +113,18 @@ def test_option_value_the_method_refuses(no_weights, tiny):
 def test_generate_runs_on_a_valid_request(tiny):
     result = run("generate", "-m", str(tiny), "-p", "hello", "-n", "3", "--raw")
     assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_generate_samples_with_top_k_and_the_repetition_penalty(tiny):
+    """--top-k 1 keeps only the most likely token, so a hot sampler decodes the greedy text; the repetition
+    penalty changes it."""
+    args = ["generate", "-m", str(tiny), "-p", "hello hello hello", "-n", "12", "--raw"]
+    greedy = run(*args)
+    assert greedy.exit_code == 0, (greedy.output, greedy.exception)
+    assert run(*args, "-t", "2", "--seed", "1", "--top-k", "1").stdout == greedy.stdout
+    assert run(*args, "-t", "2", "--seed", "1").stdout != greedy.stdout
+    penalized = run(*args, "--repetition-penalty", "1.8")
+    assert penalized.exit_code == 0 and penalized.stdout != greedy.stdout
 
 
 @pytest.mark.parametrize("methods, phrase", [
