@@ -188,6 +188,8 @@ def test_generate_takes_sampling_params(smollm: LLM) -> None:
         smollm.generate(prompts, sampling_params=params[:1])
     with pytest.raises(ValueError, match="not dict"):
         smollm.generate(prompts, sampling_params={"temperature": 0.5})
+    with pytest.raises(ValueError, match="holds dict where a SamplingParams goes"):
+        smollm.generate(prompts, sampling_params=[params[0], {"temperature": 0.5}])
 
 
 def test_penalties_survive_a_method_change_and_min_p_one_is_greedy(smollm: LLM) -> None:

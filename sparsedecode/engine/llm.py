@@ -44,12 +44,15 @@ def sampling_list(count: int, sampling_params: SamplingParams | list[SamplingPar
                              "(max_new_tokens is its max_tokens) or leave sampling_params out")
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else []
-        if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
-            what = f"{len(params)} items" if params else type(sampling_params).__name__
-            raise ValueError(f"sampling_params must be one SamplingParams or a list of {count} (one per prompt), "
-                             f"not {what}")
-        return params
+        wanted = f"sampling_params must be one SamplingParams or a list of {count} (one per prompt)"
+        if not isinstance(sampling_params, (list, tuple)):
+            raise ValueError(f"{wanted}, not {type(sampling_params).__name__}")
+        if len(sampling_params) != count:
+            raise ValueError(f"{wanted}, not {len(sampling_params)} items")
+        odd = [type(p).__name__ for p in sampling_params if not isinstance(p, SamplingParams)]
+        if odd:
+            raise ValueError(f"sampling_params holds {', '.join(odd)} where a SamplingParams goes")
+        return list(sampling_params)
     limit = keywords.pop("max_new_tokens")
     limits = [limit] * count if isinstance(limit, int) else list(limit)
     if len(limits) != count:
