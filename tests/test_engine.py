@@ -192,6 +192,29 @@ def test_generate_takes_sampling_params(smollm: LLM) -> None:
         smollm.generate(prompts, sampling_params=[params[0], {"temperature": 0.5}])
 
 
+def test_chat_takes_conversations_as_the_openai_api_gives_them(smollm: LLM) -> None:
+    """vLLM's `LLM.chat`: a conversation goes through the chat template (a system turn changes the prompt, and
+    so the answer) and decodes what `generate` decodes for the templated prompt; several conversations give
+    one Generation each, with generate's options; malformed messages are refused before anything runs."""
+    smollm.use_method("dense")
+    hello = [{"role": "user", "content": "Name three colours."}]
+    system = [{"role": "system", "content": "Answer in French, in one word."}, *hello]
+    assert smollm.apply_chat_template(hello) == smollm.apply_chat_template("Name three colours.")
+    assert smollm.apply_chat_template(system) != smollm.apply_chat_template(hello)
+    assert smollm.apply_chat_template(hello, add_generation_prompt=False) != smollm.apply_chat_template(hello)
+    one = smollm.chat(hello, max_new_tokens=8)
+    assert [g.token_ids for g in one] == [g.token_ids for g in smollm.generate(smollm.apply_chat_template(hello),
+                                                                               max_new_tokens=8)]
+    both = smollm.chat([hello, system], sampling_params=SamplingParams(max_tokens=8))
+    assert len(both) == 2 and both[0].token_ids == one[0].token_ids and both[1].token_ids != one[0].token_ids
+    for bad in ([], [{"content": "no role"}], ["just text"], "not a list of messages either".split()):
+        with pytest.raises(ValueError, match="messages must be a non-empty list"):
+            smollm.chat(bad)
+    no_tokenizer = LLM("random:tiny-llama", device="cpu", block_size=16, max_context=256)
+    with pytest.raises(ValueError, match="no tokenizer .random weights.: use a plain prompt"):
+        no_tokenizer.chat(hello)
+
+
 def test_penalties_survive_a_method_change_and_min_p_one_is_greedy(smollm: LLM) -> None:
     """A penalized sequence whose slot state is rewritten from its history mid-generation (the engine's method
     changes after 6 of its 12 tokens) gives the tokens of an uninterrupted run: at the last token the

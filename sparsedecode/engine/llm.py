@@ -245,11 +245,30 @@ class LLM:
         return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     # -- tokenisation --------------------------------------------------------------------------
-    def apply_chat_template(self, user_message: str) -> str:
-        """The prompt string for one user turn, with the model's chat template."""
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
-        )
+    def apply_chat_template(self, messages: str | list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt string of a conversation through the model's chat template: `messages` as the OpenAI
+        API gives them ({"role": ..., "content": ...} dicts), or one string for a single user turn; by
+        default it ends by opening the assistant's turn."""
+        if self.tokenizer is None or self.tokenizer.chat_template is None:
+            what = "no tokenizer (random weights)" if self.tokenizer is None else "no chat template"
+            raise ValueError(f"this model has {what}: use a plain prompt instead of chat messages")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
+            raise ValueError('messages must be a non-empty list of {"role": str, "content": ...} dicts, not '
+                             f"{messages!r:.80}")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], **generate_options: Any
+             ) -> list[Generation]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} messages) or a list of
+        conversations, each through the chat template (`apply_chat_template`), then `generate` with
+        `generate_options` (max_new_tokens, sampling_params, ...); one Generation per conversation."""
+        several = isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
+        conversations = messages if several else [messages]
+        return self.generate([self.apply_chat_template(c) for c in conversations], **generate_options)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(

@@ -87,8 +87,7 @@ def build_app(llm: LLM, served_model_names: list[str], api_key: str | None = Non
         """The messages through the model's chat template (on the engine thread, which owns the tokenizer)."""
         dicts = [m.template_dict() for m in messages]
         try:
-            return await engine_loop.call(lambda: llm.tokenizer.apply_chat_template(
-                dicts, tokenize=False, add_generation_prompt=add_generation_prompt))
+            return await engine_loop.call(lambda: llm.apply_chat_template(dicts, add_generation_prompt))
         except Exception as e:  # a template raises what it likes on messages it does not take
             raise APIError(400, f"the chat template rejects these messages: {e}", param="messages") from None
 
