@@ -134,6 +134,17 @@ def test_demo_refuses_unknown_methods(no_weights, methods, phrase):
     assert_one_error_line(run("demo", "--methods", methods), "--methods", phrase)
 
 
+@pytest.mark.slow
+def test_demo_runs_every_method_it_is_given():
+    """The README's main job on the CI model: the needle prompt through each method, then the table."""
+    result = run("demo", "-m", "smollm2-135m", "--context", "1024", "--methods", "dense,lychee,lychee+lfps",
+                 "--device", "cpu")
+    assert result.exit_code == 0, (result.output, result.exception)
+    table = " ".join(result.stdout[result.stdout.index("needle value"):].split())  # rich wraps at 80 columns
+    for method in ("dense", "lychee", "lychee+lfps", "KV read", "100.0%", "about dense's speed"):
+        assert method in table, method
+
+
 def test_demo_context_over_the_model(no_weights, tiny):
     assert_one_error_line(run("demo", "-m", str(tiny), "--context", "4096"), "context of 256 tokens")
 
