@@ -280,9 +280,9 @@ def methods_command() -> None:
             out.write_dl([(f"{key}={_show_value(default)}", OPTION_HELP.get(key, ""))
                           for key, default in cls.defaults.items()] or [("(no options)", "")])
         out.write_paragraph()
-    from .demo import GPU_SPEED_NOTE
+    from .demo import CPU_SPEED_NOTE, GPU_SPEED_NOTE
 
-    out.write_text(GPU_SPEED_NOTE)
+    out.write_text(GPU_SPEED_NOTE + CPU_SPEED_NOTE)
     click.echo(out.getvalue(), nl=False)
 
 
