@@ -10,8 +10,9 @@ log-sum-exp in the same pass as the attention output. Their top-k is I(t).
 On CUDA a layer's bookkeeping besides the attention op is one Triton launch for the candidate lists
 (`kernels.lfps_candidates_into`, which also fills in the handed lists of lychee+lfps's sparse rows) and
 one per top-k (`kernels.select_blocks`: the new selection, and lychee+lfps's hand-on), into fixed
-buffers for CUDA graphs; a refresh threshold adds a few elementwise ops. Elsewhere their PyTorch
-references run.
+buffers for CUDA graphs; a refresh threshold adds a few elementwise ops. The top-k and the next layer's
+candidates run on a side stream (`lychee.SelectionStream`), overlapping the rest of the layer. Elsewhere
+their PyTorch references run.
 
 Refresh: a sequence's decode step 0 and every `refresh_every`-th step after it make its rows full (exact
 top-k over all blocks); each sequence counts its own steps, on the device (`DecodeBatch.steps`).
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from ..core import DecodeBatch, KVPool
 from ..kernels import lfps_candidates_into
 from .base import DecodeMethod
-from .lychee import Lychee
+from .lychee import Lychee, SelectionStream
 from ..core.selection import BlockSelector
 
 ATTEND_MODES = ("candidates", "selected")
@@ -257,6 +258,8 @@ class LFPS(DecodeMethod):
     def plan(self, pool: KVPool, max_seqs: int, max_blocks: int) -> None:
         self.past.plan(pool, max_seqs, max_blocks, pool.num_kv_heads * self.config.group_size)
         pool.reserve(self.past.width + 1)
+        self.selection = SelectionStream(pool)
+        self.ahead: tuple | None = None  # (layer, lists, counts) computed on the side stream
 
     def reset_slot(self, slot: int) -> None:
         self.past.reset_slot(slot)
@@ -269,14 +272,25 @@ class LFPS(DecodeMethod):
 
     def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         past, block_size, size, seq_lens = self.past, self.options["block_size"], batch.size, batch.seq_lens
+        self.selection.join()  # the previous layer's top-k reads the block scores overwritten below
         full = past.full_rows(layer, size)
         past.count_forced_rows(layer, size)
-        lists, counts = past.candidates(layer, seq_lens)
+        ahead, self.ahead = self.ahead, None
+        lists, counts = ahead[1:] if ahead and ahead[0] == layer else past.candidates(layer, seq_lens)
         unit_lse = past.unit_lse[:size]
         if self.options["attend"] == "candidates":
             out, lse = pool.attention(layer, q, batch, self.scale, block_size, lists, counts, full, unit_lse,
                                       sorted_lists=True)
-            past.update(layer, lse, seq_lens, full)
+            last = layer + 1 == pool.num_layers
+
+            def select() -> None:
+                past.update(layer, lse, seq_lens, full)
+                if self.selection.overlaps and not last:
+                    self.ahead = (layer + 1, *past.candidates(layer + 1, seq_lens))
+
+            self.selection.run(select, lse, full)
+            if last:
+                self.selection.join()
             if pool.prefetches and layer + 1 < pool.num_layers:
                 pool.prefetch(layer + 1, batch, *past.candidates(layer + 1, seq_lens))
             return out
@@ -317,6 +331,7 @@ class LycheeLFPS(Lychee):
         super().plan(pool, max_seqs, max_blocks)
         self.past.plan(pool, max_seqs, max_blocks, pool.num_kv_heads * self.config.group_size, self.unit_lse)
         pool.reserve(self.past.width + 1)
+        self.ahead: tuple | None = None  # (layer, lists, counts) computed on the side stream
 
     def reset_slot(self, slot: int) -> None:
         super().reset_slot(slot)
@@ -346,10 +361,12 @@ class LycheeLFPS(Lychee):
 
     def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         size, seq_lens = batch.size, batch.seq_lens
+        self.selection.join()  # the previous layer's selection: its handed blocks are read, its scores overwritten
         retrieval = self.retrieval_rows[layer, :size]
         full = self.full_rows[layer, :size]  # see begin_step
         self.past.count_forced_rows(layer, size)
-        lists, counts = self.row_lists(layer, seq_lens)
+        ahead, self.ahead = self.ahead, None
+        lists, counts = ahead[1:] if ahead and ahead[0] == layer else self.row_lists(layer, seq_lens)
         unit_lse = self.past.unit_lse[:size]
         out, lse = pool.attention(layer, q, batch, self.scale, self.options["block_size"], lists, counts, full,
                                   unit_lse, sorted_lists=True)
@@ -357,10 +374,19 @@ class LycheeLFPS(Lychee):
         # rows and selector: one selection writes both (unless the heads share one, TidalDecode-style).
         hands_on = self.selects[layer]
         shared = self.options["share_heads"]
-        self.past.update(layer, lse, seq_lens, full, rows=retrieval,
-                         copy_to=(self.blocks[:size], self.counts[:size]) if hands_on and not shared else None)
-        if hands_on and shared:
-            self.hand_on(layer, unit_lse, seq_lens, lse=lse)
+        last = layer + 1 == pool.num_layers
+
+        def select() -> None:
+            self.past.update(layer, lse, seq_lens, full, rows=retrieval,
+                             copy_to=(self.blocks[:size], self.counts[:size]) if hands_on and not shared else None)
+            if hands_on and shared:
+                self.hand_on(layer, unit_lse, seq_lens, lse=lse)
+            if self.selection.overlaps and not last:  # the next layer's lists, off the decode stream too
+                self.ahead = (layer + 1, *self.row_lists(layer + 1, seq_lens))
+
+        self.selection.run(select, lse)  # overlaps the projections up to the next layer's attend
+        if last:
+            self.selection.join()
         if pool.prefetches and layer + 1 < pool.num_layers:
             pool.prefetch(layer + 1, batch, *self.row_lists(layer + 1, seq_lens))
         return out

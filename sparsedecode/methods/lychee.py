@@ -2,10 +2,14 @@
 
 Per layer, retrieval KV heads attend to the whole cache and, in the same pass, score its blocks; their
 top blocks are handed to the same KV-head index of the following layers. Sparse KV heads attend only to
-the blocks they were handed. One kernel launch per layer covers both kinds of head.
+the blocks they were handed. One kernel launch per layer covers both kinds of head; on CUDA the selection
+runs on a side stream, overlapping the rest of the layer (`SelectionStream`).
 TidalDecode is the layer-level special case (whole layers select, one set shared by all heads).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -15,6 +19,44 @@ from .base import DecodeMethod
 
 #: roles used when none are given and none are shipped for the model (chosen by measurement, see docs)
 DEFAULT_ROLES = "tidal"
+
+
+class SelectionStream:
+    """Runs a layer's block selection on a side CUDA stream, where it overlaps the projections that follow the
+    attention instead of delaying them; `join` makes the decode stream wait for it, and must come before
+    anything reads what the selection writes or overwrites what it reads (the next layer's attention writes
+    the shared block scores). The tensors handed to `run` (the pass's lse, allocated on the decode stream) are
+    held until the join, so that the allocator cannot give their memory to later decode work. Fork and join
+    follow the decode stream, so a captured step captures both (a capture needs every side stream joined
+    before it ends: the caller joins at its last layer). Without CUDA, with a pool that prefetches (host
+    memory), or with `enabled` off, `run` calls at once."""
+
+    #: class-wide switch: False runs every selection in line (A/B measurements)
+    enabled: ClassVar[bool] = True
+
+    def __init__(self, pool: KVPool) -> None:
+        overlap = self.enabled and pool.device.type == "cuda" and not pool.prefetches
+        self.stream = torch.cuda.Stream(pool.device) if overlap else None
+        self.held: tuple[torch.Tensor, ...] | None = None  # None: nothing pending
+
+    @property
+    def overlaps(self) -> bool:
+        return self.stream is not None
+
+    def run(self, work: Callable[[], None], *held: torch.Tensor) -> None:
+        if self.stream is None:
+            work()
+            return
+        self.join()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            work()
+        self.held = held
+
+    def join(self) -> None:
+        if self.held is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            self.held = None
 
 
 class Lychee(DecodeMethod):
@@ -63,6 +105,7 @@ class Lychee(DecodeMethod):
         retrieval = self.roles.retrieval[:, self.kv_heads.start : self.kv_heads.stop]  # this GPU's heads
         self.retrieval_rows = retrieval.to(device)[:, None, :].expand(-1, max_seqs, -1).contiguous()
         self.full_rows = torch.empty_like(self.retrieval_rows)  # this step's: retrieval, or every row of a dense step
+        self.selection = SelectionStream(pool)
 
     def reset_slot(self, slot: int) -> None:
         self.blocks[slot] = 0
@@ -80,14 +123,15 @@ class Lychee(DecodeMethod):
 
     def attend(self, layer: int, q: torch.Tensor, pool: KVPool, batch: DecodeBatch) -> torch.Tensor:
         size, selects = batch.size, self.selects[layer]
+        self.selection.join()  # the previous selection: its blocks are read, its scores overwritten below
         if self.all_full[layer] and not selects:
             return pool.attention(layer, q, batch, self.scale)[0]
         unit_lse = self.unit_lse[:size] if selects else None
         out, lse = pool.attention(layer, q, batch, self.scale, self.options["block_size"], self.blocks[:size],
                                   self.counts[:size], self.full_rows[layer, :size], unit_lse,
                                   sorted_lists=True)  # lists from the selection
-        if selects:
-            self.hand_on(layer, unit_lse, batch.seq_lens, lse=lse)
+        if selects:  # never at the last layer: the next layer's attend joins it
+            self.selection.run(lambda: self.hand_on(layer, unit_lse, batch.seq_lens, lse=lse), lse)
         return out
 
     def hand_on(self, layer: int, scores: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor | None = None) -> None:
