@@ -89,9 +89,9 @@ def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS
         else:
             n = tl.load(row_units + rows, mask=in_range, other=0)
     c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_TILE) * C_TILE, C_MIN)
-    if BALANCED:  # each row cut into the nearest whole number of chunks of about c: no short last chunk
+    if BALANCED:  # a row of 4+ chunks cut into the nearest whole number of them: no short last chunk
         k = tl.maximum((n + c // 2) // c, 1)
-        c = tl.maximum(tl.cdiv(tl.cdiv(n, k), C_TILE) * C_TILE, C_TILE)
+        c = tl.where(n >= 4 * c, tl.maximum(tl.cdiv(tl.cdiv(n, k), C_TILE) * C_TILE, C_TILE), c)
     c = tl.where(C_FIXED > 0, C_FIXED, c)
     nc = tl.cdiv(n, c)
     return rows, n, nc, tl.cumsum(nc, 0), c
