@@ -317,6 +317,23 @@ def test_launch_settings_compute_the_same_op(device, launch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("work_items", [3, 12, 20])
+def test_balanced_chunks_compute_the_same_op(device, work_items):
+    """`Launch(balanced_chunks=1)` cuts each row into the nearest whole number of chunks of the call's size,
+    so rows get chunks of their own sizes: still the reference's result, with and without lists."""
+    unit_size, head_dim = 16, 32
+    capacity = 40 * unit_size
+    lens_list = [capacity, 23 * unit_size + 5, 9 * unit_size]
+    q, k, v, lens, gen = make_inputs(device, torch.float32, 3, 2, 2, head_dim, capacity, lens_list, seed=29)
+    lists, counts = sorted_lists_of(gen, lens_list, 2, 30, unit_size, 40, device)
+    full = torch.tensor([[True, False], [False, True], [False, False]], device=device)
+    launch = Launch(tile_elements=512, min_chunk_tokens=16, balanced_chunks=1)
+    for args in [(), (lists, counts, full)]:
+        check(*run_both(q, k, v, lens, unit_size, *args, work_items=work_items, launch=launch, sorted_lists=bool(args)),
+              torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("unit_size", [16, 64])
 def test_sorted_lists_skip_the_plan_with_the_same_bits(device, unit_size):
     """Valid ascending lists (as the selection kernels write them) read as given give exactly the bits
