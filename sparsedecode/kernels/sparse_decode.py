@@ -66,7 +66,7 @@ _INVALID = tl.constexpr(2**30)
 def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                 stride_cb, stride_ch, stride_fb, stride_fh, U: tl.constexpr, C_MIN: tl.constexpr,
                 C_TILE: tl.constexpr, R_PAD: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
-                SORTED: tl.constexpr, BALANCED: tl.constexpr):
+                SORTED: tl.constexpr):
     """Per-row unit and chunk counts, the inclusive prefix sum of the chunk counts, and C, the units
     per chunk: C_FIXED if > 0, else the call's total units over ITEMS items, in whole tiles of C_TILE
     units and at least C_MIN. (Rounding up to whole C_MIN instead would leave far fewer items than
@@ -89,7 +89,7 @@ def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS
         else:
             n = tl.load(row_units + rows, mask=in_range, other=0)
     c = tl.maximum(tl.cdiv(tl.cdiv(tl.sum(n, 0), ITEMS), C_TILE) * C_TILE, C_MIN)
-    if BALANCED:  # a row of 4+ chunks cut into the nearest whole number of them: no short last chunk
+    if not HAS_LIST:  # a row of 4+ chunks in the nearest whole number of them: no short last chunk
         k = tl.maximum((n + c // 2) // c, 1)
         c = tl.where(n >= 4 * c, tl.maximum(tl.cdiv(tl.cdiv(n, k), C_TILE) * C_TILE, C_TILE), c)
     c = tl.where(C_FIXED > 0, C_FIXED, c)
@@ -149,8 +149,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
-                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
-                    BALANCED: tl.constexpr):
+                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
@@ -159,7 +158,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
     w = tl.program_id(0)
     rows, n, nc, cum, C = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                                        stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
-                                       HAS_LIST, HAS_FULL, SORTED, BALANCED)
+                                       HAS_LIST, HAS_FULL, SORTED)
     if w >= tl.sum(nc, 0):
         return  # surplus program of the fixed-size grid
     r = tl.sum((cum <= w).to(tl.int32), 0)
@@ -247,14 +246,14 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
                   R, HKV, T, K, ITEMS, C_FIXED, stride_ob, stride_oh, stride_cb, stride_ch, stride_fb, stride_fh,
                   G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr,
                   R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
-                  SORTED: tl.constexpr, BALANCED: tl.constexpr):
+                  SORTED: tl.constexpr):
     pid = tl.program_id(0)  # (sequence, query head)
     b = pid // (HKV * G)
     hq = pid % (HKV * G)
     r = b * HKV + hq // G
     rows, n, nc, cum, _ = _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS, C_FIXED,
                                        stride_cb, stride_ch, stride_fb, stride_fh, U, C_MIN, C_TILE, R_PAD,
-                                       HAS_LIST, HAS_FULL, SORTED, BALANCED)
+                                       HAS_LIST, HAS_FULL, SORTED)
     this = rows == r
     num_chunks = tl.sum(tl.where(this, nc, 0), 0)
     first = tl.sum(tl.where(this, cum - nc, 0), 0)
@@ -329,11 +328,10 @@ class Launch:
     num_stages: int = 2  # software-pipelining depth of the partial kernel (deeper measured slower)
     merge_elements: int = 16384  # partial-accumulator elements per step of the merge: 128 partials at d=128
     min_chunk_tokens: int = 128  # one tile: a small call (LFPS lists at batch 1) spreads over more SMs
-    balanced_chunks: int = 0  # 1: each row in the nearest whole number of chunks (A/B candidate)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "balanced_chunks" else 1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Launch.{name} must be a positive integer, not {value!r}")
         for name in ("tile_elements", "merge_elements"):  # the kernels' tiles are powers of 2
             if getattr(self, name) & (getattr(self, name) - 1):
@@ -461,13 +459,13 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
             DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31,
-            BALANCED=launch.balanced_chunks > 0, num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
+            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
         rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
         *fstride, G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
         CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, HAS_FULL=has_full,
-        SORTED=sorted_lists, BALANCED=launch.balanced_chunks > 0, num_warps=4)
+        SORTED=sorted_lists, num_warps=4)
     return out, lse
 
 
