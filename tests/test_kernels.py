@@ -360,6 +360,12 @@ def test_scored_rows_limit_the_unit_scores(device, seed):
     every, _ = run_both(q, k, v, lens, unit_size, lists, counts, full, sorted_lists=True)
     assert torch.equal(got[0], every[0]) and torch.equal(got[1], every[1])
     assert torch.equal(got[2][~unscored], every[2][~unscored])
+    wrong = scored.t().contiguous().repeat(1, 2)  # a [Hkv, 2B] mask: the error names the shape it needs
+    args = (q, k, v, lens, q.shape[-1] ** -0.5, unit_size, lists, counts, full, torch.empty_like(got[2]))
+    with pytest.raises(ValueError, match=rf"scored_rows must be \[{batch}, {kv_heads}\] bool"):
+        sparse_decode_attention(*args, backend="triton", sorted_lists=True, scored_rows=wrong)
+    with pytest.raises(ValueError, match=rf"scored_rows must be \[{batch}, {kv_heads}\] bool"):
+        sparse_decode_attention_ref(*args, scored_rows=wrong)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -114,6 +114,10 @@ def sparse_decode_attention_ref(
         per_unit = per_unit.view(batch, num_kv_heads, group, padded // unit_size, unit_size)
         per_unit = torch.logsumexp(per_unit, dim=-1)
         if scored_rows is not None:
+            if scored_rows.shape != (batch, num_kv_heads) or scored_rows.is_floating_point():
+                raise ValueError(
+                    f"scored_rows must be [{batch}, {num_kv_heads}] bool, not {tuple(scored_rows.shape)}"
+                )
             per_unit = per_unit.masked_fill(~scored_rows.bool()[:, :, None, None], float("-inf"))
         unit_lse.copy_(per_unit.view(batch, num_heads, -1))
     return out.view(batch, num_heads, head_dim).to(q.dtype), lse.view(batch, num_heads)
