@@ -83,7 +83,7 @@ def poisoned():
 
 
 def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_lse=True, chunk_tokens=None,
-             work_items=None, launch=LAUNCH, sorted_lists=False, block_tables=None):
+             work_items=None, launch=LAUNCH, sorted_lists=False, block_tables=None, scored_rows=None):
     """Kernel and reference on the same inputs; unit_lse poisoned with NaN before the kernel."""
     scale = q.shape[-1] ** -0.5
     capacity = k.shape[2] * (1 if block_tables is None else block_tables.shape[1])
@@ -93,9 +93,10 @@ def run_both(q, k, v, lens, unit_size, lists=None, counts=None, full=None, with_
     with poisoned():
         out, lse = sparse_decode_attention(q, k, v, lens, scale, unit_size, lists, counts, full, unit_lse,
                                            backend="triton", chunk_tokens=chunk_tokens, work_items=work_items,
-                                           launch=launch, sorted_lists=sorted_lists, block_tables=block_tables)
+                                           launch=launch, sorted_lists=sorted_lists, block_tables=block_tables,
+                                           scored_rows=scored_rows)
     ref_out, ref = sparse_decode_attention_ref(q, k, v, lens, scale, unit_size, lists, counts, full, ref_lse,
-                                               block_tables=block_tables)
+                                               block_tables=block_tables, scored_rows=scored_rows)
     return (out, lse, unit_lse), (ref_out, ref, ref_lse)
 
 
@@ -332,6 +333,39 @@ def test_balanced_chunks_compute_the_same_op(device, work_items):
     for args in [(), (lists, counts, full)]:
         check(*run_both(q, k, v, lens, unit_size, *args, work_items=work_items, launch=launch, sorted_lists=bool(args)),
               torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scored_rows_limit_the_unit_scores(device, seed):
+    """With scored_rows only those rows' query heads get per-unit log-sum-exp (the others -inf, as in the
+    reference); the attention output and lse stay the op's, and a scored row's units are the bits of a
+    call that scores every row. Random shapes, lists and full rows."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, kv_heads = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(2, 4, (1,), generator=gen))
+    group, unit_size, head_dim = [2, 4][seed % 2], [16, 64][seed % 2], 64
+    capacity = int(torch.randint(3, 10, (1,), generator=gen)) * unit_size
+    lens_list = [int(torch.randint(1, capacity + 1, (1,), generator=gen)) for _ in range(batch)]
+    q, k, v, lens, gen = make_inputs(device, torch.bfloat16, batch, kv_heads, group, head_dim, capacity,
+                                     lens_list, seed=seed)
+    lists, counts = sorted_lists_of(gen, lens_list, kv_heads, 6, unit_size, capacity // unit_size, device)
+    full = (torch.rand(batch, kv_heads, generator=gen) < 0.3).to(device)
+    scored = torch.rand(batch, kv_heads, generator=gen) < 0.5
+    scored[0, 0], scored[-1, -1] = True, False  # both kinds in every case
+    scored = scored.to(device)
+    got, want = run_both(q, k, v, lens, unit_size, lists, counts, full, sorted_lists=True, scored_rows=scored)
+    check(got, want, torch.bfloat16)
+    unscored = ~scored.repeat_interleave(group, dim=1)
+    assert torch.isneginf(got[2][unscored]).all() and torch.isfinite(got[2][~unscored]).any()
+    every, _ = run_both(q, k, v, lens, unit_size, lists, counts, full, sorted_lists=True)
+    assert torch.equal(got[0], every[0]) and torch.equal(got[1], every[1])
+    assert torch.equal(got[2][~unscored], every[2][~unscored])
+    wrong = scored.t().contiguous().repeat(1, 2)  # a [Hkv, 2B] mask: the error names the shape it needs
+    args = (q, k, v, lens, q.shape[-1] ** -0.5, unit_size, lists, counts, full, torch.empty_like(got[2]))
+    with pytest.raises(ValueError, match=rf"scored_rows must be \[{batch}, {kv_heads}\] bool"):
+        sparse_decode_attention(*args, backend="triton", sorted_lists=True, scored_rows=wrong)
+    with pytest.raises(ValueError, match=rf"scored_rows must be \[{batch}, {kv_heads}\] bool"):
+        sparse_decode_attention_ref(*args, scored_rows=wrong)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -114,10 +114,10 @@ def dense(c: Case, launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]
 
 def hybrid(c: Case, with_lse: bool = True, launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
     """One full row (retrieval KV head) per sequence, the others 64 listed units: Lychee's layer, called
-    as the engine calls it (sorted lists)."""
+    as the engine calls it (sorted lists; block scores of the retrieval rows only)."""
     return sparse_decode_attention(c["q"], c["k"], c["v"], c["lens"], SCALE, UNIT, c["lists"], c["counts"],
                                    c["full"], c["unit_lse"] if with_lse else None, launch=launch, sorted_lists=True,
-                                   block_tables=c["tables"])
+                                   block_tables=c["tables"], scored_rows=c["full"])
 
 
 def check(c: Case, launch: Launch = LAUNCH) -> None:
@@ -132,7 +132,8 @@ def check(c: Case, launch: Launch = LAUNCH) -> None:
     out, lse = hybrid(c, launch=launch)
     ref_lse = torch.empty_like(one["unit_lse"])
     ref_out, ref = sparse_decode_attention_ref(one["q"], c["k"], c["v"], one["lens"], SCALE, UNIT, one["lists"],
-                                               one["counts"], one["full"], ref_lse, block_tables=one["tables"])
+                                               one["counts"], one["full"], ref_lse, block_tables=one["tables"],
+                                               scored_rows=one["full"])
     torch.testing.assert_close(out[:1].float(), ref_out.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse[:1], ref, atol=2e-3, rtol=2e-3)
     got = c["unit_lse"][:1]

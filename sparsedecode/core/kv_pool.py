@@ -110,12 +110,14 @@ class KVPool:
     def attention(self, layer: int, q: torch.Tensor, batch: DecodeBatch, scale: float, unit_size: int = 64,
                   unit_lists: torch.Tensor | None = None, unit_counts: torch.Tensor | None = None,
                   full_rows: torch.Tensor | None = None, unit_lse: torch.Tensor | None = None,
-                  sorted_lists: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  sorted_lists: bool = False, scored_rows: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """`kernels.sparse_decode_attention` of q [B, Hq, D] over this pool's layer `layer` (same unit lists,
-        full rows and per-unit scores); returns (out [B, Hq, D], lse [B, Hq])."""
+        full rows, per-unit scores and scored rows); returns (out [B, Hq, D], lse [B, Hq])."""
         return sparse_decode_attention(q, self.k[layer], self.v[layer], batch.seq_lens, scale, unit_size,
                                        unit_lists, unit_counts, full_rows, unit_lse,
-                                       block_tables=batch.block_tables, sorted_lists=sorted_lists)
+                                       block_tables=batch.block_tables, sorted_lists=sorted_lists,
+                                       scored_rows=scored_rows)
 
     def index(self, layer: int, q: torch.Tensor, batch: DecodeBatch, scale: float, unit_size: int,
               unit_lists: torch.Tensor, unit_counts: torch.Tensor, full_rows: torch.Tensor | None, unit_lse: torch.Tensor) -> torch.Tensor:

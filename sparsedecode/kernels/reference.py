@@ -69,6 +69,7 @@ def sparse_decode_attention_ref(
     unit_lse: torch.Tensor | None = None,
     *,
     block_tables: torch.Tensor | None = None,
+    scored_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one new query per sequence over a (block-)sparse set of cached tokens.
 
@@ -79,6 +80,8 @@ def sparse_decode_attention_ref(
     no full rows; no list at all: dense attention).
     unit_lse: optional out [B, Hq, T // unit_size] float32, filled with the log-sum-exp of the scaled
     scores of each visited unit (-inf for units not visited): the block scores of the pass.
+    scored_rows: optional [B, Hkv] bool, the rows whose units go to unit_lse (None: every row); the query
+    heads of the other rows get -inf throughout.
     Returns out [B, Hq, D] in q's dtype and lse [B, Hq] float32.
     """
     if block_tables is not None:
@@ -109,7 +112,14 @@ def sparse_decode_attention_ref(
     if unit_lse is not None:
         per_unit = F.pad(scores, (0, padded - capacity), value=float("-inf"))
         per_unit = per_unit.view(batch, num_kv_heads, group, padded // unit_size, unit_size)
-        unit_lse.copy_(torch.logsumexp(per_unit, dim=-1).view(batch, num_heads, -1))
+        per_unit = torch.logsumexp(per_unit, dim=-1)
+        if scored_rows is not None:
+            if scored_rows.shape != (batch, num_kv_heads) or scored_rows.is_floating_point():
+                raise ValueError(
+                    f"scored_rows must be [{batch}, {num_kv_heads}] bool, not {tuple(scored_rows.shape)}"
+                )
+            per_unit = per_unit.masked_fill(~scored_rows.bool()[:, :, None, None], float("-inf"))
+        unit_lse.copy_(per_unit.view(batch, num_heads, -1))
     return out.view(batch, num_heads, head_dim).to(q.dtype), lse.view(batch, num_heads)
 
 

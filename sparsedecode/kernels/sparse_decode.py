@@ -138,18 +138,19 @@ def _unit_at(list_row, slot, end, use_list, stride, HAS_LIST: tl.constexpr, SORT
 
 @triton.jit
 def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, unit_lists, unit_counts, full_rows,
-                    part_acc, part_m, part_l, unit_lse,
+                    scored_rows, part_acc, part_m, part_l, unit_lse,
                     qk_scale, R, HKV, T, K, ITEMS, C_FIXED,
                     stride_qb, stride_qh, stride_tb, stride_tm,
                     stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt,
                     stride_lb, stride_lh, stride_lk, stride_cb, stride_ch,
-                    stride_fb, stride_fh, stride_eb, stride_eh,
+                    stride_fb, stride_fh, stride_sb, stride_sh, stride_eb, stride_eh,
                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, U: tl.constexpr, P: tl.constexpr,
                     BLOCK_N: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr, K_PAD: tl.constexpr,
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
-                    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
+                    WRITE_LSE: tl.constexpr, HAS_SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    WIDE: tl.constexpr):
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
@@ -193,6 +194,9 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
         list_row = sorted_units + r.to(tl.int64) * K_PAD
         list_stride = 1
     lse_row = unit_lse + b.to(tl.int64) * stride_eb + (h * G + g)[:, None] * stride_eh
+    scored = r >= 0  # every row's units get their log-sum-exp, unless scored_rows says otherwise
+    if HAS_SCORED:
+        scored = tl.load(scored_rows + b * stride_sb + h * stride_sh) != 0
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -223,17 +227,19 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
             if WRITE_LSE:
-                # Exact per-unit log-sum-exp from the scores in registers (its own max, so units far
-                # below the running max do not underflow).
-                s3 = tl.reshape(s, [G_PAD, UPT, TILE_UNIT])
-                um_new = tl.maximum(unit_m, tl.max(s3, 2))
-                um_use = tl.where(um_new == float("-inf"), 0.0, um_new)
-                unit_s = unit_s * tl.math.exp2(unit_m - um_use) + tl.sum(tl.math.exp2(s3 - um_use[:, :, None]), 2)
-                unit_m = um_new
+                if scored:
+                    # Exact per-unit log-sum-exp from the scores in registers (its own max, so units far
+                    # below the running max do not underflow).
+                    s3 = tl.reshape(s, [G_PAD, UPT, TILE_UNIT])
+                    um_new = tl.maximum(unit_m, tl.max(s3, 2))
+                    um_use = tl.where(um_new == float("-inf"), 0.0, um_new)
+                    unit_s = unit_s * tl.math.exp2(unit_m - um_use) + tl.sum(tl.math.exp2(s3 - um_use[:, :, None]), 2)
+                    unit_m = um_new
         if WRITE_LSE:
-            units = _unit_at(list_row, i + tl.arange(0, UPT), end, use_list, list_stride, HAS_LIST, SORTED)
-            unit_lse_val = (tl.where(unit_m == float("-inf"), 0.0, unit_m) + tl.math.log2(unit_s)) * _LN2
-            tl.store(lse_row + units[None, :], unit_lse_val, mask=head_ok[:, None] & (units >= 0)[None, :])
+            if scored:
+                units = _unit_at(list_row, i + tl.arange(0, UPT), end, use_list, list_stride, HAS_LIST, SORTED)
+                unit_lse_val = (tl.where(unit_m == float("-inf"), 0.0, unit_m) + tl.math.log2(unit_s)) * _LN2
+                tl.store(lse_row + units[None, :], unit_lse_val, mask=head_ok[:, None] & (units >= 0)[None, :])
 
     item = w.to(tl.int64) * G + g
     tl.store(part_acc + item[:, None] * D + d[None, :], acc, mask=head_ok[:, None])
@@ -382,7 +388,7 @@ def static_block_tables(device: torch.device, batch: int) -> torch.Tensor:
 
 
 def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                          unit_lse, chunk_tokens, work_items, launch, sorted_lists, block_tables):
+                          unit_lse, chunk_tokens, work_items, launch, sorted_lists, block_tables, scored_rows):
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -429,7 +435,14 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
     if unit_lse is not None:
         if unit_lse.shape != (batch, num_heads, num_units) or unit_lse.stride(-1) != 1:
             raise ValueError(f"unit_lse must be [B, Hq, {num_units}] with a contiguous last dimension")
-        unit_lse.fill_(float("-inf"))  # units nobody visits
+        unit_lse.fill_(float("-inf"))  # units nobody visits or scores
+    has_scored = unit_lse is not None and scored_rows is not None
+    if has_scored:
+        if scored_rows.shape != (batch, num_kv_heads) or scored_rows.is_floating_point():
+            raise ValueError(f"scored_rows must be [{batch}, {num_kv_heads}] bool, not {tuple(scored_rows.shape)}")
+        sstride = scored_rows.stride()
+    else:
+        scored_rows, sstride = seq_lens, (0, 0)  # unused pointer
     if has_full:
         fstride = full_rows.stride()
     else:
@@ -451,13 +464,14 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
         two_byte = q.element_size() == 2
         _partial_kernel[(work,)](
             q, k, v, block_tables, seq_lens, buf["row_units"], buf["sorted"], unit_lists, unit_counts, full_rows,
-            buf["acc"], buf["m"], buf["l"], lse_buf,
+            scored_rows, buf["acc"], buf["m"], buf["l"], lse_buf,
             scale * LOG2E, rows, num_kv_heads, capacity, list_width, items, fixed_chunk,
             q.stride(0), q.stride(1), *block_tables.stride(), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *lstride, *cstride, *fstride, *lse_stride,
+            v.stride(0), v.stride(1), v.stride(2), *lstride, *cstride, *fstride, *sstride, *lse_stride,
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, U=unit_size, P=page,
             BLOCK_N=block_n, C_MIN=min_chunk, C_TILE=tile_units, K_PAD=k_pad, R_PAD=r_pad,
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
+            HAS_SCORED=has_scored,
             DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31,
             num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
     _merge_kernel[(batch * num_heads,)](
@@ -487,6 +501,7 @@ def sparse_decode_attention(
     launch: Launch = LAUNCH,
     sorted_lists: bool = False,
     block_tables: torch.Tensor | None = None,
+    scored_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse decode attention; same arguments and results as `sparse_decode_attention_ref` (with
     `block_tables`, k and v are paged pools; see there).
@@ -501,6 +516,8 @@ def sparse_decode_attention(
     visits them in the given order and skips its sorting launch; the same units stored elsewhere and
     listed in the same order (an offload pool) give the same bits. Lists that break the promise stay
     in bounds but give another result than the reference.
+    scored_rows [B, Hkv] bool limits `unit_lse` to the rows whose scores a selection reads (see the
+    reference); the others skip the per-unit sums.
     """
     if _read_observer is not None:  # a global test: nothing to pay when no diagnostic records
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -511,8 +528,8 @@ def sparse_decode_attention(
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
         return sparse_decode_attention_ref(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts,
-                                           full_rows, unit_lse, block_tables=block_tables)
+                                           full_rows, unit_lse, block_tables=block_tables, scored_rows=scored_rows)
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 before importing triton")
     return _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_counts, full_rows,
-                                 unit_lse, chunk_tokens, work_items, launch, sorted_lists, block_tables)
+                                 unit_lse, chunk_tokens, work_items, launch, sorted_lists, block_tables, scored_rows)

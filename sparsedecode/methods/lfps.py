@@ -369,7 +369,7 @@ class LycheeLFPS(Lychee):
         lists, counts = ahead[1:] if ahead and ahead[0] == layer else self.row_lists(layer, seq_lens)
         unit_lse = self.past.unit_lse[:size]
         out, lse = pool.attention(layer, q, batch, self.scale, self.options["block_size"], lists, counts, full,
-                                  unit_lse, sorted_lists=True)
+                                  unit_lse, sorted_lists=True, scored_rows=self.scored_rows(layer, size))
         # The retrieval rows' own selection and the blocks handed to later layers come from the same scores,
         # rows and selector: one selection writes both (unless the heads share one, TidalDecode-style).
         hands_on = self.selects[layer]

@@ -129,10 +129,15 @@ class Lychee(DecodeMethod):
         unit_lse = self.unit_lse[:size] if selects else None
         out, lse = pool.attention(layer, q, batch, self.scale, self.options["block_size"], self.blocks[:size],
                                   self.counts[:size], self.full_rows[layer, :size], unit_lse,
-                                  sorted_lists=True)  # lists from the selection
+                                  sorted_lists=True, scored_rows=self.scored_rows(layer, size))
         if selects:  # never at the last layer: the next layer's attend joins it
             self.selection.run(lambda: self.hand_on(layer, unit_lse, batch.seq_lens, lse=lse), lse)
         return out
+
+    def scored_rows(self, layer: int, size: int) -> torch.Tensor | None:
+        """The rows whose block scores the layer's selection reads: its retrieval rows, or every row when
+        the heads share one selection (the sum over all of them)."""
+        return None if self.options["share_heads"] else self.retrieval_rows[layer, :size]
 
     def hand_on(self, layer: int, scores: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor | None = None) -> None:
         """Select blocks from this layer's retrieval-head scores and hand them to later layers.

@@ -395,7 +395,8 @@ class OffloadedKVPool(KVPool):
     def attention(self, layer: int, q: torch.Tensor, batch: DecodeBatch, scale: float, unit_size: int = 64,
                   unit_lists: torch.Tensor | None = None, unit_counts: torch.Tensor | None = None,
                   full_rows: torch.Tensor | None = None, unit_lse: torch.Tensor | None = None,
-                  sorted_lists: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  sorted_lists: bool = False, scored_rows: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """`KVPool.attention` over the staged blocks (and rows too long for them in place): the same
         arguments and results."""
         self._check_unit(unit_size)
@@ -416,7 +417,7 @@ class OffloadedKVPool(KVPool):
             slot_lse = torch.empty(size, q.shape[1], self.pool_blocks, dtype=torch.float32, device=device)
         out, lse = sparse_decode_attention(
             q, self.k_staged[layer, :size], self.v_staged[layer, :size], plan.staged_lens, scale, bs,
-            plan.slot_lists, plan.staged_counts, None, slot_lse, sorted_lists=True,
+            plan.slot_lists, plan.staged_counts, None, slot_lse, sorted_lists=True, scored_rows=scored_rows,
         )
         if unit_lse is not None:
             self._scatter_scores(unit_lse, slot_lse, plan.blocks, plan.entry_slots)
@@ -424,12 +425,13 @@ class OffloadedKVPool(KVPool):
                                  full_rows is not None):
             return out, lse
         return self._merge_in_place(layer, q, batch, scale, unit_lists, unit_counts, full_rows, plan,
-                                    sorted_lists, out, lse, unit_lse)
+                                    sorted_lists, out, lse, unit_lse, scored_rows)
 
     def _merge_in_place(self, layer: int, q: torch.Tensor, batch: DecodeBatch, scale: float,
                         unit_lists: torch.Tensor, unit_counts: torch.Tensor, full_rows: torch.Tensor | None,
                         plan: Staging, sorted_lists: bool, out: torch.Tensor, lse: torch.Tensor,
-                        unit_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        unit_lse: torch.Tensor | None, scored_rows: torch.Tensor | None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows read in place: the op over the pool itself (host memory, read over the host link by
         the kernel), those rows only; their results replace the staged call's."""
         in_place = plan.in_place
@@ -437,7 +439,8 @@ class OffloadedKVPool(KVPool):
         in_place_lse = None if unit_lse is None else torch.empty_like(unit_lse)
         out2, lse2 = sparse_decode_attention(q, self.k[layer], self.v[layer], batch.seq_lens, scale, self.block_size,
                                              unit_lists, torch.where(in_place, unit_counts, 0), full, in_place_lse,
-                                             sorted_lists=sorted_lists, block_tables=batch.block_tables)
+                                             sorted_lists=sorted_lists, block_tables=batch.block_tables,
+                                             scored_rows=scored_rows)
         held = (batch.seq_lens.long() + self.block_size - 1) // self.block_size
         visited = plan.visits if full is None else torch.where(full, held[:, None], plan.visits)
         self.counters[layer, COUNTERS.index("in_place")].add_(torch.where(in_place, visited, 0).sum())
