@@ -1,5 +1,7 @@
 #!/bin/bash
 # A/B of candidate/scored-rows: main, branch, main trees in one lease.
+# .carry/ab/<tree>/ holds each tree's copy of the files the branch changes (git show), swapped in between runs;
+# .carry/wheels/ the openai wheel and its dependencies (pip download), to check they install there.
 export PYTHONPATH=$PWD
 use() { cp -r .carry/ab/$1/. . ; echo "== tree $1: $(md5sum sparsedecode/kernels/sparse_decode.py | cut -c1-8)"; }
 python3 -c "import fastapi, uvicorn, prometheus_client, pydantic, httpx; print('server deps ok')" 2>&1 | tail -1
