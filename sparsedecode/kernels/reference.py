@@ -56,6 +56,12 @@ def gather_blocks(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tenso
     return blocks.transpose(1, 2).flatten(2, 3)
 
 
+def check_scored_rows(scored_rows: torch.Tensor, batch: int, num_kv_heads: int) -> None:
+    """The `scored_rows` argument of the decode op: a [B, Hkv] bool (or integer) mask."""
+    if scored_rows.shape != (batch, num_kv_heads) or scored_rows.is_floating_point():
+        raise ValueError(f"scored_rows must be [{batch}, {num_kv_heads}] bool, not {tuple(scored_rows.shape)}")
+
+
 def sparse_decode_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,10 +120,7 @@ def sparse_decode_attention_ref(
         per_unit = per_unit.view(batch, num_kv_heads, group, padded // unit_size, unit_size)
         per_unit = torch.logsumexp(per_unit, dim=-1)
         if scored_rows is not None:
-            if scored_rows.shape != (batch, num_kv_heads) or scored_rows.is_floating_point():
-                raise ValueError(
-                    f"scored_rows must be [{batch}, {num_kv_heads}] bool, not {tuple(scored_rows.shape)}"
-                )
+            check_scored_rows(scored_rows, batch, num_kv_heads)
             per_unit = per_unit.masked_fill(~scored_rows.bool()[:, :, None, None], float("-inf"))
         unit_lse.copy_(per_unit.view(batch, num_heads, -1))
     return out.view(batch, num_heads, head_dim).to(q.dtype), lse.view(batch, num_heads)

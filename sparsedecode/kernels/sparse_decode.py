@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import gather_blocks, sparse_decode_attention_ref
+from .reference import check_scored_rows, gather_blocks, sparse_decode_attention_ref
 
 LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -438,8 +438,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
         unit_lse.fill_(float("-inf"))  # units nobody visits or scores
     has_scored = unit_lse is not None and scored_rows is not None
     if has_scored:
-        if scored_rows.shape != (batch, num_kv_heads) or scored_rows.is_floating_point():
-            raise ValueError(f"scored_rows must be [{batch}, {num_kv_heads}] bool, not {tuple(scored_rows.shape)}")
+        check_scored_rows(scored_rows, batch, num_kv_heads)
         sstride = scored_rows.stride()
     else:
         scored_rows, sstride = seq_lens, (0, 0)  # unused pointer
