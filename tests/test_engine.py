@@ -304,6 +304,24 @@ def test_compiled_forward_matches_eager_with_one_graph_for_all_layers() -> None:
     assert llm.config.num_layers > 2 and counters["stats"]["unique_graphs"] - graphs_before == 2
 
 
+@pytest.mark.parametrize("shape", ["tiny-llama", "llama-3.1-8b", "qwen3-8b"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_table_gathers_the_bits_rope_computes(shape: str, dtype: torch.dtype) -> None:
+    from sparsedecode.models.config import model_config_from_hf
+    from sparsedecode.models.shapes import random_shape_config
+    from sparsedecode.models.transformer import RotaryEmbedding
+
+    rope = RotaryEmbedding(model_config_from_hf(random_shape_config(f"random:{shape}")))
+    table = rope.table(40_000, dtype)
+    positions = torch.cat([torch.randint(0, 40_000, (37,), generator=torch.Generator().manual_seed(1)),
+                           torch.tensor([0, 1, 39_999])])
+    (cos, sin), (cos_t, sin_t) = rope(positions, dtype), rope(positions, dtype, table)
+    assert table.shape == (40_000, 2, cos.shape[-1]) and cos_t.dtype == dtype
+    assert torch.equal(cos_t, cos) and torch.equal(sin_t, sin)
+    # one position at a time, as a batch-1 decode step asks
+    assert all(torch.equal(rope(p[None], dtype, table)[1], rope(p[None], dtype)[1]) for p in positions[:5])
+
+
 def test_decode_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatch) -> None:
     llm = LLM("random:tiny-llama", device="cpu", block_size=16, max_context=256)
     modes = []

@@ -100,6 +100,7 @@ class ModelRunner:
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(seqs, dtype=torch.int64, device=device)
         self.seeds = torch.zeros(seqs, dtype=torch.int64, device=device)
+        self.rope_table = model.rope.table(max_model_len, self.dtype)  # decode steps gather their cos / sin
         self.num_top = min(MAX_LOGPROBS, config.vocab_size)
         self.chosen_logprobs = torch.zeros(seqs, dtype=torch.float32, device=device)
         self.top_logprobs = torch.zeros(seqs, self.num_top, dtype=torch.float32, device=device)
@@ -413,7 +414,8 @@ class ModelRunner:
             pool.store(layer, store_blocks, offsets, k, v)
             return method.attend(layer, q, pool, batch)
 
-        logits = self.model.logits(self.model.forward(self.tokens[:size], positions, attention, fused=self.fused))
+        logits = self.model.logits(self.model.forward(self.tokens[:size], positions, attention, fused=self.fused,
+                                                      rope_table=self.rope_table))
         scored = self.penalties.apply(logits) if penalized else logits  # log-probabilities stay the raw ones
         if greedy:
             tokens = scored.argmax(dim=-1)

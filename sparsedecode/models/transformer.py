@@ -50,10 +50,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", hf_rope.inv_freq.float(), persistent=False)
         self.attention_scaling = float(hf_rope.attention_scaling)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n, head_dim] of `positions` [n]: computed, or gathered from a `table` of this dtype."""
+        if table is not None:
+            cos_sin = table[positions]  # one launch where computing them takes about eight
+            return cos_sin[:, 0], cos_sin[:, 1]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def table(self, num_positions: int, dtype: torch.dtype) -> torch.Tensor:
+        """cos and sin of positions [0, num_positions) [num_positions, 2, head_dim], the bits `forward`
+        computes, for `forward(..., table=)`."""
+        cos, sin = self(torch.arange(num_positions, device=self.inv_freq.device), dtype)
+        return torch.stack((cos, sin), dim=1)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -101,15 +112,13 @@ class DecoderLayer(nn.Module):
         """The residual stream x: [tokens, hidden] -> rotated q [tokens, Hq, D], k and v [tokens, Hkv, D]
         of the normalised x."""
         c, heads, kv_heads = self.config, self.num_heads, self.num_kv_heads
-        q, k, v = self.qkv_proj(self.input_layernorm(x)).split(
-            [heads * c.head_dim, kv_heads * c.head_dim, kv_heads * c.head_dim], dim=-1
-        )
-        q = q.view(-1, heads, c.head_dim)
-        k = k.view(-1, kv_heads, c.head_dim)
-        v = v.view(-1, kv_heads, c.head_dim)
+        qkv = self.qkv_proj(self.input_layernorm(x)).view(-1, heads + 2 * kv_heads, c.head_dim)
+        v = qkv[:, heads + kv_heads:]
         if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+            q, k = self.q_norm(qkv[:, :heads]), self.k_norm(qkv[:, heads: heads + kv_heads])
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)  # q and k in one kernel when compiled
+        return qk[:, :heads], qk[:, heads:], v
 
     def attention_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual stream after this layer, from its attention output attn: [tokens, Hq, D]."""
@@ -168,11 +177,12 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
-                fused: bool = False) -> torch.Tensor:
+                fused: bool = False, rope_table: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after the last layer [n, hidden] for tokens `token_ids` [n] at `positions` [n].
         `fused`: run the compiled element-wise work of `compile_decode` (fixed-shape calls: decode steps).
+        `rope_table`: `rope.table(...)` covering `positions`, gathered rather than computed.
         Capturable in a CUDA graph when `attention` is."""
-        cos, sin = self.rope(positions, self.embed_tokens.weight.dtype)
+        cos, sin = self.rope(positions, self.embed_tokens.weight.dtype, rope_table)
         residual_and_qkv = self.residual_and_qkv if fused else DecoderLayer.residual_and_qkv
         residual_updates = self.residual_updates if fused else DecoderLayer.residual_updates
         x = self.embed_tokens(token_ids)
