@@ -65,6 +65,11 @@ class PrefillRequest:
     slot: int | None = None  # the sequence's decode slot: the method may observe its last prompt queries
 
 
+#: the `DecodeRow` fields a step reads, as rows of the runner's int64 and float32 inputs, and an idle row's
+INT_INPUTS, IDLE_INTS = ("token", "position", "step", "top_k", "seed"), (0, 0, 0, 0, 0)
+FLOAT_INPUTS, IDLE_FLOATS = ("temperature", "top_p"), (0.0, 1.0)
+
+
 def graph_buckets(max_num_seqs: int) -> list[int]:
     buckets, b = [], 1
     while b < max_num_seqs:
@@ -90,16 +95,20 @@ class ModelRunner:
         self.fused = fused
         self.buckets = graph_buckets(max_num_seqs)
         seqs, device = max_num_seqs, self.device
-        self.tokens = torch.zeros(seqs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(seqs, dtype=torch.int64, device=device)
-        self.steps = torch.zeros(seqs, dtype=torch.int32, device=device)
+        # The rows' step inputs: rows of two device tensors, each loaded by one asynchronous copy from pinned
+        # host memory (`_load`) instead of a copy and a few host-side tensor operations per input.
+        pinned = device.type == "cuda"
+        self.inputs_copied = torch.cuda.Event() if pinned else None  # the host arrays may be rewritten
+        self.host_ints = torch.zeros(len(INT_INPUTS), seqs, dtype=torch.int64, pin_memory=pinned)
+        self.host_floats = torch.zeros(len(FLOAT_INPUTS), seqs, dtype=torch.float32, pin_memory=pinned)
+        self.int_inputs = torch.zeros(len(INT_INPUTS), seqs, dtype=torch.int64, device=device)
+        self.float_inputs = torch.zeros(len(FLOAT_INPUTS), seqs, dtype=torch.float32, device=device)
+        self.tokens, self.positions, self.steps, self.top_k, self.seeds = self.int_inputs
+        self.temperature, self.top_p = self.float_inputs
+        self.top_p.fill_(1.0)
         self.seq_lens = torch.zeros(seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(seqs, self.max_blocks, dtype=torch.int32, device=device)
         self.tables = BlockTables(seqs, self.max_blocks)  # their host copy, updated by what changed
-        self.temperature = torch.zeros(seqs, dtype=torch.float32, device=device)
-        self.top_p = torch.ones(seqs, dtype=torch.float32, device=device)
-        self.top_k = torch.zeros(seqs, dtype=torch.int64, device=device)
-        self.seeds = torch.zeros(seqs, dtype=torch.int64, device=device)
         self.rope_table = model.rope.table(max_model_len, self.dtype)  # decode steps gather their cos / sin
         self.num_top = min(MAX_LOGPROBS, config.vocab_size)
         self.chosen_logprobs = torch.zeros(seqs, dtype=torch.float32, device=device)
@@ -374,12 +383,16 @@ class ModelRunner:
         slots = [r.slot for r in rows]
         self.tables.apply(table_changes, set(slots), size)
         self.block_tables[:size].copy_(torch.from_numpy(self.tables.host[:size]))
-        for buffer, name, idle in ((self.tokens, "token", 0), (self.positions, "position", 0), (self.steps, "step", 0),
-                                   (self.temperature, "temperature", 0.0), (self.top_p, "top_p", 1.0),
-                                   (self.top_k, "top_k", 0), (self.seeds, "seed", 0)):
-            values = torch.full((size,), idle, dtype=buffer.dtype)
-            values[slots] = torch.tensor([getattr(r, name) for r in rows], dtype=buffer.dtype)
-            buffer[:size].copy_(values)
+        if self.inputs_copied is not None:
+            self.inputs_copied.synchronize()  # the last load's copies have read the host arrays
+        for host, inputs, names, idle in ((self.host_ints, self.int_inputs, INT_INPUTS, IDLE_INTS),
+                                          (self.host_floats, self.float_inputs, FLOAT_INPUTS, IDLE_FLOATS)):
+            values = host.numpy()
+            values[:, :size] = np.asarray(idle, dtype=values.dtype)[:, None]
+            values[:, slots] = np.array([[getattr(r, name) for name in names] for r in rows], dtype=values.dtype).T
+            inputs[:, :size].copy_(host[:, :size], non_blocking=True)
+        if self.inputs_copied is not None:
+            self.inputs_copied.record()
         if penalized:
             if self.penalties is None:
                 self.penalties = Penalties(self.max_num_seqs, self.config.vocab_size, self.device)
