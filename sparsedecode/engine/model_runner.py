@@ -98,7 +98,7 @@ class ModelRunner:
         # The rows' step inputs: rows of two device tensors, each loaded by one asynchronous copy from pinned
         # host memory (`_load`) instead of a copy and a few host-side tensor operations per input.
         pinned = device.type == "cuda"
-        self.inputs_copied = torch.cuda.Event() if pinned else None  # the host arrays may be rewritten
+        self.inputs_copied = torch.cuda.Event() if pinned else None  # once done, the host arrays may change
         self.host_ints = torch.zeros(len(INT_INPUTS), seqs, dtype=torch.int64, pin_memory=pinned)
         self.host_floats = torch.zeros(len(FLOAT_INPUTS), seqs, dtype=torch.float32, pin_memory=pinned)
         self.int_inputs = torch.zeros(len(INT_INPUTS), seqs, dtype=torch.int64, device=device)
