@@ -65,9 +65,10 @@ class PrefillRequest:
     slot: int | None = None  # the sequence's decode slot: the method may observe its last prompt queries
 
 
-#: the `DecodeRow` fields a step reads, as rows of the runner's int64 and float32 inputs, and an idle row's
-INT_INPUTS, IDLE_INTS = ("token", "position", "step", "top_k", "seed"), (0, 0, 0, 0, 0)
-FLOAT_INPUTS, IDLE_FLOATS = ("temperature", "top_p"), (0.0, 1.0)
+#: the `DecodeRow` fields a step reads, grouped by the dtype of their device buffers, with an idle row's values
+STEP_INPUTS = ((torch.int64, {"token": 0, "position": 0, "top_k": 0, "seed": 0}),
+               (torch.int32, {"step": 0}),  # `DecodeBatch.steps`
+               (torch.float32, {"temperature": 0.0, "top_p": 1.0}))
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -95,17 +96,16 @@ class ModelRunner:
         self.fused = fused
         self.buckets = graph_buckets(max_num_seqs)
         seqs, device = max_num_seqs, self.device
-        # The rows' step inputs: rows of two device tensors, each loaded by one asynchronous copy from pinned
-        # host memory (`_load`) instead of a copy and a few host-side tensor operations per input.
+        # The rows' step inputs: rows of one device tensor per dtype, each loaded by one asynchronous copy from
+        # pinned host memory (`_load`) instead of a copy and a few host-side tensor operations per input.
         pinned = device.type == "cuda"
         self.inputs_copied = torch.cuda.Event() if pinned else None  # once done, the host arrays may change
-        self.host_ints = torch.zeros(len(INT_INPUTS), seqs, dtype=torch.int64, pin_memory=pinned)
-        self.host_floats = torch.zeros(len(FLOAT_INPUTS), seqs, dtype=torch.float32, pin_memory=pinned)
-        self.int_inputs = torch.zeros(len(INT_INPUTS), seqs, dtype=torch.int64, device=device)
-        self.float_inputs = torch.zeros(len(FLOAT_INPUTS), seqs, dtype=torch.float32, device=device)
-        self.tokens, self.positions, self.steps, self.top_k, self.seeds = self.int_inputs
-        self.temperature, self.top_p = self.float_inputs
-        self.top_p.fill_(1.0)
+        self.step_inputs = []  # (fields and idle values, pinned host rows, device rows) per dtype
+        for dtype, fields in STEP_INPUTS:
+            idle = torch.tensor(list(fields.values()), dtype=dtype)[:, None].repeat(1, seqs)
+            self.step_inputs.append((fields, idle.pin_memory() if pinned else idle, idle.to(device)))
+        (self.tokens, self.positions, self.top_k, self.seeds), (self.steps,), (self.temperature, self.top_p) = (
+            inputs for _, _, inputs in self.step_inputs)
         self.seq_lens = torch.zeros(seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(seqs, self.max_blocks, dtype=torch.int32, device=device)
         self.tables = BlockTables(seqs, self.max_blocks)  # their host copy, updated by what changed
@@ -385,11 +385,10 @@ class ModelRunner:
         self.block_tables[:size].copy_(torch.from_numpy(self.tables.host[:size]))
         if self.inputs_copied is not None:
             self.inputs_copied.synchronize()  # the last load's copies have read the host arrays
-        for host, inputs, names, idle in ((self.host_ints, self.int_inputs, INT_INPUTS, IDLE_INTS),
-                                          (self.host_floats, self.float_inputs, FLOAT_INPUTS, IDLE_FLOATS)):
+        for fields, host, inputs in self.step_inputs:
             values = host.numpy()
-            values[:, :size] = np.asarray(idle, dtype=values.dtype)[:, None]
-            values[:, slots] = np.array([[getattr(r, name) for name in names] for r in rows], dtype=values.dtype).T
+            values[:, :size] = np.array(list(fields.values()), dtype=values.dtype)[:, None]
+            values[:, slots] = np.array([[getattr(r, f) for f in fields] for r in rows], dtype=values.dtype).T
             inputs[:, :size].copy_(host[:, :size], non_blocking=True)
         if self.inputs_copied is not None:
             self.inputs_copied.record()
