@@ -359,6 +359,27 @@ def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str) -> None:
     torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-3, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs Hopper or later")
+@pytest.mark.parametrize("method", ["dense", "lychee+lfps"])
+def test_dependent_launches_give_the_same_bits_on_gpu(method: str, monkeypatch) -> None:
+    """SPARSEDECODE_PDL=1 (kernels.pdl): every kernel starts while the one before it drains; the tokens
+    and their log-probabilities stay those of plain launches, through the captured steps."""
+    prompts = [[(7 * i) % 300 + 1 for i in range(n)] for n in (50, 131, 260)]
+    options = dict(budget=64, roles="random:4") if method != "dense" else {}
+    runs = []
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("SPARSEDECODE_PDL", pdl)
+        torch.manual_seed(0)  # the same random weights in both
+        llm = LLM("random:tiny-llama", method=method, device="cuda", dtype=torch.float32, block_size=16,
+                  max_context=512, **options)
+        out = llm.generate(prompts, max_new_tokens=24, stop_token_ids=[], logprobs=2)
+        assert llm.engine.runner.graphs
+        runs.append(([g.token_ids for g in out], [[[t.logprob, *(v for _, v in t.top)] for t in g.logprobs]
+                                                  for g in out]))
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_captured_buckets_serve_every_later_step_on_gpu() -> None:
     prompts = [[(5 * i) % 300 + 1 for i in range(n)] for n in (40, 90, 150)]

@@ -29,6 +29,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .pdl import pdl_launch
 
 #: blocks of the bitmap a program reads back at a time (the chunk lives in registers)
 CHUNK_BLOCKS = 1024
@@ -40,7 +43,11 @@ def _lfps_candidates_kernel(
     s_bb, s_bh, s_bk, s_cb, s_ch, s_rb, s_rh, s_hb, s_hh, s_hk, s_nb, s_nh, s_mb, s_mh, s_ob, s_oh, s_ok, s_qb, s_qh,
     HKV, NB, K, KH, W, block_size, sink_blocks, local_blocks,
     O: tl.constexpr, K_PAD: tl.constexpr, W_PAD: tl.constexpr, CHUNK: tl.constexpr, HANDED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -146,5 +153,5 @@ def lfps_candidates_into(
         block_size, sink_blocks, local_blocks,
         O=offsets.shape[0], K_PAD=max(16, triton.next_power_of_2(k_len)), W_PAD=max(16, triton.next_power_of_2(width)),
         CHUNK=min(CHUNK_BLOCKS, max(16, triton.next_power_of_2(num_blocks))), HANDED=handed,
-        num_warps=4,
+        num_warps=4, **pdl_launch(blocks.device),
     )

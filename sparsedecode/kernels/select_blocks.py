@@ -42,6 +42,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .pdl import pdl_launch
 
 try:  # libdevice's accurate expf (the interpreter cannot run extern calls: it uses tl.exp there)
     from triton.language.extra import libdevice
@@ -124,8 +127,11 @@ def _select_blocks_kernel(
     HKV, NB, K, tokens_count, budget, block_size, sink_blocks, local_blocks,
     G: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr, HAS_LSE: tl.constexpr,
     AGG_SUM: tl.constexpr, RATIO: tl.constexpr, SHARED_HEADS: tl.constexpr, CUDA: tl.constexpr,
-    COPY: tl.constexpr,
+    COPY: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV
@@ -277,5 +283,5 @@ def select_blocks(
         G=group, NB_PAD=nb_pad, K_PAD=max(16, triton.next_power_of_2(max(k_len, 1))), HAS_LSE=lse is not None,
         AGG_SUM=aggregate == "sum", RATIO=mode == "ratio", SHARED_HEADS=kv_heads if share_heads else 0,
         CUDA=unit_lse.is_cuda, COPY=copy_to is not None,
-        num_warps=num_warps or launch_warps(nb_pad),
+        num_warps=num_warps or launch_warps(nb_pad), **pdl_launch(unit_lse.device),
     )

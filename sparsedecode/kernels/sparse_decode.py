@@ -54,6 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .pdl import pdl_launch
 from .reference import check_scored_rows, gather_blocks, sparse_decode_attention_ref
 
 LOG2E = 1.4426950408889634
@@ -101,7 +104,10 @@ def _row_chunks(row_units, unit_counts, full_rows, seq_lens, R, HKV, T, K, ITEMS
 def _plan_kernel(unit_lists, unit_counts, full_rows, seq_lens, row_units, sorted_units,
                  HKV, T, K,
                  stride_lb, stride_lh, stride_lk, stride_cb, stride_ch, stride_fb, stride_fh,
-                 U: tl.constexpr, K_PAD: tl.constexpr, HAS_FULL: tl.constexpr):
+                 U: tl.constexpr, K_PAD: tl.constexpr, HAS_FULL: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
+        gdc_wait()
+        gdc_launch_dependents()
     r = tl.program_id(0)
     b = r // HKV
     h = r % HKV
@@ -150,7 +156,10 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
                     R_PAD: tl.constexpr,
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
                     WRITE_LSE: tl.constexpr, HAS_SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    WIDE: tl.constexpr):
+                    WIDE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
+        gdc_wait()
+        gdc_launch_dependents()
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
@@ -252,7 +261,10 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
                   R, HKV, T, K, ITEMS, C_FIXED, stride_ob, stride_oh, stride_cb, stride_ch, stride_fb, stride_fh,
                   G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr,
                   R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
-                  SORTED: tl.constexpr):
+                  SORTED: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)  # (sequence, query head)
     b = pid // (HKV * G)
     hq = pid % (HKV * G)
@@ -429,6 +441,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
         work = min(work, items + rows)
     r_pad = triton.next_power_of_2(rows)
     buf = _scratch(device, max(work, 1), group, head_dim, rows, k_pad)
+    pdl = pdl_launch(device)
 
     out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=device)
@@ -456,7 +469,7 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             unit_lists, unit_counts, full_rows, seq_lens, buf["row_units"], buf["sorted"],
             num_kv_heads, capacity, list_width,
             *unit_lists.stride(), *unit_counts.stride(), *fstride,
-            U=unit_size, K_PAD=k_pad, HAS_FULL=has_full, num_warps=4)
+            U=unit_size, K_PAD=k_pad, HAS_FULL=has_full, num_warps=4, **pdl)
     lse_buf = unit_lse if unit_lse is not None else lse
     lse_stride = unit_lse.stride()[:2] if unit_lse is not None else (0, 0)
     if work > 0:
@@ -472,13 +485,14 @@ def _sparse_decode_triton(q, k, v, seq_lens, scale, unit_size, unit_lists, unit_
             HAS_LIST=has_list, HAS_FULL=has_full, SORTED=sorted_lists, WRITE_LSE=unit_lse is not None,
             HAS_SCORED=has_scored,
             DOT_PRECISION="tf32" if two_byte else "ieee", WIDE=max(k.numel(), v.numel()) >= 2**31,
-            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2))
+            num_warps=launch.num_warps, num_stages=launch.num_stages if two_byte else min(launch.num_stages, 2),
+            **pdl)
     _merge_kernel[(batch * num_heads,)](
         buf["acc"], buf["m"], buf["l"], out, lse, buf["row_units"], unit_counts, full_rows, seq_lens,
         rows, num_kv_heads, capacity, list_width, items, fixed_chunk, out.stride(0), out.stride(1), *cstride,
         *fstride, G=group, D=head_dim, U=unit_size, C_MIN=min_chunk, C_TILE=tile_units, R_PAD=r_pad,
         CB=max(8, launch.merge_elements // head_dim), HAS_LIST=has_list, HAS_FULL=has_full,
-        SORTED=sorted_lists, num_warps=4)
+        SORTED=sorted_lists, num_warps=4, **pdl)
     return out, lse
 
 

@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .pdl import pdl_launch
 from .reference import store_kv_ref
 
 #: elements of one token's Hkv * D that a program copies (of K and of V)
@@ -24,7 +27,10 @@ TILE_ELEMENTS = 2048
 @triton.jit
 def _store_kv_kernel(k_pool, v_pool, layer, block_ids, offsets, k, v,
                      s_pl, s_pb, s_ph, s_pt, s_kn, s_kh, s_vn, s_vh, HD,
-                     D: tl.constexpr, BLOCK: tl.constexpr, LAYER_IN_MEMORY: tl.constexpr):
+                     D: tl.constexpr, BLOCK: tl.constexpr, LAYER_IN_MEMORY: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched while the kernel before it drains: wait for its writes (k, v), then let the next launch
+        gdc_wait()
+        gdc_launch_dependents()
     i = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = e < HD
@@ -90,4 +96,4 @@ def store_kv(
     _store_kv_kernel[(tokens, triton.cdiv(elements, block))](
         k_pool, v_pool, layer, block_ids, offsets, k, v,
         s_pl, s_pb, s_ph, s_pt, k.stride(0), k.stride(1), v.stride(0), v.stride(1), elements,
-        D=dim, BLOCK=block, LAYER_IN_MEMORY=in_memory, num_warps=4)
+        D=dim, BLOCK=block, LAYER_IN_MEMORY=in_memory, num_warps=4, **pdl_launch(k.device))

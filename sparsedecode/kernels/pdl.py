@@ -1,0 +1,29 @@
+"""Programmatic dependent launch (Hopper and later) for the decode step's Triton kernels.
+
+With it a kernel is launched while the kernel before it on the stream drains: its programs wait at their top
+for the earlier writes (`gdc_wait`), then let the next kernel launch (`gdc_launch_dependents`), so
+consecutive kernels overlap their ramp and tail instead of paying both. The results are the same bits.
+Off unless `SPARSEDECODE_PDL=1` (an experiment: docs/notes/2026-11-30-kernels.md); Inductor's own kernels
+take part with `TORCHINDUCTOR_ENABLE_PDL=1`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CAPABLE: dict[torch.device, bool] = {}
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether this device's launches use programmatic dependent launch (never in the CPU interpreter)."""
+    if os.environ.get("SPARSEDECODE_PDL") != "1" or device.type != "cuda":
+        return False
+    if device not in _CAPABLE:
+        _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _CAPABLE[device]
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The kernel arguments for a launch on `device`: the `PDL` constexpr and Triton's launch option."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
