@@ -12,6 +12,7 @@ from sparsedecode import LLM, SamplingParams
 from sparsedecode.bench.e2e import hf_model_like
 from sparsedecode.engine.model_runner import PrefillRequest
 from sparsedecode.kernels import sparse_decode_attention_ref
+from sparsedecode.models import transformer
 from sparsedecode.models.config import UnsupportedModelError
 
 pytestmark = pytest.mark.slow  # real model weights
@@ -325,10 +326,15 @@ def test_rope_table_gathers_the_bits_rope_computes(shape: str, dtype: torch.dtyp
 
 def test_decode_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatch) -> None:
     llm = LLM("random:tiny-llama", device="cpu", block_size=16, max_context=256)
-    modes = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: modes.append(options["mode"]) or fn)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs["options"]) or fn)
     llm.model.compile_decode("max-autotune-no-cudagraphs")
-    assert modes == ["max-autotune-no-cudagraphs"] * 2  # the work before and after each layer's attention
+    tuned = {**torch._inductor.list_mode_options("max-autotune-no-cudagraphs"), "triton.enable_pdl": False}
+    assert tuned["max_autotune"] and calls == [tuned] * 2  # the work before and after each layer's attention
+    # Inductor's kernels launch dependently where ours do (kernels.pdl: Hopper GPUs; never on the CPU)
+    monkeypatch.setattr(transformer, "pdl_enabled", lambda device: True)
+    llm.model.compile_decode()
+    assert calls[2:] == [{"triton.enable_pdl": True}] * 2
     with pytest.raises(ValueError, match="'reduce-overhead' is not one of default, max-autotune-no-cudagraphs"):
         llm.model.compile_decode("reduce-overhead")  # Inductor's CUDA graphs inside the engine's own
     with pytest.raises(ValueError, match="compile_mode 'max-autotune' is not one of default, max-autotune-no"):
@@ -363,8 +369,9 @@ def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str) -> None:
                     reason="programmatic dependent launch needs Hopper or later")
 @pytest.mark.parametrize("method", ["dense", "lychee+lfps"])
 def test_dependent_launches_give_the_same_bits_on_gpu(method: str, monkeypatch) -> None:
-    """SPARSEDECODE_PDL=1 (kernels.pdl): every kernel starts while the one before it drains; the tokens
-    and their log-probabilities stay those of plain launches, through the captured steps."""
+    """Dependent launches (kernels.pdl, ours and Inductor's): every kernel starts while the one before it
+    drains; the tokens and their log-probabilities stay those of plain launches (SPARSEDECODE_PDL=0), through
+    the captured steps."""
     prompts = [[(7 * i) % 300 + 1 for i in range(n)] for n in (50, 131, 260)]
     options = dict(budget=64, roles="random:4") if method != "dense" else {}
     runs = []

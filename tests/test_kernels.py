@@ -606,13 +606,13 @@ def test_cpu_cases_in_a_fresh_process():
     run_in_fresh_process(__file__)
 
 
-def test_dependent_launch_is_off_unless_asked_and_never_in_the_interpreter(monkeypatch):
+def test_dependent_launch_is_on_for_hopper_off_when_asked_and_never_in_the_interpreter(monkeypatch):
     from sparsedecode.kernels.pdl import pdl_launch
 
     monkeypatch.delenv("SPARSEDECODE_PDL", raising=False)
-    assert pdl_launch(torch.device("cpu")) == {"PDL": False}
-    monkeypatch.setenv("SPARSEDECODE_PDL", "1")
     assert pdl_launch(torch.device("cpu")) == {"PDL": False}  # the interpreter has no grid dependency control
     if torch.cuda.is_available():
         hopper = torch.cuda.get_device_capability()[0] >= 9
         assert pdl_launch(torch.device("cuda", 0)) == ({"PDL": True, "launch_pdl": True} if hopper else {"PDL": False})
+        monkeypatch.setenv("SPARSEDECODE_PDL", "0")
+        assert pdl_launch(torch.device("cuda", 0)) == {"PDL": False}

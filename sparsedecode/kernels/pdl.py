@@ -1,10 +1,10 @@
-"""Programmatic dependent launch (Hopper and later) for the decode step's Triton kernels.
+"""Programmatic dependent launch (Hopper and later) for the decode step's kernels.
 
 With it a kernel is launched while the kernel before it on the stream drains: its programs wait at their top
 for the earlier writes (`gdc_wait`), then let the next kernel launch (`gdc_launch_dependents`), so
 consecutive kernels overlap their ramp and tail instead of paying both. The results are the same bits.
-Off unless `SPARSEDECODE_PDL=1` (an experiment: docs/notes/2026-11-30-kernels.md); Inductor's own kernels
-take part with `TORCHINDUCTOR_ENABLE_PDL=1`.
+On for CUDA devices of compute capability 9 or more; `SPARSEDECODE_PDL=0` turns it off (for ours and, through
+`Transformer.compile_decode`, Inductor's kernels).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ _CAPABLE: dict[torch.device, bool] = {}
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether this device's launches use programmatic dependent launch (never in the CPU interpreter)."""
-    if os.environ.get("SPARSEDECODE_PDL") != "1" or device.type != "cuda":
+    if os.environ.get("SPARSEDECODE_PDL", "1") == "0" or device.type != "cuda":
         return False
     if device not in _CAPABLE:
         _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9

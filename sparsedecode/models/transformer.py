@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from ..kernels import pdl_enabled
 from . import DECODE_COMPILE_MODES
 from .config import ModelConfig
 from .parallel import TensorParallel, VocabParallelEmbedding, check_tensor_parallel
@@ -172,8 +173,11 @@ class Transformer(nn.Module):
         if mode not in DECODE_COMPILE_MODES:
             raise ValueError(f"compile mode {mode!r} is not one of {', '.join(DECODE_COMPILE_MODES)} (the engine "
                              "captures its decode steps in CUDA graphs itself)")
-        self.residual_and_qkv = torch.compile(DecoderLayer.residual_and_qkv, fullgraph=True, mode=mode)
-        self.residual_updates = torch.compile(DecoderLayer.residual_updates, fullgraph=True, mode=mode)
+        # Inductor's kernels join ours in dependent launches (kernels.pdl) where those are on.
+        options = {**torch._inductor.list_mode_options(mode),
+                   "triton.enable_pdl": pdl_enabled(self.embed_tokens.weight.device)}
+        self.residual_and_qkv = torch.compile(DecoderLayer.residual_and_qkv, fullgraph=True, options=options)
+        self.residual_updates = torch.compile(DecoderLayer.residual_updates, fullgraph=True, options=options)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
