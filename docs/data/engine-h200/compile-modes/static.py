@@ -7,10 +7,10 @@ import torch
 compile_ = torch.compile
 
 
-def compile_static(fn=None, **options):
-    if options.get("mode") == "max-autotune-no-cudagraphs":
-        options["dynamic"] = False
-    return compile_(fn, **options)
+def compile_static(fn=None, **kwargs):
+    if kwargs.get("options", {}).get("max_autotune"):  # compile_decode("max-autotune-no-cudagraphs")
+        kwargs["dynamic"] = False
+    return compile_(fn, **kwargs)
 
 
 torch.compile = compile_static
