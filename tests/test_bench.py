@@ -17,6 +17,7 @@ from sparsedecode.bench import cli as bench_cli
 from sparsedecode.bench import common, e2e, engine_check, lfps_bench
 from sparsedecode.core import DecodeBatch, KVPool
 from sparsedecode.engine.model_runner import PrefillRequest
+from sparsedecode.engine.sampling import sample_tokens
 from sparsedecode.kernels.sparse_decode import Launch
 from sparsedecode.methods import make_method
 from sparsedecode.models.config import model_config_from_hf
@@ -90,6 +91,26 @@ def test_e2e_skips_a_batch_the_pool_does_not_hold(one_thread):
     results = e2e.run_e2e(opts, log=lambda message: None)
     assert results["rows"] == []
     assert any("batch=3: skipped, the KV pool holds 2 such sequences" in n for n in results["notes"])
+
+
+def test_e2e_samples_when_asked_and_says_so(monkeypatch, tmp_path, one_thread):
+    from sparsedecode.engine import model_runner
+
+    drawn = []
+
+    def counted(logits, temperature, top_p, *args):
+        drawn.append((temperature.tolist(), top_p.tolist()))
+        return sample_tokens(logits, temperature, top_p, *args)
+
+    monkeypatch.setattr(model_runner, "sample_tokens", counted)
+    opts = e2e.E2EOptions(models=["random:tiny-llama"], contexts=[512], batches=[2], methods=["dense"], steps=2,
+                          warmup=1, hf_modes=(), device="cpu", num_blocks=20, temperature=0.8, top_p=0.9)
+    results = e2e.run_e2e(opts, tmp_path, log=lambda message: None)
+    assert [r["batch"] for r in results["rows"]] == [2]
+    # every step of the run, the measured ones included, sampled both rows at the options' temperature and top-p
+    assert len(drawn) > opts.steps and all(d == (pytest.approx([0.8, 0.8]), pytest.approx([0.9, 0.9])) for d in drawn)
+    assert results["meta"]["temperature"] == 0.8
+    assert "; sampled at temperature 0.8, top-p 0.9; " in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -289,6 +310,8 @@ def test_parse_tokens():
     (["--contexts", "4k", "--hf-context", "32k"], "32768 is not one of the contexts"),
     (["--steps", "1"], "--steps"),
     (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+    (["--temperature", "2.5"], "--temperature"),
+    (["--top-p", "0.9"], "a greedy step (temperature 0) takes no top-p"),
 ])
 def test_e2e_cli_rejects_bad_arguments(args, message):
     result = CliRunner().invoke(bench_cli.bench_group, ["e2e", *args])
@@ -308,13 +331,13 @@ def test_e2e_cli_parses_into_options(monkeypatch, tmp_path):
     result = CliRunner().invoke(bench_cli.bench_group, [
         "e2e", "--models", "random:tiny-llama", "--contexts", "32k,4k,4096", "--batches", "8,max,1",
         "--methods", "lychee,dense,lychee", "--no-hf-baseline", "--gpu-memory-utilization", "0.8",
-        "--num-blocks", "100", "--out", str(tmp_path),
+        "--num-blocks", "100", "--temperature", "1", "--top-p", "0.95", "--out", str(tmp_path),
     ])
     assert result.exit_code == 0, result.output
     opts = seen["opts"]
     assert (opts.contexts, opts.batches, opts.hf_modes) == ([4096, 32768], [1, 8, "max"], ())
     assert opts.methods == ["lychee", "dense"]
-    assert (opts.gpu_memory_utilization, opts.num_blocks) == (0.8, 100)
+    assert (opts.gpu_memory_utilization, opts.num_blocks, opts.temperature, opts.top_p) == (0.8, 100, 1.0, 0.95)
     assert seen["out"] == tmp_path and "TABLE" in result.output
 
 

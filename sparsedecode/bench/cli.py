@@ -210,6 +210,11 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
               help="torch.compile mode of that work: max-autotune-no-cudagraphs also times Triton GEMMs against cuBLAS.")
 @click.option("--profile", is_flag=True, help="Also list the device time of each kernel in one step of each "
               "method (PyTorch profiler over CUDA-graph replays; CUDA only).")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0, max=2),
+              help="Sampling temperature of the decoded sequences: 0 is greedy (the argmax); above 0 the step "
+                   "samples (an API request without a temperature gets 1).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Top-p of the sampled sequences (with --temperature above 0).")
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True,
               type=click.FloatRange(min=0, max=1, min_open=True),
               help="Share of the GPU's memory the engine takes (weights, activations, KV pool).")
@@ -223,11 +228,14 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
 def e2e(models: list[str], contexts: list[int], batches: list[int | str], methods: list[str], budget: int,
         roles: str | None, steps: int, warmup: int, hf_baseline: bool, hf_modes: tuple[str, ...], hf_context: int,
         hf_random_shapes: bool, haystack: str | None, compile_decode: bool, compile_mode: str, profile: bool,
-        gpu_memory_utilization: float, num_blocks: int | None, tensor_parallel_size: int, device: str | None,
-        out: Path) -> None:
+        temperature: float, top_p: float, gpu_memory_utilization: float, num_blocks: int | None,
+        tensor_parallel_size: int, device: str | None, out: Path) -> None:
     """Whole decode steps per method: ms/step with spread, GB/s, the bytes floor, x dense, ceiling, x transformers."""
     from .e2e import E2EOptions, results_markdown, run_e2e
 
+    if top_p < 1 and not temperature:
+        raise click.BadParameter("a greedy step (temperature 0) takes no top-p: pass --temperature above 0 with it",
+                                 param_hint="--top-p")
     if hf_baseline and tensor_parallel_size == 1 and hf_context not in contexts:
         raise click.BadParameter(f"{hf_context} is not one of the contexts {contexts}: add it to --contexts "
                                  "or pass --no-hf-baseline", param_hint="--hf-context")
@@ -236,7 +244,7 @@ def e2e(models: list[str], contexts: list[int], batches: list[int | str], method
         steps=steps, warmup=warmup, hf_modes=hf_modes if hf_baseline else (), hf_context=hf_context,
         hf_random_shapes=hf_random_shapes, haystack=haystack, device=device, compile_decode=compile_decode,
         compile_mode=compile_mode, profile=profile, gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
-        tensor_parallel_size=tensor_parallel_size,
+        tensor_parallel_size=tensor_parallel_size, temperature=temperature, top_p=top_p,
     )
     results = run_e2e(opts, out)
     click.echo(results_markdown(results))

@@ -143,6 +143,8 @@ class E2EOptions:
     gpu_memory_utilization: float = 0.9  # the share of the GPU the engine takes: weights, activations, KV pool
     num_blocks: int | None = None  # KV pool blocks, instead of sizing the pool from gpu_memory_utilization
     tensor_parallel_size: int = 1  # GPUs the model is split over (the engine starts its own workers)
+    temperature: float = 0.0  # the requests' sampling: 0 greedy, else sampled at it within top_p
+    top_p: float = 1.0
 
 
 @dataclass
@@ -209,7 +211,8 @@ def _meta(opts: E2EOptions, device: torch.device, bandwidth: float) -> dict[str,
         copy_bandwidth=bandwidth, steps=opts.steps, warmup=opts.warmup, budget=opts.budget, roles=opts.roles,
         hf_context=opts.hf_context, compile_decode=opts.compile_decode, compile_mode=opts.compile_mode,
         gpu_memory_utilization=opts.gpu_memory_utilization, num_blocks=opts.num_blocks,
-        tensor_parallel_size=opts.tensor_parallel_size, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        tensor_parallel_size=opts.tensor_parallel_size, temperature=opts.temperature, top_p=opts.top_p,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
 
 
@@ -352,7 +355,7 @@ def _bench_context(llm: LLM, spec: str, context: int, methods: list[str], option
         return []
     log(f"{spec} ctx={context}: prefilling {batches[0]} sequences")
     request_ids = _start_decoding(engine, prompts(llm.tokenizer, llm.config.vocab_size, context, batches[0],
-                                                  opts.haystack), max_tokens)
+                                                  opts.haystack), max_tokens, opts)
     rows = []
     for batch in batches:
         for r in request_ids[batch:]:  # the newest: the batch keeps decode slots 0 .. batch - 1
@@ -378,12 +381,15 @@ def _bench_context(llm: LLM, spec: str, context: int, methods: list[str], option
     return rows
 
 
-def _start_decoding(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
-    """Queue one greedy request per prompt and step the engine until each has its first token, then
-    `START_STEPS` more steps: every sequence then holds the positions the device step writes (its prompt
-    length, and the next one in the second step of a paired call). Returns the request ids, oldest first."""
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    request_ids = [engine.add_request(p, params) for p in prompt_ids]
+def _start_decoding(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int, opts: E2EOptions
+                    ) -> list[str]:
+    """Queue one request per prompt (greedy, or sampled as `opts` says, seeded) and step the engine until each
+    has its first token, then `START_STEPS` more steps: every sequence then holds the positions the device
+    step writes (its prompt length, and the next one in the second step of a paired call). Returns the
+    request ids, oldest first."""
+    request_ids = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=i,
+                                                        temperature=opts.temperature, top_p=opts.top_p))
+                   for i, p in enumerate(prompt_ids)]
     waiting = set(request_ids)
     while waiting:
         waiting -= {o.request_id for o in engine.step()}
@@ -412,7 +418,8 @@ def _measure(llm: LLM, method: str, options: dict[str, Any], request_ids: list[s
     sequences = [engine.sequences[r] for r in request_ids]
 
     def rows_at(step: int) -> list[DecodeRow]:
-        return [DecodeRow(s.slot, s.output_token_ids[-1], context, step, s.block_table) for s in sequences]
+        return [DecodeRow(s.slot, s.output_token_ids[-1], context, step, s.block_table, s.params.temperature,
+                          s.params.top_p, seed=s.seed) for s in sequences]
 
     variants = {}
     for first, count in sorted(Counter(step_kinds(instance, context + 1, VARIANT_WINDOW)).items()):
@@ -572,6 +579,13 @@ TABLE_COLUMNS = {  # table header -> row key
 }
 
 
+def _sampling(meta: dict[str, Any]) -> str:
+    temperature, top_p = meta.get("temperature", 0.0), meta.get("top_p", 1.0)
+    if not temperature:
+        return "greedy"
+    return f"sampled at temperature {temperature}" + (f", top-p {top_p}" if top_p < 1 else "")
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The results table (and the transformers baselines and notes) as markdown."""
     meta = results["meta"]
@@ -585,7 +599,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         "# sparsedecode end-to-end decode benchmark",
         f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}. "
         f"Copy bandwidth {meta['copy_bandwidth'] / 1e12:.3f} TB/s (read + write). Median of {meta['steps']} "
-        f"decode steps (CUDA graphs on GPU) after {meta['warmup']} warm-up steps; budget {meta['budget']}, "
+        f"decode steps (CUDA graphs on GPU) after {meta['warmup']} warm-up steps; {_sampling(meta)}; "
+        f"budget {meta['budget']}, "
         f"roles {meta['roles'] or RANDOM_SHAPE_ROLES + ' on random-weight shapes, the learned roles on real models'}.",
         "ms/step = the engine runner's decode step at the context (on GPU without loading its rows and the "
         "host sync); engine ms = `engine.step()`, scheduler and bookkeeping included; host ms = engine ms - "
