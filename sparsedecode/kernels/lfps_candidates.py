@@ -29,9 +29,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .pdl import pdl_launch
+from .pdl import pdl_launch, wait_then_launch_dependents
 
 #: blocks of the bitmap a program reads back at a time (the chunk lives in registers)
 CHUNK_BLOCKS = 1024
@@ -45,9 +44,7 @@ def _lfps_candidates_kernel(
     O: tl.constexpr, K_PAD: tl.constexpr, W_PAD: tl.constexpr, CHUNK: tl.constexpr, HANDED: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_then_launch_dependents(PDL)
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _CAPABLE: dict[torch.device, bool] = {}
 
@@ -27,3 +30,12 @@ def pdl_enabled(device: torch.device) -> bool:
 def pdl_launch(device: torch.device) -> dict:
     """The kernel arguments for a launch on `device`: the `PDL` constexpr and Triton's launch option."""
     return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+
+
+@triton.jit
+def wait_then_launch_dependents(PDL: tl.constexpr):
+    """A kernel's first statement: with `PDL` (launched while the kernel before it drains), wait for that
+    kernel's writes, then let the next kernel launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()

@@ -42,9 +42,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .pdl import pdl_launch
+from .pdl import pdl_launch, wait_then_launch_dependents
 
 try:  # libdevice's accurate expf (the interpreter cannot run extern calls: it uses tl.exp there)
     from triton.language.extra import libdevice
@@ -129,9 +128,7 @@ def _select_blocks_kernel(
     AGG_SUM: tl.constexpr, RATIO: tl.constexpr, SHARED_HEADS: tl.constexpr, CUDA: tl.constexpr,
     COPY: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_then_launch_dependents(PDL)
     pid = tl.program_id(0)
     b = pid // HKV
     h = pid % HKV

@@ -54,9 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from .pdl import pdl_launch
+from .pdl import pdl_launch, wait_then_launch_dependents
 from .reference import check_scored_rows, gather_blocks, sparse_decode_attention_ref
 
 LOG2E = 1.4426950408889634
@@ -105,9 +103,7 @@ def _plan_kernel(unit_lists, unit_counts, full_rows, seq_lens, row_units, sorted
                  HKV, T, K,
                  stride_lb, stride_lh, stride_lk, stride_cb, stride_ch, stride_fb, stride_fh,
                  U: tl.constexpr, K_PAD: tl.constexpr, HAS_FULL: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_then_launch_dependents(PDL)
     r = tl.program_id(0)
     b = r // HKV
     h = r % HKV
@@ -157,9 +153,7 @@ def _partial_kernel(q, k, v, block_tables, seq_lens, row_units, sorted_units, un
                     HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr, SORTED: tl.constexpr,
                     WRITE_LSE: tl.constexpr, HAS_SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     WIDE: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_then_launch_dependents(PDL)
     # A tile of BLOCK_N tokens covers UPT = C_TILE whole units, or a unit spans SUB tiles.
     UPT: tl.constexpr = C_TILE
     SUB: tl.constexpr = U // BLOCK_N if U > BLOCK_N else 1
@@ -262,9 +256,7 @@ def _merge_kernel(part_acc, part_m, part_l, out, lse, row_units, unit_counts, fu
                   G: tl.constexpr, D: tl.constexpr, U: tl.constexpr, C_MIN: tl.constexpr, C_TILE: tl.constexpr,
                   R_PAD: tl.constexpr, CB: tl.constexpr, HAS_LIST: tl.constexpr, HAS_FULL: tl.constexpr,
                   SORTED: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched while the kernel before it drains (kernels.pdl): wait for its writes, let the next launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_then_launch_dependents(PDL)
     pid = tl.program_id(0)  # (sequence, query head)
     b = pid // (HKV * G)
     hq = pid % (HKV * G)

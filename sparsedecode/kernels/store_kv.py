@@ -15,9 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from .pdl import pdl_launch
+from .pdl import pdl_launch, wait_then_launch_dependents
 from .reference import store_kv_ref
 
 #: elements of one token's Hkv * D that a program copies (of K and of V)
@@ -28,9 +26,7 @@ TILE_ELEMENTS = 2048
 def _store_kv_kernel(k_pool, v_pool, layer, block_ids, offsets, k, v,
                      s_pl, s_pb, s_ph, s_pt, s_kn, s_kh, s_vn, s_vh, HD,
                      D: tl.constexpr, BLOCK: tl.constexpr, LAYER_IN_MEMORY: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched while the kernel before it drains: wait for its writes (k, v), then let the next launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_then_launch_dependents(PDL)
     i = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = e < HD
