@@ -312,7 +312,6 @@ def test_parse_tokens():
     (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
     (["--temperature", "2.5"], "--temperature"),
     (["--top-p", "0.9"], "a greedy step (temperature 0) takes no top-p"),
-    (["--compile-sizes", "1,x"], "give positive batch sizes separated by commas"),
 ])
 def test_e2e_cli_rejects_bad_arguments(args, message):
     result = CliRunner().invoke(bench_cli.bench_group, ["e2e", *args])
@@ -332,14 +331,13 @@ def test_e2e_cli_parses_into_options(monkeypatch, tmp_path):
     result = CliRunner().invoke(bench_cli.bench_group, [
         "e2e", "--models", "random:tiny-llama", "--contexts", "32k,4k,4096", "--batches", "8,max,1",
         "--methods", "lychee,dense,lychee", "--no-hf-baseline", "--gpu-memory-utilization", "0.8",
-        "--num-blocks", "100", "--temperature", "1", "--top-p", "0.95", "--compile-sizes", "8,1", "--out", str(tmp_path),
+        "--num-blocks", "100", "--temperature", "1", "--top-p", "0.95", "--out", str(tmp_path),
     ])
     assert result.exit_code == 0, result.output
     opts = seen["opts"]
     assert (opts.contexts, opts.batches, opts.hf_modes) == ([4096, 32768], [1, 8, "max"], ())
     assert opts.methods == ["lychee", "dense"]
     assert (opts.gpu_memory_utilization, opts.num_blocks, opts.temperature, opts.top_p) == (0.8, 100, 1.0, 0.95)
-    assert opts.compile_sizes == (1, 8)
     assert seen["out"] == tmp_path and "TABLE" in result.output
 
 

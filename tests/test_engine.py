@@ -10,7 +10,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from sparsedecode import LLM, SamplingParams
 from sparsedecode.bench.e2e import hf_model_like
-from sparsedecode.engine.llm import check_compile_sizes
 from sparsedecode.engine.model_runner import PrefillRequest
 from sparsedecode.kernels import sparse_decode_attention_ref
 from sparsedecode.models import transformer
@@ -306,44 +305,6 @@ def test_compiled_forward_matches_eager_with_one_graph_for_all_layers() -> None:
     assert llm.config.num_layers > 2 and counters["stats"]["unique_graphs"] - graphs_before == 2
 
 
-def test_compile_sizes_get_graphs_of_their_own_shape(monkeypatch) -> None:
-    from torch._dynamo.utils import counters
-
-    llm = LLM("random:tiny-llama", device="cpu", block_size=16, max_context=256)
-    model = llm.model
-    keys = torch.randn(3, llm.config.num_kv_heads, 40, llm.config.head_dim, generator=torch.Generator().manual_seed(0))
-
-    def attention(layer, q, k, v):
-        return sparse_decode_attention_ref(q, keys[: q.shape[0]], keys[: q.shape[0]],
-                                           torch.tensor([21, 34, 40])[: q.shape[0]], llm.method.scale)[0]
-
-    calls = []
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile",
-                        lambda fn, **kwargs: calls.append(kwargs.get("dynamic")) or compile(fn, **kwargs))
-    model.compile_decode(sizes=[2, 2])
-    assert set(model.decode_work) == {None, 2} and calls == [None, None, False, False]  # generic, then size 2's
-    sized_rows = []  # the rows of each call to size 2's work
-    sized = model.decode_work[2]
-    model.decode_work[2] = type(sized)(*(lambda layer, x, *rest, fn=fn: sized_rows.append(len(x)) or fn(layer, x, *rest)
-                                         for fn in sized))
-    graphs_before = counters["stats"]["unique_graphs"]
-    for n in (2, 3):
-        tokens, positions = torch.tensor([3, 7, 9])[:n], torch.tensor([20, 33, 39])[:n]
-        torch.testing.assert_close(model.forward(tokens, positions, attention, fused=True),
-                                   model.forward(tokens, positions, attention), rtol=1e-4, atol=1e-4)
-    # size 2 through its own pair of graphs (each called once a layer), size 3 through the generic pair
-    assert sized_rows == [2] * 2 * llm.config.num_layers
-    assert counters["stats"]["unique_graphs"] - graphs_before == 4
-    with pytest.raises(ValueError, match="compile sizes must be positive token counts"):
-        model.compile_decode(sizes=[0])
-    with pytest.raises(ValueError, match="they need compile_decode on a CUDA device"):
-        LLM("random:tiny-llama", device="cpu", compile_sizes=(1,))
-    with pytest.raises(ValueError, match=r"compile_sizes \[3\] are not all decode batch sizes .* from \[1, 2, 4\]"):
-        check_compile_sizes((3,), 4, fused=True)
-    assert check_compile_sizes((4, 1, 4), 4, fused=True) == (1, 4)
-
-
 @pytest.mark.parametrize("shape", ["tiny-llama", "llama-3.1-8b", "qwen3-8b"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rope_table_gathers_the_bits_rope_computes(shape: str, dtype: torch.dtype) -> None:
@@ -381,16 +342,14 @@ def test_decode_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(mon
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("compile_mode,compile_sizes", [("default", ()), ("max-autotune-no-cudagraphs", ()),
-                                                        ("max-autotune-no-cudagraphs", (1, 4))])
-def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str, compile_sizes: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("compile_mode", ["default", "max-autotune-no-cudagraphs"])
+def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str) -> None:
     prompts = [[(7 * i) % 300 + 1 for i in range(n)] for n in (50, 131, 260)]
     tokens, logprobs = [], []
     for fast in (False, True):
         torch.manual_seed(0)  # the same random weights in both
         llm = LLM("random:tiny-llama", device="cuda", dtype=torch.float32, block_size=16, max_context=512,
-                  cuda_graphs=fast, compile_decode=fast, compile_mode=compile_mode,
-                  compile_sizes=compile_sizes if fast else ())
+                  cuda_graphs=fast, compile_decode=fast, compile_mode=compile_mode)
         tokens.append([g.token_ids for g in llm.generate(prompts, max_new_tokens=12, stop_token_ids=[])])
         with_logprobs = llm.generate(prompts, max_new_tokens=12, stop_token_ids=[], logprobs=2)
         assert [g.token_ids for g in with_logprobs] == tokens[-1]  # the logprob step variant samples the same

@@ -51,10 +51,6 @@ def _batches(ctx: click.Context, param: click.Parameter, value: str) -> list[int
     return sorted({int(t) for t in items})
 
 
-def _compile_sizes(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
-    return () if value is None else tuple(_batches(ctx, param, value))
-
-
 def _e2e_batches(ctx: click.Context, param: click.Parameter, value: str) -> list[int | str]:
     from .e2e import MAX_BATCH
 
@@ -212,9 +208,6 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
               help="Fuse the engine's element-wise decode work with torch.compile (--no-compile: measure it unfused).")
 @click.option("--compile-mode", type=click.Choice(DECODE_COMPILE_MODES), default="default", show_default=True,
               help="torch.compile mode of that work: max-autotune-no-cudagraphs also times Triton GEMMs against cuBLAS.")
-@click.option("--compile-sizes", default=None, callback=_compile_sizes, metavar="N,...",
-              help="Decode batch buckets (1, 2, 4, 8, ...; a batch runs in the first bucket that holds it) whose step "
-                   "is compiled for its exact shape, such as 1,8 (default: one graph for every size).")
 @click.option("--profile", is_flag=True, help="Also list the device time of each kernel in one step of each "
               "method (PyTorch profiler over CUDA-graph replays; CUDA only).")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0, max=2),
@@ -234,8 +227,8 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
               help="Folder for results.json, results.md and the PNG plots.")
 def e2e(models: list[str], contexts: list[int], batches: list[int | str], methods: list[str], budget: int,
         roles: str | None, steps: int, warmup: int, hf_baseline: bool, hf_modes: tuple[str, ...], hf_context: int,
-        hf_random_shapes: bool, haystack: str | None, compile_decode: bool, compile_mode: str,
-        compile_sizes: tuple[int, ...], profile: bool, temperature: float, top_p: float, gpu_memory_utilization: float, num_blocks: int | None,
+        hf_random_shapes: bool, haystack: str | None, compile_decode: bool, compile_mode: str, profile: bool,
+        temperature: float, top_p: float, gpu_memory_utilization: float, num_blocks: int | None,
         tensor_parallel_size: int, device: str | None, out: Path) -> None:
     """Whole decode steps per method: ms/step with spread, GB/s, the bytes floor, x dense, ceiling, x transformers."""
     from .e2e import E2EOptions, results_markdown, run_e2e
@@ -250,7 +243,7 @@ def e2e(models: list[str], contexts: list[int], batches: list[int | str], method
         models=models, contexts=contexts, batches=batches, methods=methods, budget=budget, roles=roles,
         steps=steps, warmup=warmup, hf_modes=hf_modes if hf_baseline else (), hf_context=hf_context,
         hf_random_shapes=hf_random_shapes, haystack=haystack, device=device, compile_decode=compile_decode,
-        compile_mode=compile_mode, compile_sizes=compile_sizes, profile=profile, gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
+        compile_mode=compile_mode, profile=profile, gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
         tensor_parallel_size=tensor_parallel_size, temperature=temperature, top_p=top_p,
     )
     results = run_e2e(opts, out)

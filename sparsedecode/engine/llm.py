@@ -19,7 +19,7 @@ from ..models.parallel import TensorParallel, check_tensor_parallel
 from ..offload import (OffloadConfig, OffloadedKVPool, check_offload_method, offload_config, offload_pool_blocks,
                        offload_staging_bytes)
 from .llm_engine import LLMEngine, RequestOutput
-from .model_runner import ModelRunner, graph_buckets
+from .model_runner import ModelRunner
 from .sampling import TokenLogprob
 from .sampling_params import SamplingParams
 from .sequence import Sequence
@@ -78,24 +78,10 @@ class Generation:
     logprobs: list[TokenLogprob] | None = None  # per token of token_ids, with `generate(..., logprobs=k)`
 
 
-def check_compile_sizes(sizes: tuple[int, ...], max_num_seqs: int, fused: bool) -> tuple[int, ...]:
-    """`LLM`'s compile_sizes, sorted, when each is a decode batch size the engine captures."""
-    sizes = tuple(sorted(set(sizes)))
-    if sizes and not fused:
-        raise ValueError("compile_sizes compiles decode steps for their batch size: they need compile_decode on a "
-                         "CUDA device")
-    buckets = graph_buckets(max_num_seqs)
-    if set(sizes) - set(buckets):
-        raise ValueError(f"compile_sizes {list(sizes)} are not all decode batch sizes the engine captures with "
-                         f"max_num_seqs={max_num_seqs}: pick from {buckets}")
-    return sizes
-
-
 class LLM:
     """A decoder over a paged KV pool with continuous batching (`llm.engine`), chunked prefill, prefix
     caching, CUDA-graph decode steps on GPU (their element-wise work fused by torch.compile unless
-    `compile_decode=False`; `compile_mode="max-autotune-no-cudagraphs"` also lets Inductor tune their GEMMs;
-    `compile_sizes`, decode batch sizes among the captured ones, get graphs compiled for their exact shape)
+    `compile_decode=False`; `compile_mode="max-autotune-no-cudagraphs"` also lets Inductor tune their GEMMs)
     and a pluggable decode-attention method (`dense`, `lychee`, `tidal`, `quest`,
     `streaming`, `lfps`, `lychee+lfps`).
 
@@ -130,7 +116,6 @@ class LLM:
         cuda_graphs: bool = True,
         compile_decode: bool = True,
         compile_mode: str = "default",
-        compile_sizes: tuple[int, ...] = (),
         kv_offload: str | OffloadConfig | None = None,
         max_num_seqs: int = 64,
         num_blocks: int | None = None,
@@ -155,7 +140,6 @@ class LLM:
             raise ValueError(f"compile_mode {compile_mode!r} is not one of {', '.join(DECODE_COMPILE_MODES)}")
         fused = compile_decode and device.type == "cuda"
         self._compile_mode = compile_mode if fused else None
-        self._compile_sizes = check_compile_sizes(compile_sizes, max_num_seqs, fused)
         runner_options = dict(max_num_seqs=max_num_seqs, max_model_len=self.max_context, block_size=block_size,
                               max_num_batched_tokens=prefill_chunk, num_blocks=num_blocks,
                               gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused)
@@ -166,8 +150,7 @@ class LLM:
                                  "tensor_parallel_size > 1")
             check_tensor_parallel(config, tensor_parallel_size)
             self.workers = Workers(tensor_parallel_size, device, ShardSpec(
-                str(model), dtype, self._compile_mode, method_class(method), method_options, runner_options,
-                self._compile_sizes))
+                str(model), dtype, self._compile_mode, method_class(method), method_options, runner_options))
             self._stop_workers = weakref.finalize(self, self.workers.close)
         try:
             self._start(model, method, device, dtype, kv_offload, method_options, runner_options,
@@ -188,7 +171,7 @@ class LLM:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         if self._compile_mode:
-            self.model.compile_decode(self._compile_mode, self._compile_sizes)
+            self.model.compile_decode(self._compile_mode)
         self.method = make_method(method, self.config, **method_options)
         self.method_name = method
         self.kv_offload = offload_config(kv_offload, self.device)

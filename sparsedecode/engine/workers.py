@@ -45,7 +45,6 @@ class ShardSpec:
     method: type[DecodeMethod]
     method_options: dict[str, Any]
     runner_options: dict[str, Any]  # ModelRunner's keyword arguments
-    compile_sizes: tuple[int, ...] = ()  # `Transformer.compile_decode`'s sizes
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -185,7 +184,7 @@ def worker_main(rank: int, world_size: int, address: str, device: torch.device, 
         return
     connection.send("loaded")
     if spec.compile_mode:
-        loaded.model.compile_decode(spec.compile_mode, spec.compile_sizes)
+        loaded.model.compile_decode(spec.compile_mode)
     method = spec.method(loaded.config, **spec.method_options)
     runner = ModelRunner(loaded.model, loaded.config, method, **spec.runner_options)
     connection.send("ready")

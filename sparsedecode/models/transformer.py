@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,16 +145,6 @@ class DecoderLayer(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class DecodeWork(NamedTuple):
-    """What a forward runs around each layer's attention: `DecoderLayer`'s methods, or compiled copies."""
-
-    residual_and_qkv: Callable[..., tuple[torch.Tensor, ...]]
-    residual_updates: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-EAGER_WORK = DecodeWork(DecoderLayer.residual_and_qkv, DecoderLayer.residual_updates)
-
-
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
@@ -169,55 +158,45 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
-        # What a fused (decode) forward runs around each layer's attention, by token count (None: any other
-        # count); compile_decode fills it.
-        self.decode_work: dict[int | None, DecodeWork] = {None: EAGER_WORK}
+        # What a fixed-shape (decode) forward runs around each layer's attention; compile_decode swaps in
+        # compiled versions.
+        self.residual_and_qkv = DecoderLayer.residual_and_qkv
+        self.residual_updates = DecoderLayer.residual_updates
 
-    def compile_decode(self, mode: str = "default", sizes: Iterable[int] = ()) -> None:
+    def compile_decode(self, mode: str = "default") -> None:
         """Fuse the element-wise work around each layer's GEMMs in the decode step (norms, RoPE, SiLU,
         residual adds) with torch.compile: eager, it is dozens of small kernels per layer, each costing a
         launch even inside a CUDA graph. One compiled graph serves every layer (the layer's weights are its
         inputs); the attention itself stays the caller's. `mode` is one of DECODE_COMPILE_MODES:
         "max-autotune-no-cudagraphs" lets Inductor time Triton GEMM templates against cuBLAS for each GEMM
-        (longer compiles; the caller captures CUDA graphs itself, so no mode that adds Inductor's).
-        `sizes`: token counts (decode batch sizes) that get graphs of their own, compiled for that exact shape
-        (vLLM's compile_sizes): Inductor picks, and under max-autotune tunes, each GEMM for that size; every
-        other count runs one graph for all shapes."""
+        (longer compiles; the caller captures CUDA graphs itself, so no mode that adds Inductor's)."""
         if mode not in DECODE_COMPILE_MODES:
             raise ValueError(f"compile mode {mode!r} is not one of {', '.join(DECODE_COMPILE_MODES)} (the engine "
                              "captures its decode steps in CUDA graphs itself)")
-        sizes = sorted(set(sizes))
-        if any(not isinstance(n, int) or n < 1 for n in sizes):
-            raise ValueError(f"compile sizes must be positive token counts, not {sizes}")
         # Inductor's kernels join ours in dependent launches (kernels.pdl) where those are on.
         options = {**torch._inductor.list_mode_options(mode),
                    "triton.enable_pdl": pdl_enabled(self.embed_tokens.weight.device)}
-
-        def compiled(**dynamic: bool) -> DecodeWork:
-            return DecodeWork(*(torch.compile(fn, fullgraph=True, options=options, **dynamic) for fn in EAGER_WORK))
-
-        # Every graph of a function counts against dynamo's limit on one function's graphs (8): the shape-generic
-        # one and its first, static, compile, then one per size.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes) + 8)
-        self.decode_work = {None: compiled(), **{n: compiled(dynamic=False) for n in sizes}}
+        self.residual_and_qkv = torch.compile(DecoderLayer.residual_and_qkv, fullgraph=True, options=options)
+        self.residual_updates = torch.compile(DecoderLayer.residual_updates, fullgraph=True, options=options)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
                 fused: bool = False, rope_table: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after the last layer [n, hidden] for tokens `token_ids` [n] at `positions` [n].
-        `fused`: run the compiled work of `compile_decode` (fixed-shape calls: decode steps).
+        `fused`: run the compiled element-wise work of `compile_decode` (fixed-shape calls: decode steps).
         `rope_table`: `rope.table(...)` covering `positions`, gathered rather than computed.
         Capturable in a CUDA graph when `attention` is."""
         cos, sin = self.rope(positions, self.embed_tokens.weight.dtype, rope_table)
-        work = self.decode_work.get(token_ids.shape[0], self.decode_work[None]) if fused else EAGER_WORK
+        residual_and_qkv = self.residual_and_qkv if fused else DecoderLayer.residual_and_qkv
+        residual_updates = self.residual_updates if fused else DecoderLayer.residual_updates
         x = self.embed_tokens(token_ids)
         # Each layer hands the next what it adds, not the sum: compiled, a projection added to the residual
         # and returned becomes addmm, which copies the residual into its output first (two device copies a
         # layer); added inside the next graph, the sum fuses into its norm.
         o, m = torch.zeros_like(x), torch.zeros_like(x)  # two tensors, as every later layer gets: one graph
         for i, layer in enumerate(self.layers):
-            x, q, k, v = work.residual_and_qkv(layer, x, o, m, cos, sin)
-            o, m = work.residual_updates(layer, x, attention(i, q, k, v))
+            x, q, k, v = residual_and_qkv(layer, x, o, m, cos, sin)
+            o, m = residual_updates(layer, x, attention(i, q, k, v))
         return x + o + m
 
     def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
