@@ -151,11 +151,13 @@ def bench_group() -> None:
               "(several warp counts) on Quest's, Lychee's and LFPS's top-k.")
 @click.option("--prefill", "prefill", is_flag=True, help="Instead of the table, time a prompt chunk's attention "
               "over its paged prefix: the paged prefill kernel (several launch settings) against PyTorch SDPA.")
+@click.option("--gemv", "gemv", is_flag=True, help="Instead of the table, time the decode step's linear layers "
+              "(Llama-3.1-8B shapes, 1 and 8 rows): cuBLAS against the few-row kernel at several launch settings.")
 @click.option("--launch", "launches", multiple=True, callback=_launches, metavar="FIELD=VALUE,...",
               help="Also time our kernels under these `Launch` settings (repeatable), e.g. "
               "'num_stages=3,num_warps=8': rows 'ours dense [num_warps=8, num_stages=3]' beside the defaults'.")
 def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool | None, select: bool,
-           prefill: bool, launches: tuple) -> None:
+           prefill: bool, gemv: bool, launches: tuple) -> None:
     """One decode-attention layer (Llama-3.1-8B shapes): PyTorch SDPA and FlashInfer against our dense and hybrid
     kernel."""
     import torch
@@ -170,6 +172,8 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
         kernel_bench.select_rows(tuple(contexts), tuple(batches))
     elif prefill:
         kernel_bench.prefill_rows()
+    elif gemv:
+        kernel_bench.gemv_rows()
     else:
         kernel_bench.run(tuple(contexts), tuple(batches), flashinfer=flashinfer, launches=launches)
 

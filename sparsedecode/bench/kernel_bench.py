@@ -18,11 +18,13 @@ The block selection (`kernels.select_blocks`) has its own table (`--select`): Qu
 counts. So has the prefill (`--prefill`): a prompt chunk's attention over its paged prefix, our kernel
 (`kernels.paged_prefill_attention`, several launch settings) against PyTorch's attention over the
 gathered prefix, its KV heads expanded (the engine's path before the kernel) or grouped (`enable_gqa`).
+And so have the step's linear layers (`--gemv`): cuBLAS against `kernels.gemv` at 1 and 8 rows.
 
     sparsedecode bench kernel           # the table
     sparsedecode bench kernel --select  # the selection's table
     sparsedecode bench kernel --prefill # the prefill's table
     sparsedecode bench kernel --tune    # search the kernels' launch settings (`Launch`)
+    sparsedecode bench kernel --gemv    # the step's linear layers: cuBLAS against kernels.gemv
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from ..kernels import (gather_blocks, paged_prefill_attention, select_blocks, sparse_decode_attention,
+from ..kernels import (gather_blocks, gemv, paged_prefill_attention, select_blocks, sparse_decode_attention,
                        sparse_decode_attention_ref)
+from ..kernels.gemv import GemvLaunch
 from ..kernels.prefill_attention import PREFILL_LAUNCH, PrefillLaunch
 from ..kernels.sparse_decode import LAUNCH, Launch
 from .common import kernel_times
@@ -513,3 +516,50 @@ def tune(rounds: int = 1) -> Launch:
 
 if __name__ == "__main__":
     run()
+
+
+#: Llama-3.1-8B's decode-step linear layers: name, (N, K) of the weight, how many a step runs
+GEMV_SHAPES = (("qkv_proj", (6144, 4096), 32), ("o_proj", (4096, 4096), 32), ("gate_up_proj", (28672, 4096), 32),
+               ("down_proj", (4096, 14336), 32), ("lm_head", (128256, 4096), 1))
+GEMV_LAUNCHES = tuple(GemvLaunch(block_n=n, block_k=k, num_warps=w, num_stages=st)
+                      for n, k, w, st in itertools.product((16, 32, 64), (256, 512), (4, 8), (3, 4)))
+
+
+def gemv_rows(rows: tuple[int, ...] = (1, 8), launches: tuple[GemvLaunch, ...] = GEMV_LAUNCHES,
+              bandwidth: float | None = None) -> None:
+    """Time the decode step's linear layers (Llama-3.1-8B shapes, bf16): cuBLAS (`F.linear`) against `gemv` at
+    every launch setting, each call a CUDA graph rotating over enough weight copies to exceed L2. Prints, per
+    shape and row count, cuBLAS, `gemv`'s default launch and its fastest one (us and weight TB/s; each output
+    checked against cuBLAS), then the step's total over all its layers for each."""
+    bandwidth = bandwidth or copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)")
+    print("\n| layer | rows | cuBLAS us | TB/s | gemv default us | TB/s | gemv fastest us | TB/s | fastest launch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    totals: dict[tuple[int, str], float] = {}
+    for name, (n, k), count in GEMV_SHAPES:
+        copies = max(2, math.ceil(4 * L2_BYTES / (2 * n * k)))
+        weights = [torch.randn(n, k, device="cuda", dtype=DTYPE, generator=gen) / k**0.5 for _ in range(copies)]
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
+            want = F.linear(x, weights[0]).float()
+            times = {"cuBLAS": timed([lambda w=w: F.linear(x, w) for w in weights])}
+            for launch in launches:
+                try:
+                    got = gemv(x, weights[0], launch=launch).float()
+                    times[launch] = timed([lambda w=w, launch=launch: gemv(x, w, launch=launch) for w in weights])
+                except OutOfResources:  # tiles that do not fit in shared memory
+                    continue
+                if (got - want).abs().max().item() > 1e-2 * want.abs().max().item():
+                    raise AssertionError(f"gemv {launch} differs from F.linear on {name} with {m} rows")
+            fastest = min((t for t in times if t != "cuBLAS"), key=times.get)
+            tbs = {t: 2 * n * k / (us * 1e6) for t, us in times.items()}
+            default = GemvLaunch()
+            print(f"| {name} | {m} | {times['cuBLAS']:.1f} | {tbs['cuBLAS']:.2f} | {times[default]:.1f} | "
+                  f"{tbs[default]:.2f} | {times[fastest]:.1f} | {tbs[fastest]:.2f} | {fastest} |", flush=True)
+            for label, key in (("cuBLAS", "cuBLAS"), ("gemv default", default), ("gemv fastest per layer", fastest)):
+                totals[m, label] = totals.get((m, label), 0.0) + count * times[key]
+        del weights
+    print("\n| rows | step's linear layers | us | x cuBLAS |\n|---|---|---|---|")
+    for (m, label), us in totals.items():
+        print(f"| {m} | {label} | {us:.0f} | {totals[m, 'cuBLAS'] / us:.3f} |")

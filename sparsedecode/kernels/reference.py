@@ -222,3 +222,11 @@ def paged_prefill_attention_ref(
                                              attn_mask=mask, scale=scale, enable_gqa=True)[0]
         outs.append(out.transpose(0, 1).to(q.dtype))
     return torch.cat(outs)
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer: x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N], in float32 then x's dtype."""
+    y = x.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

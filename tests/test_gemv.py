@@ -1,0 +1,89 @@
+"""The few-row linear layer (`kernels.gemv`) against its PyTorch reference, over random shapes.
+
+Without CUDA the kernel runs in the Triton interpreter on CPU tensors (see triton_cpu); with CUDA the same
+cases also run compiled on the GPU.
+"""
+import importlib
+
+import torch
+
+from triton_cpu import devices, fix_interpreter, interpreted, run_in_fresh_process  # sets TRITON_INTERPRET
+
+import pytest  # noqa: E402
+
+from sparsedecode.kernels import gemv, gemv_ref  # noqa: E402
+from sparsedecode.kernels.gemv import MAX_ROWS, GemvLaunch  # noqa: E402
+
+INTERPRET = interpreted(importlib.import_module("sparsedecode.kernels.gemv")._gemv_kernel)
+NEEDS_FRESH_PROCESS = not INTERPRET and not torch.cuda.is_available()
+if INTERPRET:
+    fix_interpreter()
+DEVICES = devices(INTERPRET)
+TOL = {torch.float32: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+       torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def random_case(seed: int, device, dtype, rows: int, n: int, k: int, bias: bool, strided_x: bool):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k + 8 if strided_x else k, generator=gen)[:, :k]  # a row stride other than K
+    weight = torch.randn(n, k, generator=gen) / k ** 0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    return (x.to(device, dtype), weight.to(device, dtype), None if b is None else b.to(device, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_reference_over_random_shapes(device, dtype, seed):
+    """Rows 1-16, N not a multiple of the tile, K a multiple of block_k or not, with and without bias."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    rows = int(torch.randint(1, MAX_ROWS + 1, (1,), generator=gen))
+    n = int(torch.randint(1, 200, (1,), generator=gen))
+    k = int(torch.randint(1, 5, (1,), generator=gen)) * 64 + (0 if seed % 2 else 24)
+    launch = GemvLaunch(block_n=[16, 32][seed % 2], block_k=[64, 128][seed // 2], num_stages=2)
+    x, weight, bias = random_case(seed, device, dtype, rows, n, k, bias=seed % 3 == 0, strided_x=seed == 1)
+    got = gemv(x, weight, bias, launch)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    torch.testing.assert_close(got, gemv_ref(x, weight, bias), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_do_not_mix(device):
+    """Each output row depends on its own input row only: a row of zeros gives the bias alone."""
+    x, weight, bias = random_case(7, device, torch.float32, 5, 48, 128, bias=True, strided_x=False)
+    x[2] = 0
+    got = gemv(x, weight, bias, GemvLaunch(block_n=16, block_k=64))
+    torch.testing.assert_close(got[2], bias)
+    torch.testing.assert_close(got[[0, 1, 3, 4]], gemv(x[[0, 1, 3, 4]], weight, bias, GemvLaunch(16, 64)))
+
+
+def test_rejects_bad_arguments():
+    x, weight, bias = random_case(1, "cpu", torch.float32, 2, 32, 64, bias=True, strided_x=False)
+    with pytest.raises(ValueError, match=r"takes 1 to 16 rows, not 17: use torch.nn.functional.linear"):
+        gemv(torch.zeros(17, 64), weight)
+    with pytest.raises(ValueError, match=r"x \[M, K\] and weight \[N, K\]"):
+        gemv(x, weight[:, :32])
+    with pytest.raises(ValueError, match=r"bias must be \[32\]"):
+        gemv(x, weight, bias[:5])
+    with pytest.raises(ValueError, match="share a dtype"):
+        gemv(x, weight.double())
+    with pytest.raises(ValueError, match="last dimension must be contiguous"):
+        gemv(x, weight.T.contiguous().T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_graph_replay_follows_new_rows():
+    x, weight, bias = random_case(3, "cuda", torch.bfloat16, 4, 4096, 1024, bias=True, strided_x=False)
+    gemv(x, weight, bias)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemv(x, weight, bias)
+    for seed in range(3):
+        x.copy_(random_case(10 + seed, "cuda", torch.bfloat16, 4, 4096, 1024, bias=False, strided_x=False)[0])
+        graph.replay()
+        torch.testing.assert_close(y, gemv_ref(x, weight, bias), **TOL[torch.bfloat16])
+
+
+@pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="the CPU cases ran in this process")
+def test_cpu_cases_in_a_fresh_process():
+    run_in_fresh_process(__file__)
