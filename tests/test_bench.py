@@ -347,6 +347,7 @@ def test_kernel_subcommand_calls_the_kernel_benchmark(monkeypatch):
     got = []
     fake = types.ModuleType("sparsedecode.bench.kernel_bench")
     fake.run = lambda contexts, batches, flashinfer, launches: got.append((contexts, batches, flashinfer, launches))
+    fake.gemv_rows = lambda: got.append("gemv")
     monkeypatch.setitem(sys.modules, "sparsedecode.bench.kernel_bench", fake)
     monkeypatch.setattr(sparsedecode.bench, "kernel_bench", fake, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -362,6 +363,7 @@ def test_kernel_subcommand_calls_the_kernel_benchmark(monkeypatch):
         result = CliRunner().invoke(bench_cli.bench_group, ["kernel", "--launch", bad])
         assert result.exit_code == 2 and says in result.output, (bad, result.output)
     assert len(got) == 1
+    assert CliRunner().invoke(bench_cli.bench_group, ["kernel", "--gemv"]).exit_code == 0 and got[1:] == ["gemv"]
 
 
 def test_lfps_subcommands_run_on_the_cpu(tmp_path):

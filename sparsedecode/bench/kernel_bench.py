@@ -523,16 +523,29 @@ GEMV_SHAPES = (("qkv_proj", (6144, 4096), 32), ("o_proj", (4096, 4096), 32), ("g
                ("down_proj", (4096, 14336), 32), ("lm_head", (128256, 4096), 1))
 GEMV_LAUNCHES = tuple(GemvLaunch(block_n=n, block_k=k, num_warps=w, num_stages=st)
                       for n, k, w, st in itertools.product((16, 32, 64), (256, 512), (4, 8), (3, 4)))
+GEMV_CHAIN = 32  # calls per captured graph, one per layer as a step runs them
+
+
+def chained_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) -> float:
+    """Median microseconds per call of GEMV_CHAIN calls captured in one CUDA graph, cycling over `weights`
+    (each call's weight out of L2): launch costs are spread as in a step, and dependent launches overlap."""
+    call(weights[0])  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(GEMV_CHAIN):
+            call(weights[i % len(weights)])
+    return 1e3 * triton.testing.do_bench(graph.replay, return_mode="median") / GEMV_CHAIN
 
 
 def gemv_rows(rows: tuple[int, ...] = (1, 8), launches: tuple[GemvLaunch, ...] = GEMV_LAUNCHES,
               bandwidth: float | None = None) -> None:
     """Time the decode step's linear layers (Llama-3.1-8B shapes, bf16): cuBLAS (`F.linear`) against `gemv` at
-    every launch setting, each call a CUDA graph rotating over enough weight copies to exceed L2. Prints, per
-    shape and row count, cuBLAS, `gemv`'s default launch and its fastest one (us and weight TB/s; each output
-    checked against cuBLAS), then the step's total over all its layers for each."""
+    every launch setting (`chained_us`). Prints, per shape and row count, cuBLAS, `gemv`'s default launch and
+    its fastest one (us per call and weight TB/s; each output checked against cuBLAS), then the step's total
+    over all its layers for each."""
     bandwidth = bandwidth or copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)")
+    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write); "
+          f"{GEMV_CHAIN} calls per CUDA graph")
     print("\n| layer | rows | cuBLAS us | TB/s | gemv default us | TB/s | gemv fastest us | TB/s | fastest launch |")
     print("|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -543,11 +556,11 @@ def gemv_rows(rows: tuple[int, ...] = (1, 8), launches: tuple[GemvLaunch, ...] =
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen)
             want = F.linear(x, weights[0]).float()
-            times = {"cuBLAS": timed([lambda w=w: F.linear(x, w) for w in weights])}
+            times = {"cuBLAS": chained_us(lambda w: F.linear(x, w), weights)}
             for launch in launches:
                 try:
                     got = gemv(x, weights[0], launch=launch).float()
-                    times[launch] = timed([lambda w=w, launch=launch: gemv(x, w, launch=launch) for w in weights])
+                    times[launch] = chained_us(lambda w, launch=launch: gemv(x, w, launch=launch), weights)
                 except OutOfResources:  # tiles that do not fit in shared memory
                     continue
                 if (got - want).abs().max().item() > 1e-2 * want.abs().max().item():
