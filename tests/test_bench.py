@@ -312,6 +312,7 @@ def test_parse_tokens():
     (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
     (["--temperature", "2.5"], "--temperature"),
     (["--top-p", "0.9"], "a greedy step (temperature 0) takes no top-p"),
+    (["--decode-linear", "cutlass"], "'cutlass' is not one of 'torch', 'gemv'"),
 ])
 def test_e2e_cli_rejects_bad_arguments(args, message):
     result = CliRunner().invoke(bench_cli.bench_group, ["e2e", *args])
@@ -331,14 +332,14 @@ def test_e2e_cli_parses_into_options(monkeypatch, tmp_path):
     result = CliRunner().invoke(bench_cli.bench_group, [
         "e2e", "--models", "random:tiny-llama", "--contexts", "32k,4k,4096", "--batches", "8,max,1",
         "--methods", "lychee,dense,lychee", "--no-hf-baseline", "--gpu-memory-utilization", "0.8",
-        "--num-blocks", "100", "--temperature", "1", "--top-p", "0.95", "--out", str(tmp_path),
+        "--num-blocks", "100", "--temperature", "1", "--top-p", "0.95", "--decode-linear", "gemv", "--out", str(tmp_path),
     ])
     assert result.exit_code == 0, result.output
     opts = seen["opts"]
     assert (opts.contexts, opts.batches, opts.hf_modes) == ([4096, 32768], [1, 8, "max"], ())
     assert opts.methods == ["lychee", "dense"]
     assert (opts.gpu_memory_utilization, opts.num_blocks, opts.temperature, opts.top_p) == (0.8, 100, 1.0, 0.95)
-    assert seen["out"] == tmp_path and "TABLE" in result.output
+    assert opts.decode_linear == "gemv" and seen["out"] == tmp_path and "TABLE" in result.output
 
 
 def test_kernel_subcommand_calls_the_kernel_benchmark(monkeypatch):

@@ -84,6 +84,56 @@ def test_cuda_graph_replay_follows_new_rows():
         torch.testing.assert_close(y, gemv_ref(x, weight, bias), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_op_is_the_kernel(device):
+    """`linear_rows` (what a compiled decode step calls) gives `gemv`'s bits at the default launch."""
+    from sparsedecode.kernels.gemv import linear_rows
+
+    x, weight, bias = random_case(5, device, torch.bfloat16, 3, 6144, 256, bias=True, strided_x=False)
+    assert torch.equal(linear_rows(x, weight, bias), gemv(x, weight, bias))
+    assert torch.equal(torch.ops.sparsedecode.linear_rows(x, weight, None), gemv(x, weight))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_forward_through_gemv_matches_cublas_path(device, monkeypatch):
+    """A fused forward with `decode_gemv` sends each layer's four projections, and the logits' lm_head,
+    through the kernel; the logits are those of F.linear. More rows than MAX_ROWS (a prefill) stay on F.linear."""
+    from sparsedecode import LLM
+    from sparsedecode.kernels import sparse_decode_attention_ref
+    from sparsedecode.models import transformer
+
+    llm = LLM("random:tiny-llama", device="cpu", dtype=torch.float32, block_size=16, max_context=256)
+    model, config = llm.model.to(device), llm.config
+    keys = torch.randn(20, config.num_kv_heads, 40, config.head_dim, generator=torch.Generator().manual_seed(0))
+    keys = keys.to(device)
+    calls, linear_rows = [], transformer.linear_rows
+    monkeypatch.setattr(transformer, "linear_rows", lambda x, w, b: calls.append(w.shape) or linear_rows(x, w, b))
+    for rows in (3, 20):
+        tokens = torch.arange(rows, device=device) * 7 % config.vocab_size
+        positions = torch.arange(rows, device=device) + 20
+        lens = torch.full((rows,), 40, device=device)
+
+        def attention(layer, q, k, v):
+            return sparse_decode_attention_ref(q, keys[:rows], keys[:rows], lens, llm.method.scale)[0]
+
+        want = model.logits(model.forward(tokens, positions, attention, fused=True))
+        model.decode_gemv = True
+        got = model.logits(model.forward(tokens, positions, attention, fused=True), fused=True)
+        model.decode_gemv = False
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert len(calls) == (4 * config.num_layers + 1 if rows <= MAX_ROWS else 0)
+        calls.clear()
+
+
+def test_llm_refuses_gemv_where_decode_steps_are_not_compiled():
+    from sparsedecode import LLM
+
+    with pytest.raises(ValueError, match="decode_linear='gemv' runs in the compiled decode steps of a CUDA device"):
+        LLM("random:tiny-llama", device="cpu", decode_linear="gemv")
+    with pytest.raises(ValueError, match="decode_linear 'cutlass' is not one of torch, gemv"):
+        LLM("random:tiny-llama", device="cpu", decode_linear="cutlass")
+
+
 @pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="the CPU cases ran in this process")
 def test_cpu_cases_in_a_fresh_process():
     run_in_fresh_process(__file__)

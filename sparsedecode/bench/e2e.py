@@ -139,6 +139,7 @@ class E2EOptions:
     device: str | None = None
     compile_decode: bool = True  # False: the engine's element-wise work unfused (to measure what fusing gives)
     compile_mode: str = "default"  # torch.compile mode of that work (`Transformer.compile_decode`)
+    decode_linear: str = "torch"  # what runs the step's linear layers (`LLM`'s decode_linear)
     profile: bool = False  # also record the device time per kernel of one step of each method (CUDA)
     gpu_memory_utilization: float = 0.9  # the share of the GPU the engine takes: weights, activations, KV pool
     num_blocks: int | None = None  # KV pool blocks, instead of sizing the pool from gpu_memory_utilization
@@ -210,7 +211,7 @@ def _meta(opts: E2EOptions, device: torch.device, bandwidth: float) -> dict[str,
         device=name, torch=torch.__version__, transformers=transformers.__version__,
         copy_bandwidth=bandwidth, steps=opts.steps, warmup=opts.warmup, budget=opts.budget, roles=opts.roles,
         hf_context=opts.hf_context, compile_decode=opts.compile_decode, compile_mode=opts.compile_mode,
-        gpu_memory_utilization=opts.gpu_memory_utilization, num_blocks=opts.num_blocks,
+        decode_linear=opts.decode_linear, gpu_memory_utilization=opts.gpu_memory_utilization, num_blocks=opts.num_blocks,
         tensor_parallel_size=opts.tensor_parallel_size, temperature=opts.temperature, top_p=opts.top_p,
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
@@ -266,6 +267,7 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
     try:
         llm = LLM(spec, method=sizing, device=device, dtype=dtype, max_context=max(contexts) + DECODE_MARGIN,
                   block_size=BLOCK_SIZE, compile_decode=opts.compile_decode, compile_mode=opts.compile_mode,
+                  decode_linear=opts.decode_linear,
                   max_num_seqs=slots, num_blocks=opts.num_blocks, gpu_memory_utilization=opts.gpu_memory_utilization,
                   enable_prefix_caching=False, tensor_parallel_size=opts.tensor_parallel_size, **options[sizing])
     except Exception as e:  # noqa: BLE001 - e.g. no memory left for a pool: the other models still run
@@ -274,7 +276,8 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
     load_s = time.perf_counter() - loading
     captured = llm.engine.capture_decode_steps()  # compile and capture every bucket: startup, not steps
     results["startup"].append(dict(model=spec, method=sizing, compile_mode=opts.compile_mode if opts.compile_decode
-                                   else None, load_s=load_s, capture_s=dict(captured)))
+                                   else None, decode_linear=opts.decode_linear, load_s=load_s,
+                                   capture_s=dict(captured)))
     log(f"loaded in {load_s:.1f} s; decode steps captured in " + ", ".join(f"{s:.1f} s (batch {b})" for b, s in captured))
     llm.engine.decode_steps = 1  # one decode step per engine step: the step `engine_ms` times
     rows_of_model = []
@@ -620,6 +623,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                   "holds; `--batches max` takes that many, up to the engine's decode slots.", markdown_table(pool_rows)]
     if results.get("startup"):
         startup_rows = [{"model": u["model"], "method": u["method"], "compile mode": u["compile_mode"] or "off",
+                         "linear layers": u.get("decode_linear", "torch"),
                          "load s": f"{u['load_s']:.1f}",
                          "capture s (batch: s)": ", ".join(f"{b}: {s:.1f}" for b, s in u["capture_s"].items()) or "-"}
                         for u in results["startup"]]

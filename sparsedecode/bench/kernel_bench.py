@@ -42,7 +42,7 @@ from triton.runtime.errors import OutOfResources
 
 from ..kernels import (gather_blocks, gemv, paged_prefill_attention, select_blocks, sparse_decode_attention,
                        sparse_decode_attention_ref)
-from ..kernels.gemv import GemvLaunch
+from ..kernels.gemv import GemvLaunch, gemv_launch
 from ..kernels.prefill_attention import PREFILL_LAUNCH, PrefillLaunch
 from ..kernels.sparse_decode import LAUNCH, Launch
 from .common import kernel_times
@@ -540,8 +540,8 @@ def chained_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tenso
 def gemv_rows(rows: tuple[int, ...] = (1, 8), launches: tuple[GemvLaunch, ...] = GEMV_LAUNCHES,
               bandwidth: float | None = None) -> None:
     """Time the decode step's linear layers (Llama-3.1-8B shapes, bf16): cuBLAS (`F.linear`) against `gemv` at
-    every launch setting (`chained_us`). Prints, per shape and row count, cuBLAS, `gemv`'s default launch and
-    its fastest one (us per call and weight TB/s; each output checked against cuBLAS), then the step's total
+    every launch setting (`chained_us`). Prints, per shape and row count, cuBLAS, `gemv` at the engine's
+    launch (`gemv_launch`) and at its fastest one (us per call and weight TB/s; each output checked against cuBLAS), then the step's total
     over all its layers for each."""
     bandwidth = bandwidth or copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write); "
@@ -567,7 +567,7 @@ def gemv_rows(rows: tuple[int, ...] = (1, 8), launches: tuple[GemvLaunch, ...] =
                     raise AssertionError(f"gemv {launch} differs from F.linear on {name} with {m} rows")
             fastest = min((t for t in times if t != "cuBLAS"), key=times.get)
             tbs = {t: 2 * n * k / (us * 1e6) for t, us in times.items()}
-            default = GemvLaunch()
+            default = gemv_launch(n, k)  # the engine's
             print(f"| {name} | {m} | {times['cuBLAS']:.1f} | {tbs['cuBLAS']:.2f} | {times[default]:.1f} | "
                   f"{tbs[default]:.2f} | {times[fastest]:.1f} | {tbs[fastest]:.2f} | {fastest} |", flush=True)
             for label, key in (("cuBLAS", "cuBLAS"), ("gemv default", default), ("gemv fastest per layer", fastest)):

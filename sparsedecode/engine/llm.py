@@ -13,7 +13,7 @@ import torch
 
 from ..core import KVPool
 from ..methods import make_method, method_class
-from ..models import DECODE_COMPILE_MODES
+from ..models import DECODE_COMPILE_MODES, DECODE_LINEARS
 from ..models.loader import default_device, default_dtype, load_config, load_model
 from ..models.parallel import TensorParallel, check_tensor_parallel
 from ..offload import (OffloadConfig, OffloadedKVPool, check_offload_method, offload_config, offload_pool_blocks,
@@ -81,7 +81,9 @@ class Generation:
 class LLM:
     """A decoder over a paged KV pool with continuous batching (`llm.engine`), chunked prefill, prefix
     caching, CUDA-graph decode steps on GPU (their element-wise work fused by torch.compile unless
-    `compile_decode=False`; `compile_mode="max-autotune-no-cudagraphs"` also lets Inductor tune their GEMMs)
+    `compile_decode=False`; `compile_mode="max-autotune-no-cudagraphs"` also lets Inductor tune their GEMMs;
+    `decode_linear="gemv"` runs their linear layers through the few-row Triton kernel `kernels.gemv` instead of
+    cuBLAS)
     and a pluggable decode-attention method (`dense`, `lychee`, `tidal`, `quest`,
     `streaming`, `lfps`, `lychee+lfps`).
 
@@ -116,6 +118,7 @@ class LLM:
         cuda_graphs: bool = True,
         compile_decode: bool = True,
         compile_mode: str = "default",
+        decode_linear: str = "torch",
         kv_offload: str | OffloadConfig | None = None,
         max_num_seqs: int = 64,
         num_blocks: int | None = None,
@@ -140,6 +143,12 @@ class LLM:
             raise ValueError(f"compile_mode {compile_mode!r} is not one of {', '.join(DECODE_COMPILE_MODES)}")
         fused = compile_decode and device.type == "cuda"
         self._compile_mode = compile_mode if fused else None
+        if decode_linear not in DECODE_LINEARS:
+            raise ValueError(f"decode_linear {decode_linear!r} is not one of {', '.join(DECODE_LINEARS)}")
+        if decode_linear == "gemv" and not fused:
+            raise ValueError("decode_linear='gemv' runs in the compiled decode steps of a CUDA device: it needs "
+                             "compile_decode=True and device cuda")
+        self._decode_gemv = decode_linear == "gemv"
         runner_options = dict(max_num_seqs=max_num_seqs, max_model_len=self.max_context, block_size=block_size,
                               max_num_batched_tokens=prefill_chunk, num_blocks=num_blocks,
                               gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused)
@@ -150,7 +159,8 @@ class LLM:
                                  "tensor_parallel_size > 1")
             check_tensor_parallel(config, tensor_parallel_size)
             self.workers = Workers(tensor_parallel_size, device, ShardSpec(
-                str(model), dtype, self._compile_mode, method_class(method), method_options, runner_options))
+                str(model), dtype, self._compile_mode, method_class(method), method_options, runner_options,
+                self._decode_gemv))
             self._stop_workers = weakref.finalize(self, self.workers.close)
         try:
             self._start(model, method, device, dtype, kv_offload, method_options, runner_options,
@@ -172,6 +182,7 @@ class LLM:
         self.dtype = next(self.model.parameters()).dtype
         if self._compile_mode:
             self.model.compile_decode(self._compile_mode)
+        self.model.decode_gemv = self._decode_gemv
         self.method = make_method(method, self.config, **method_options)
         self.method_name = method
         self.kv_offload = offload_config(kv_offload, self.device)

@@ -427,7 +427,7 @@ class ModelRunner:
             return method.attend(layer, q, pool, batch)
 
         logits = self.model.logits(self.model.forward(self.tokens[:size], positions, attention, fused=self.fused,
-                                                      rope_table=self.rope_table))
+                                                      rope_table=self.rope_table), fused=self.fused)
         scored = self.penalties.apply(logits) if penalized else logits  # log-probabilities stay the raw ones
         if greedy:
             tokens = scored.argmax(dim=-1)

@@ -9,6 +9,7 @@ No split over K: the sums are in a fixed order, so the bits do not depend on the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ class GemvLaunch:
 @triton.jit
 def _gemv_kernel(x, w, bias, y, M, N, K, s_xm, s_wn, s_ym,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PRECISION: tl.constexpr, PDL: tl.constexpr):
     wait_then_launch_dependents(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, 16)
@@ -52,17 +53,18 @@ def _gemv_kernel(x, w, bias, y, M, N, K, s_xm, s_wn, s_ym,
         else:
             xt = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
             wt = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(xt, tl.trans(wt), acc)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y + rm[:, None] * s_ym + rn[None, :], acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         launch: GemvLaunch = GemvLaunch()) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, accumulated in float32; the op of
-    `reference.gemv_ref`. M from 1 to `MAX_ROWS`; one Triton launch on CUDA tensors (graph-capturable), the
-    interpreter on CPU ones with TRITON_INTERPRET=1 (the tests)."""
+def gemv_launch(n: int, k: int) -> GemvLaunch:
+    """The launch `gemv` uses for a weight [n, k] (`sparsedecode bench kernel --gemv` times the others)."""
+    return GemvLaunch(block_n=64 if n >= 6144 else 32, block_k=256 if n >= 6144 else 512)
+
+
+def check_gemv_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv takes x [M, K] and weight [N, K], not {tuple(x.shape)} and {tuple(weight.shape)}")
     if not 1 <= x.shape[0] <= MAX_ROWS:
@@ -77,10 +79,35 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("gemv runs on CUDA tensors; on CPU tensors only in the Triton interpreter "
                            "(TRITON_INTERPRET=1); use reference.gemv_ref there")
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         launch: GemvLaunch | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, accumulated in float32; the op of
+    `reference.gemv_ref`. M from 1 to `MAX_ROWS`; one Triton launch on CUDA tensors (graph-capturable), the
+    interpreter on CPU ones with TRITON_INTERPRET=1 (the tests). `launch`: default `gemv_launch` of the
+    weight's shape. Inside torch.compile, call `linear_rows` (the same launch as a custom op)."""
+    check_gemv_args(x, weight, bias)
+    return _launch(x, weight, bias, launch or gemv_launch(*weight.shape), pdl_launch(x.device),
+                   wrap=lambda kernel: kernel)
+
+
+@torch.library.triton_op("sparsedecode::linear_rows", mutates_args=())
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`gemv` at its default launch as a PyTorch custom op: torch.compile traces it and Inductor calls the
+    kernel from its own code, with no graph break (and without dependent launch, which that path does not
+    pass on)."""
+    check_gemv_args(x, weight, bias)
+    return _launch(x, weight, bias, gemv_launch(*weight.shape), {"PDL": False}, wrap=torch.library.wrap_triton)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: GemvLaunch,
+            pdl: dict, wrap: Callable) -> torch.Tensor:
     (m, k), n = x.shape, weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, launch.block_n),)](
+    wrap(_gemv_kernel)[(triton.cdiv(n, launch.block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, HAS_BIAS=bias is not None, EVEN_K=k % launch.block_k == 0,
-        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(x.device))
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 in full, as F.linear by default
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl)
     return y

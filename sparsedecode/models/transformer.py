@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from ..kernels import pdl_enabled
+from ..kernels.gemv import MAX_ROWS, linear_rows
 from . import DECODE_COMPILE_MODES
 from .config import ModelConfig
 from .parallel import TensorParallel, VocabParallelEmbedding, check_tensor_parallel
@@ -91,6 +92,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
 
 
+def linear(layer: nn.Linear, x: torch.Tensor, gemv: bool) -> torch.Tensor:
+    """`layer(x)`; with `gemv`, x of at most `kernels.gemv.MAX_ROWS` rows (a decode step) goes through the
+    few-row Triton kernel instead of cuBLAS."""
+    if gemv and x.shape[0] <= MAX_ROWS:
+        return linear_rows(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
@@ -109,11 +118,12 @@ class DecoderLayer(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def attention_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def attention_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        gemv: bool = False) -> tuple[torch.Tensor, ...]:
         """The residual stream x: [tokens, hidden] -> rotated q [tokens, Hq, D], k and v [tokens, Hkv, D]
-        of the normalised x."""
+        of the normalised x. `gemv`: see `linear`."""
         c, heads, kv_heads = self.config, self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(self.input_layernorm(x)).view(-1, heads + 2 * kv_heads, c.head_dim)
+        qkv = linear(self.qkv_proj, self.input_layernorm(x), gemv).view(-1, heads + 2 * kv_heads, c.head_dim)
         v = qkv[:, heads + kv_heads:]
         if c.qk_norm:
             q, k = self.q_norm(qkv[:, :heads]), self.k_norm(qkv[:, heads: heads + kv_heads])
@@ -126,23 +136,24 @@ class DecoderLayer(nn.Module):
         o, m = self.residual_updates(x, attn)
         return x + o + m
 
-    def residual_updates(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def residual_updates(self, x: torch.Tensor, attn: torch.Tensor,
+                         gemv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """What this layer adds to its input x: the attention's projection o, and the MLP's output m of x + o
         (from attn: [tokens, Hq, D], this GPU's heads; each projection is a partial sum over the GPUs). The
-        layer's output is (x + o) + m."""
-        o = self.tp.all_reduce(self.o_proj(attn.reshape(x.shape[0], -1)))
-        return o, self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x + o)))
+        layer's output is (x + o) + m. `gemv`: see `linear`."""
+        o = self.tp.all_reduce(linear(self.o_proj, attn.reshape(x.shape[0], -1), gemv))
+        return o, self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x + o), gemv))
 
     def residual_and_qkv(self, x: torch.Tensor, o: torch.Tensor, m: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                         sin: torch.Tensor, gemv: bool = False) -> tuple[torch.Tensor, ...]:
         """This layer's input (x + o) + m, from the previous layer's input x and its `residual_updates`, and
         the `attention_input` of it: (input, q, k, v)."""
         x = x + o + m
-        return (x, *self.attention_input(x, cos, sin))
+        return (x, *self.attention_input(x, cos, sin, gemv))
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def mlp(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
+        gate, up = linear(self.gate_up_proj, x, gemv).chunk(2, dim=-1)
+        return linear(self.down_proj, F.silu(gate) * up, gemv)
 
 
 class Transformer(nn.Module):
@@ -162,6 +173,7 @@ class Transformer(nn.Module):
         # compiled versions.
         self.residual_and_qkv = DecoderLayer.residual_and_qkv
         self.residual_updates = DecoderLayer.residual_updates
+        self.decode_gemv = False  # fused forwards and logits run their linear layers through kernels.gemv
 
     def compile_decode(self, mode: str = "default") -> None:
         """Fuse the element-wise work around each layer's GEMMs in the decode step (norms, RoPE, SiLU,
@@ -183,20 +195,22 @@ class Transformer(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
                 fused: bool = False, rope_table: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after the last layer [n, hidden] for tokens `token_ids` [n] at `positions` [n].
-        `fused`: run the compiled element-wise work of `compile_decode` (fixed-shape calls: decode steps).
+        `fused`: run the compiled element-wise work of `compile_decode` (fixed-shape calls: decode steps), and
+        with `decode_gemv` the linear layers of at most `kernels.gemv.MAX_ROWS` tokens through `kernels.gemv`.
         `rope_table`: `rope.table(...)` covering `positions`, gathered rather than computed.
         Capturable in a CUDA graph when `attention` is."""
         cos, sin = self.rope(positions, self.embed_tokens.weight.dtype, rope_table)
         residual_and_qkv = self.residual_and_qkv if fused else DecoderLayer.residual_and_qkv
         residual_updates = self.residual_updates if fused else DecoderLayer.residual_updates
+        gemv = fused and self.decode_gemv
         x = self.embed_tokens(token_ids)
         # Each layer hands the next what it adds, not the sum: compiled, a projection added to the residual
         # and returned becomes addmm, which copies the residual into its output first (two device copies a
         # layer); added inside the next graph, the sum fuses into its norm.
         o, m = torch.zeros_like(x), torch.zeros_like(x)  # two tensors, as every later layer gets: one graph
         for i, layer in enumerate(self.layers):
-            x, q, k, v = residual_and_qkv(layer, x, o, m, cos, sin)
-            o, m = residual_updates(layer, x, attention(i, q, k, v))
+            x, q, k, v = residual_and_qkv(layer, x, o, m, cos, sin, gemv)
+            o, m = residual_updates(layer, x, attention(i, q, k, v), gemv)
         return x + o + m
 
     def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -208,9 +222,10 @@ class Transformer(nn.Module):
         q, k, v = DecoderLayer.attention_input(layer, x, cos, sin)
         return DecoderLayer.attention_output(layer, x, attention(i, q, k, v))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 logits [n, vocab] of residual-stream rows x [n, hidden] (all of them, on every GPU)."""
-        logits = self.lm_head(self.norm(x))
+    def logits(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """float32 logits [n, vocab] of residual-stream rows x [n, hidden] (all of them, on every GPU); `fused`
+        as in `forward`."""
+        logits = linear(self.lm_head, self.norm(x), fused and self.decode_gemv)
         if self.tp.sharded:
             logits = self.tp.gather_columns(logits)[:, : self.config.vocab_size]
         return logits.float()
