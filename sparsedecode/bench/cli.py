@@ -233,8 +233,8 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
               help="Folder for results.json, results.md and the PNG plots.")
 def e2e(models: list[str], contexts: list[int], batches: list[int | str], methods: list[str], budget: int,
         roles: str | None, steps: int, warmup: int, hf_baseline: bool, hf_modes: tuple[str, ...], hf_context: int,
-        hf_random_shapes: bool, haystack: str | None, compile_decode: bool, compile_mode: str,
-        decode_linear: str, profile: bool, temperature: float, top_p: float, gpu_memory_utilization: float, num_blocks: int | None,
+        hf_random_shapes: bool, haystack: str | None, compile_decode: bool, compile_mode: str, decode_linear: str,
+        profile: bool, temperature: float, top_p: float, gpu_memory_utilization: float, num_blocks: int | None,
         tensor_parallel_size: int, device: str | None, out: Path) -> None:
     """Whole decode steps per method: ms/step with spread, GB/s, the bytes floor, x dense, ceiling, x transformers."""
     from .e2e import E2EOptions, results_markdown, run_e2e
@@ -249,7 +249,8 @@ def e2e(models: list[str], contexts: list[int], batches: list[int | str], method
         models=models, contexts=contexts, batches=batches, methods=methods, budget=budget, roles=roles,
         steps=steps, warmup=warmup, hf_modes=hf_modes if hf_baseline else (), hf_context=hf_context,
         hf_random_shapes=hf_random_shapes, haystack=haystack, device=device, compile_decode=compile_decode,
-        compile_mode=compile_mode, decode_linear=decode_linear, profile=profile, gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
+        compile_mode=compile_mode, decode_linear=decode_linear, profile=profile,
+        gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
         tensor_parallel_size=tensor_parallel_size, temperature=temperature, top_p=top_p,
     )
     results = run_e2e(opts, out)

@@ -514,10 +514,6 @@ def tune(rounds: int = 1) -> Launch:
     return best
 
 
-if __name__ == "__main__":
-    run()
-
-
 #: Llama-3.1-8B's decode-step linear layers: name, (N, K) of the weight, how many a step runs
 GEMV_SHAPES = (("qkv_proj", (6144, 4096), 32), ("o_proj", (4096, 4096), 32), ("gate_up_proj", (28672, 4096), 32),
                ("down_proj", (4096, 14336), 32), ("lm_head", (128256, 4096), 1))
@@ -541,12 +537,12 @@ def gemv_rows(rows: tuple[int, ...] = (1, 8), launches: tuple[GemvLaunch, ...] =
               bandwidth: float | None = None) -> None:
     """Time the decode step's linear layers (Llama-3.1-8B shapes, bf16): cuBLAS (`F.linear`) against `gemv` at
     every launch setting (`chained_us`). Prints, per shape and row count, cuBLAS, `gemv` at the engine's
-    launch (`gemv_launch`) and at its fastest one (us per call and weight TB/s; each output checked against cuBLAS), then the step's total
-    over all its layers for each."""
+    launch (`gemv_launch`) and at its fastest one (us per call and weight TB/s; each output checked against
+    cuBLAS), then the step's total over all its layers for each."""
     bandwidth = bandwidth or copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write); "
           f"{GEMV_CHAIN} calls per CUDA graph")
-    print("\n| layer | rows | cuBLAS us | TB/s | gemv default us | TB/s | gemv fastest us | TB/s | fastest launch |")
+    print("\n| layer | rows | cuBLAS us | TB/s | gemv engine's launch us | TB/s | gemv fastest us | TB/s | fastest launch |")
     print("|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator(device="cuda").manual_seed(0)
     totals: dict[tuple[int, str], float] = {}
@@ -570,9 +566,14 @@ def gemv_rows(rows: tuple[int, ...] = (1, 8), launches: tuple[GemvLaunch, ...] =
             default = gemv_launch(n, k)  # the engine's
             print(f"| {name} | {m} | {times['cuBLAS']:.1f} | {tbs['cuBLAS']:.2f} | {times[default]:.1f} | "
                   f"{tbs[default]:.2f} | {times[fastest]:.1f} | {tbs[fastest]:.2f} | {fastest} |", flush=True)
-            for label, key in (("cuBLAS", "cuBLAS"), ("gemv default", default), ("gemv fastest per layer", fastest)):
+            for label, key in (("cuBLAS", "cuBLAS"), ("gemv, engine's launch", default),
+                               ("gemv, fastest launch per layer", fastest)):
                 totals[m, label] = totals.get((m, label), 0.0) + count * times[key]
         del weights
     print("\n| rows | step's linear layers | us | x cuBLAS |\n|---|---|---|---|")
     for (m, label), us in totals.items():
         print(f"| {m} | {label} | {us:.0f} | {totals[m, 'cuBLAS'] / us:.3f} |")
+
+
+if __name__ == "__main__":
+    run()

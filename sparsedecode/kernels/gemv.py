@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_launch, wait_then_launch_dependents
-from .reference import gemv_ref
 
 MAX_ROWS = 16  # rows of x one launch takes (the padded tile of the tensor-core product)
 
@@ -26,8 +25,8 @@ MAX_ROWS = 16  # rows of x one launch takes (the padded tile of the tensor-core 
 class GemvLaunch:
     """Tile sizes and launch shape of one `gemv` call."""
 
-    block_n: int = 32
-    block_k: int = 256
+    block_n: int
+    block_k: int
     num_warps: int = 4
     num_stages: int = 4
 
@@ -46,11 +45,11 @@ def _gemv_kernel(x, w, bias, y, M, N, K, s_xm, s_wn, s_ym,
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
-        k_ok = k < K
         if EVEN_K:
             xt = tl.load(x_rows + k[None, :], mask=rm[:, None] < M, other=0.0)
             wt = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
         else:
+            k_ok = k < K
             xt = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
             wt = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
