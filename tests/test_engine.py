@@ -10,7 +10,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from sparsedecode import LLM, SamplingParams
 from sparsedecode.bench.e2e import hf_model_like
-from sparsedecode.engine.model_runner import PrefillRequest
+from sparsedecode.engine.model_runner import TOKEN_CHOICES, PrefillRequest
 from sparsedecode.kernels import sparse_decode_attention_ref
 from sparsedecode.models import transformer
 from sparsedecode.models.config import UnsupportedModelError
@@ -402,7 +402,7 @@ def test_captured_buckets_serve_every_later_step_on_gpu() -> None:
             captured = llm.engine.capture_decode_steps()
             assert [b for b, _ in captured] == [1, 2, 4, 6] and all(s > 0 for _, s in captured)
             graphs = dict(runner.graphs)
-            assert set(graphs) == {(b, greedy, False, False) for b in (1, 2, 4, 6) for greedy in (True, False)}
+            assert set(graphs) == {(b, choice, False, False) for b in (1, 2, 4, 6) for choice in TOKEN_CHOICES}
         tokens.append([g.token_ids for g in llm.generate(prompts, max_new_tokens=10, stop_token_ids=[])])
         if capture:  # no step compiled or captured anything new
             assert runner.graphs == graphs

@@ -1,4 +1,5 @@
-"""Penalties, logit bias, min_tokens and min_p on the device against a token-by-token reference."""
+"""Penalties, logit bias, min_tokens and min_p on the device against a token-by-token reference; sampling
+without filters against the filtering path; the step's token choice through the engine."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from sparsedecode import SamplingParams
-from sparsedecode.engine.sampling import Penalties, PenaltyRow, sample_tokens
+from sparsedecode.engine import model_runner
+from sparsedecode.engine.model_runner import token_choice
+from sparsedecode.engine.sampling import Penalties, PenaltyRow, sample_tokens, sample_unfiltered
 
 
 def reference(logits: list[float], row: PenaltyRow, prompt: list[int], output: list[int]) -> list[float]:
@@ -95,3 +98,49 @@ def test_bad_values_are_refused_with_the_request(field: str, value: object, word
         SamplingParams(**{field: value})
     good = {"min_tokens": 1, "logit_bias": {3: 0.5}}.get(field, 0.5)
     assert not SamplingParams().penalized and SamplingParams(**{field: good}).penalized
+
+
+@pytest.mark.parametrize("vocab", [1000, 151_936])
+def test_unfiltered_sampling_draws_the_filtering_paths_tokens(vocab: int) -> None:
+    """Without top-k, top-p or min-p, Gumbel-max over the unsorted vocabulary picks what the sorted path picks,
+    greedy rows (temperature 0) included."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 48
+    logits = torch.randn(rows, vocab, generator=gen) * torch.rand(rows, 1, generator=gen) * 8
+    temperature = torch.rand(rows, generator=gen) * 2
+    temperature[::5] = 0
+    seeds, positions = torch.randint(0, 2**62, (rows,), generator=gen), torch.randint(0, 10**6, (rows,), generator=gen)
+    want = sample_tokens(logits, temperature, torch.ones(rows), torch.zeros(rows, dtype=torch.int64), seeds, positions)
+    got = sample_unfiltered(logits, temperature, seeds, positions)
+    assert torch.equal(got, want)
+    assert (got != logits.argmax(-1)).sum() > rows // 4  # the sampled rows do sample
+
+
+def test_token_choice_takes_the_unfiltered_step_only_when_no_row_filters() -> None:
+    row = lambda **kw: model_runner.DecodeRow(slot=0, token=1, position=5, step=0, block_table=[0], **kw)  # noqa: E731
+    assert token_choice([row(), row()]) == "greedy"
+    assert token_choice([row(), row(temperature=1.0)]) == "sampled"
+    assert token_choice([row(top_k=5), row(temperature=1.0)]) == "sampled"  # the greedy row's top-k is moot
+    for filtering in (dict(top_k=5), dict(top_p=0.9), dict(penalties=PenaltyRow(min_p=0.1))):
+        assert token_choice([row(temperature=1.0), row(temperature=0.7, **filtering)]) == "filtered"
+
+
+def test_the_engine_samples_unfiltered_rows_without_the_sort(monkeypatch) -> None:
+    """A request at an API's defaults (temperature 1, nothing filtered) decodes through `sample_unfiltered`, and
+    its tokens are those of the filtering path (checked at every step)."""
+    from sparsedecode import LLM
+
+    calls = []
+
+    def checked(logits, temperature, seeds, positions):
+        got = sample_unfiltered(logits, temperature, seeds, positions)
+        rows = logits.shape[0]
+        assert torch.equal(got, sample_tokens(logits, temperature, torch.ones(rows),
+                                              torch.zeros(rows, dtype=torch.int64), seeds, positions))
+        calls.append(rows)
+        return got
+
+    monkeypatch.setattr(model_runner, "sample_unfiltered", checked)
+    llm = LLM("random:tiny-llama", device="cpu", block_size=16, max_context=256, max_num_seqs=4)
+    out = llm.generate([[3, 4, 5], [6, 7]], max_new_tokens=6, temperature=1.0, seed=1, stop_token_ids=[])
+    assert [len(g.token_ids) for g in out] == [6, 6] and len(calls) >= 5

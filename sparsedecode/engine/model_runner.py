@@ -2,7 +2,7 @@
 
 The runner owns the model, the pool and the decode method. A decode step covers the first `bucket`
 decode slots (1, 2, 4, 8, ... up to `max_num_seqs`): rows whose slot holds no decoding sequence point at
-the null block and are discarded. Each (bucket, greedy or sampling) step is captured once as a CUDA
+the null block and are discarded. Each (bucket, token choice) step is captured once as a CUDA
 graph over fixed buffers: tokens, positions, per-sequence step counters, block tables and sampling
 parameters. A graph replay feeds its sampled tokens back as the next input, so `decode` runs several
 steps with one host synchronisation at the end.
@@ -31,7 +31,8 @@ from ..methods.base import DecodeMethod
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer, prefill_attention
 from .block_tables import BlockTables, TableChange
-from .sampling import MAX_LOGPROBS, Penalties, PenaltyRow, TokenLogprob, sample_tokens, token_logprobs
+from .sampling import (MAX_LOGPROBS, Penalties, PenaltyRow, TokenLogprob, sample_tokens, sample_unfiltered,
+                       token_logprobs)
 
 CPU_KV_BYTES = 2**30  # default pool size on a CPU device (a GPU's is sized from its free memory)
 GPU_MARGIN_BYTES = 2**30  # left free on a GPU for graphs, kernel scratch and the allocator's slack
@@ -69,6 +70,21 @@ class PrefillRequest:
 STEP_INPUTS = ((torch.int64, {"token": 0, "position": 0, "top_k": 0, "seed": 0}),
                (torch.int32, {"step": 0}),  # `DecodeBatch.steps`
                (torch.float32, {"temperature": 0.0, "top_p": 1.0}))
+
+
+#: how a step picks its tokens: every row greedy; sampled rows none of which filters (no top-k, top-p, min-p
+#: or penalties); sampled with filters. A step variant each.
+TOKEN_CHOICES = ("greedy", "sampled", "filtered")
+
+
+def token_choice(rows: list[DecodeRow]) -> str:
+    """The `TOKEN_CHOICES` entry that serves every row."""
+    sampled = [r for r in rows if r.temperature > 0]
+    if not sampled:
+        return "greedy"
+    if any(r.top_k > 0 or r.top_p < 1 or r.penalties is not None for r in sampled):
+        return "filtered"
+    return "sampled"
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -115,8 +131,8 @@ class ModelRunner:
         self.top_logprobs = torch.zeros(seqs, self.num_top, dtype=torch.float32, device=device)
         self.top_ids = torch.zeros(seqs, self.num_top, dtype=torch.int64, device=device)
         self.penalties: Penalties | None = None  # per-slot state of penalized rows, made at the first of them
-        # (bucket, greedy, logprobs, penalized)
-        self.graphs: dict[tuple[int, bool, bool, bool], torch.cuda.CUDAGraph] = {}
+        # (bucket, token choice, logprobs, penalized)
+        self.graphs: dict[tuple[int, str, bool, bool], torch.cuda.CUDAGraph] = {}
         self.prompt_queries: dict[int, list[torch.Tensor]] = {}  # slot -> per layer, the last prefill queries
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.method = method
@@ -338,7 +354,7 @@ class ModelRunner:
             table_changes = self.tables.changes([(r.slot, r.block_table) for r in rows])
         penalized = any(r.penalties is not None for r in rows)  # a step variant of its own, as are logprobs
         self._load(rows, size, table_changes, penalized)
-        greedy = all(r.temperature == 0 for r in rows)
+        choice = token_choice(rows)
         want = any(r.logprobs is not None for r in rows)  # a step variant of its own: the others skip the top-k
         out = torch.empty(num_steps, size, dtype=torch.int64, device=self.device)
         if want:
@@ -346,7 +362,7 @@ class ModelRunner:
             values = torch.empty(num_steps, size, self.num_top, dtype=torch.float32, device=self.device)
             ids = torch.empty(num_steps, size, self.num_top, dtype=torch.int64, device=self.device)
         for i in range(num_steps):
-            self._run_step(size, greedy, want, penalized)
+            self._run_step(size, choice, want, penalized)
             out[i].copy_(self.tokens[:size])
             if want:
                 chosen[i].copy_(self.chosen_logprobs[:size])
@@ -360,7 +376,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_decode_steps(self) -> list[tuple[int, float]]:
-        """Capture the decode step of every bucket now (greedy and sampling), as the first decode of each
+        """Capture the decode step of every bucket now (each of `TOKEN_CHOICES`), as the first decode of each
         would, so that no later step pays compilation or capture; returns (bucket, seconds) per bucket.
         The steps run over idle rows: call it with no sequence decoding. Nothing to do without CUDA graphs."""
         if not self.cuda_graphs:
@@ -370,9 +386,9 @@ class ModelRunner:
         times = []
         for size in self.buckets:
             start = time.perf_counter()
-            for greedy in (True, False):
+            for choice in TOKEN_CHOICES:
                 self._load([], size, [], False)
-                self._run_step(size, greedy, False, False)
+                self._run_step(size, choice, False, False)
             torch.cuda.synchronize(self.device)
             times.append((size, time.perf_counter() - start))
         return times
@@ -397,24 +413,24 @@ class ModelRunner:
                 self.penalties = Penalties(self.max_num_seqs, self.config.vocab_size, self.device)
             self.penalties.load([(r.slot, r.penalties) for r in rows], size)
 
-    def _run_step(self, size: int, greedy: bool, logprobs: bool, penalized: bool) -> None:
+    def _run_step(self, size: int, choice: str, logprobs: bool, penalized: bool) -> None:
         if not self.cuda_graphs:
-            self._step(size, greedy, logprobs, penalized)
+            self._step(size, choice, logprobs, penalized)
             return
-        key = (size, greedy, logprobs, penalized)
+        key = (size, choice, logprobs, penalized)
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
             return
         # The first step of a bucket runs eagerly (it compiles kernels and is a real step); the capture
         # afterwards only records, so stateful methods see each step once.
-        self._step(size, greedy, logprobs, penalized)
+        self._step(size, choice, logprobs, penalized)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._step(size, greedy, logprobs, penalized)
+            self._step(size, choice, logprobs, penalized)
         self.graphs[key] = graph
 
-    def _step(self, size: int, greedy: bool, logprobs: bool, penalized: bool) -> None:
+    def _step(self, size: int, choice: str, logprobs: bool, penalized: bool) -> None:
         """One decode step of the first `size` slots, in place on the step buffers (capturable)."""
         batch, positions, pool, method = self.batch(size), self.positions[:size], self.pool, self.method
         self.seq_lens[:size].copy_(positions + 1)
@@ -429,8 +445,10 @@ class ModelRunner:
         logits = self.model.logits(self.model.forward(self.tokens[:size], positions, attention, fused=self.fused,
                                                       rope_table=self.rope_table), fused=self.fused)
         scored = self.penalties.apply(logits) if penalized else logits  # log-probabilities stay the raw ones
-        if greedy:
+        if choice == "greedy":
             tokens = scored.argmax(dim=-1)
+        elif choice == "sampled":
+            tokens = sample_unfiltered(scored, self.temperature[:size], self.seeds[:size], positions + 1)
         else:
             tokens = sample_tokens(scored, self.temperature[:size], self.top_p[:size], self.top_k[:size],
                                    self.seeds[:size], positions + 1, self.penalties.min_p[:size] if penalized else None)

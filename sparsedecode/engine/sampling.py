@@ -1,5 +1,6 @@
 """Next-token choice on the device, per row: greedy, or temperature with top-k / top-p / min-p filtering,
-after the row's penalties and logit bias (`Penalties`).
+after the row's penalties and logit bias (`Penalties`). Rows that filter nothing (an API request's
+defaults) sample without sorting the vocabulary (`sample_unfiltered`), the same tokens.
 
 Sampling is Gumbel-max with noise hashed from (the request's seed, the position of the token, the token
 id), so a seeded request draws the same tokens whatever shares its batch, and a step needs no generator
@@ -52,6 +53,16 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     noise = gumbel_noise(seeds, positions, logits.shape[-1]).gather(1, order)
     choice = torch.where(keep, ranked + noise, float("-inf")).argmax(dim=-1, keepdim=True)
     sampled = order.gather(1, choice).squeeze(1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def sample_unfiltered(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+    """`sample_tokens` for rows without top-k, top-p or min-p: Gumbel-max over the whole vocabulary with the same
+    noise, so the same tokens, without its sort, softmax and cumulative sum over the vocabulary."""
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    sampled = (scaled + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
 
 
