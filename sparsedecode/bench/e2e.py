@@ -630,7 +630,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                         for u in results["startup"]]
         parts += ["## Startup",
                   "Loading the engine (weights, KV pool), then compiling and capturing its decode step at every "
-                  "batch-size bucket (greedy and sampling graphs), as `LLMEngine.capture_decode_steps` does at "
+                  "batch-size bucket (greedy, sampled and filtered graphs), as `LLMEngine.capture_decode_steps` does at "
                   "server start.", markdown_table(startup_rows)]
     if results["hf"]:
         hf_rows = [{"model": h["model"], "ctx": token_count_label(h["context"]), "B": h["batch"], "mode": h["mode"],
