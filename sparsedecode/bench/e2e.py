@@ -212,8 +212,8 @@ def _meta(opts: E2EOptions, device: torch.device, bandwidth: float) -> dict[str,
         copy_bandwidth=bandwidth, steps=opts.steps, warmup=opts.warmup, budget=opts.budget, roles=opts.roles,
         hf_context=opts.hf_context, compile_decode=opts.compile_decode, compile_mode=opts.compile_mode,
         decode_linear=opts.decode_linear, gpu_memory_utilization=opts.gpu_memory_utilization,
-        num_blocks=opts.num_blocks,
-        tensor_parallel_size=opts.tensor_parallel_size, temperature=opts.temperature, top_p=opts.top_p,
+        num_blocks=opts.num_blocks, tensor_parallel_size=opts.tensor_parallel_size, temperature=opts.temperature,
+        top_p=opts.top_p,
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
 
@@ -630,8 +630,8 @@ def results_markdown(results: dict[str, Any]) -> str:
                         for u in results["startup"]]
         parts += ["## Startup",
                   "Loading the engine (weights, KV pool), then compiling and capturing its decode step at every "
-                  "batch-size bucket (greedy, sampled and filtered graphs), as `LLMEngine.capture_decode_steps` does at "
-                  "server start.", markdown_table(startup_rows)]
+                  "batch-size bucket (greedy, sampled and filtered graphs), as `LLMEngine.capture_decode_steps` "
+                  "does at server start.", markdown_table(startup_rows)]
     if results["hf"]:
         hf_rows = [{"model": h["model"], "ctx": token_count_label(h["context"]), "B": h["batch"], "mode": h["mode"],
                     "HF ms/step": h["ms"]} for h in results["hf"]]
