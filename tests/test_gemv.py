@@ -84,6 +84,18 @@ def test_cuda_graph_replay_follows_new_rows():
         torch.testing.assert_close(y, gemv_ref(x, weight, bias), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("element_size", [2, 4])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096),
+                                 (10240, 8192), (57344, 8192), (8192, 28672), (1152, 576), (151936, 1536)])
+def test_default_launches_fit_in_shared_memory(n, k, element_size):
+    """Triton buffers num_stages - 1 tiles of x (16 rows) and of the weight; the defaults must fit a Hopper
+    SM's 227 KiB in bf16 and in float32 (a float32 launch at bf16's tile depth asked for 288 KiB)."""
+    from sparsedecode.kernels.gemv import gemv_launch
+
+    launch = gemv_launch(n, k, element_size)
+    assert (16 + launch.block_n) * launch.block_k * element_size * (launch.num_stages - 1) <= 227 * 1024
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_custom_op_is_the_kernel(device):
     """`linear_rows` (what a compiled decode step calls) gives `gemv`'s bits at the default launch."""

@@ -58,9 +58,14 @@ def _gemv_kernel(x, w, bias, y, M, N, K, s_xm, s_wn, s_ym,
     tl.store(y + rm[:, None] * s_ym + rn[None, :], acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
 
 
-def gemv_launch(n: int, k: int) -> GemvLaunch:
-    """The launch `gemv` uses for a weight [n, k] (`sparsedecode bench kernel --gemv` times the others)."""
-    return GemvLaunch(block_n=64 if n >= 6144 else 32, block_k=256 if n >= 6144 else 512)
+def gemv_launch(n: int, k: int, element_size: int = 2) -> GemvLaunch:
+    """The launch `gemv` uses for a weight [n, k] of `element_size`-byte elements: the fastest of
+    `sparsedecode bench kernel --gemv` on Llama-3.1-8B's layers in bf16 (docs/benchmarks.md); float32 tiles
+    are half as deep, to fit the pipeline's stages in shared memory."""
+    block_k = (512 if n <= 4096 else 256) * 2 // element_size
+    if 16384 <= n < 65536:  # gate_up-sized: wider tiles, fewer stages
+        return GemvLaunch(block_n=64, block_k=block_k, num_stages=3)
+    return GemvLaunch(block_n=32, block_k=block_k)
 
 
 def check_gemv_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -87,8 +92,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     interpreter on CPU ones with TRITON_INTERPRET=1 (the tests). `launch`: default `gemv_launch` of the
     weight's shape. Inside torch.compile, call `linear_rows` (the same launch as a custom op)."""
     check_gemv_args(x, weight, bias)
-    return _launch(x, weight, bias, launch or gemv_launch(*weight.shape), pdl_launch(x.device),
-                   wrap=lambda kernel: kernel)
+    launch = launch or gemv_launch(*weight.shape, x.element_size())
+    return _launch(x, weight, bias, launch, pdl_launch(x.device), wrap=lambda kernel: kernel)
 
 
 @torch.library.triton_op("sparsedecode::linear_rows", mutates_args=())
@@ -97,7 +102,8 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     kernel from its own code, with no graph break (and without dependent launch, which that path does not
     pass on)."""
     check_gemv_args(x, weight, bias)
-    return _launch(x, weight, bias, gemv_launch(*weight.shape), {"PDL": False}, wrap=torch.library.wrap_triton)
+    return _launch(x, weight, bias, gemv_launch(*weight.shape, x.element_size()), {"PDL": False},
+                   wrap=torch.library.wrap_triton)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: GemvLaunch,
