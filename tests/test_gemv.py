@@ -140,9 +140,10 @@ def test_decode_forward_through_gemv_matches_cublas_path(device, monkeypatch):
 def test_llm_refuses_gemv_where_decode_steps_are_not_compiled():
     from sparsedecode import LLM
 
+    assert LLM("random:tiny-llama", device="cpu").decode_linear == "torch"  # what "auto" is without compiled steps
     with pytest.raises(ValueError, match="decode_linear='gemv' runs in the compiled decode steps of a CUDA device"):
         LLM("random:tiny-llama", device="cpu", decode_linear="gemv")
-    with pytest.raises(ValueError, match="decode_linear 'cutlass' is not one of torch, gemv"):
+    with pytest.raises(ValueError, match="decode_linear 'cutlass' is not one of auto, torch, gemv"):
         LLM("random:tiny-llama", device="cpu", decode_linear="cutlass")
 
 

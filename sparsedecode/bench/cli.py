@@ -212,8 +212,9 @@ def kernel(contexts: list[int], batches: list[int], tune: bool, flashinfer: bool
               help="Fuse the engine's element-wise decode work with torch.compile (--no-compile: measure it unfused).")
 @click.option("--compile-mode", type=click.Choice(DECODE_COMPILE_MODES), default="default", show_default=True,
               help="torch.compile mode of that work: max-autotune-no-cudagraphs also times Triton GEMMs against cuBLAS.")
-@click.option("--decode-linear", type=click.Choice(DECODE_LINEARS), default="torch", show_default=True,
-              help="What runs the decode step's linear layers: torch (cuBLAS) or gemv (the few-row Triton kernel).")
+@click.option("--decode-linear", type=click.Choice(DECODE_LINEARS), default="auto", show_default=True,
+              help="What runs the decode step's linear layers: torch (cuBLAS), gemv (the few-row Triton kernel) "
+                   "or auto (gemv in compiled CUDA steps).")
 @click.option("--profile", is_flag=True, help="Also list the device time of each kernel in one step of each "
               "method (PyTorch profiler over CUDA-graph replays; CUDA only).")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0, max=2),

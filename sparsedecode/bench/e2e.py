@@ -139,7 +139,7 @@ class E2EOptions:
     device: str | None = None
     compile_decode: bool = True  # False: the engine's element-wise work unfused (to measure what fusing gives)
     compile_mode: str = "default"  # torch.compile mode of that work (`Transformer.compile_decode`)
-    decode_linear: str = "torch"  # what runs the step's linear layers (`LLM`'s decode_linear)
+    decode_linear: str = "auto"  # what runs the step's linear layers (`LLM`'s decode_linear)
     profile: bool = False  # also record the device time per kernel of one step of each method (CUDA)
     gpu_memory_utilization: float = 0.9  # the share of the GPU the engine takes: weights, activations, KV pool
     num_blocks: int | None = None  # KV pool blocks, instead of sizing the pool from gpu_memory_utilization
@@ -277,7 +277,7 @@ def _bench_model(spec: str, methods: list[str], opts: E2EOptions, device: torch.
     load_s = time.perf_counter() - loading
     captured = llm.engine.capture_decode_steps()  # compile and capture every bucket: startup, not steps
     results["startup"].append(dict(model=spec, method=sizing, compile_mode=opts.compile_mode if opts.compile_decode
-                                   else None, decode_linear=opts.decode_linear, load_s=load_s,
+                                   else None, decode_linear=llm.decode_linear, load_s=load_s,
                                    capture_s=dict(captured)))
     log(f"loaded in {load_s:.1f} s; decode steps captured in " + ", ".join(f"{s:.1f} s (batch {b})" for b, s in captured))
     llm.engine.decode_steps = 1  # one decode step per engine step: the step `engine_ms` times

@@ -82,8 +82,8 @@ class LLM:
     """A decoder over a paged KV pool with continuous batching (`llm.engine`), chunked prefill, prefix
     caching, CUDA-graph decode steps on GPU (their element-wise work fused by torch.compile unless
     `compile_decode=False`; `compile_mode="max-autotune-no-cudagraphs"` also lets Inductor tune their GEMMs;
-    `decode_linear="gemv"` runs their linear layers through the few-row Triton kernel `kernels.gemv` instead of
-    cuBLAS)
+    their linear layers run through the few-row Triton kernel `kernels.gemv`, or cuBLAS with
+    `decode_linear="torch"`; `llm.decode_linear` says which)
     and a pluggable decode-attention method (`dense`, `lychee`, `tidal`, `quest`,
     `streaming`, `lfps`, `lychee+lfps`).
 
@@ -118,7 +118,7 @@ class LLM:
         cuda_graphs: bool = True,
         compile_decode: bool = True,
         compile_mode: str = "default",
-        decode_linear: str = "torch",
+        decode_linear: str = "auto",
         kv_offload: str | OffloadConfig | None = None,
         max_num_seqs: int = 64,
         num_blocks: int | None = None,
@@ -148,7 +148,10 @@ class LLM:
         if decode_linear == "gemv" and not fused:
             raise ValueError("decode_linear='gemv' runs in the compiled decode steps of a CUDA device: it needs "
                              "compile_decode=True and device cuda")
-        self._decode_gemv = decode_linear == "gemv"
+        if decode_linear == "auto":
+            decode_linear = "gemv" if fused else "torch"
+        self.decode_linear = decode_linear
+        self._decode_gemv = self.decode_linear == "gemv"
         runner_options = dict(max_num_seqs=max_num_seqs, max_model_len=self.max_context, block_size=block_size,
                               max_num_batched_tokens=prefill_chunk, num_blocks=num_blocks,
                               gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused)
