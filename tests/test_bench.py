@@ -312,7 +312,7 @@ def test_parse_tokens():
     (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
     (["--temperature", "2.5"], "--temperature"),
     (["--top-p", "0.9"], "a greedy step (temperature 0) takes no top-p"),
-    (["--decode-linear", "cutlass"], "'cutlass' is not one of 'auto', 'torch', 'gemv'"),
+    (["--decode-linear", "cutlass"], "'cutlass' is not one of 'auto', 'torch', 'gemv', 'gemv-fused'"),
 ])
 def test_e2e_cli_rejects_bad_arguments(args, message):
     result = CliRunner().invoke(bench_cli.bench_group, ["e2e", *args])

@@ -343,7 +343,7 @@ def test_decode_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(mon
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile_mode,decode_linear", [("default", "torch"), ("max-autotune-no-cudagraphs", "torch"),
-                                                         ("default", "auto")])
+                                                         ("default", "auto"), ("default", "gemv-fused")])
 def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str, decode_linear: str) -> None:
     prompts = [[(7 * i) % 300 + 1 for i in range(n)] for n in (50, 131, 260)]
     tokens, logprobs = [], []
@@ -352,7 +352,7 @@ def test_graph_replays_match_eager_decoding_on_gpu(compile_mode: str, decode_lin
         llm = LLM("random:tiny-llama", device="cuda", dtype=torch.float32, block_size=16, max_context=512,
                   cuda_graphs=fast, compile_decode=fast, compile_mode=compile_mode,
                   decode_linear=decode_linear if fast else "torch")
-        assert llm.decode_linear == ("gemv" if fast and decode_linear == "auto" else "torch")
+        assert llm.decode_linear == ({"auto": "gemv"}.get(decode_linear, decode_linear) if fast else "torch")
         tokens.append([g.token_ids for g in llm.generate(prompts, max_new_tokens=12, stop_token_ids=[])])
         with_logprobs = llm.generate(prompts, max_new_tokens=12, stop_token_ids=[], logprobs=2)
         assert [g.token_ids for g in with_logprobs] == tokens[-1]  # the logprob step variant samples the same

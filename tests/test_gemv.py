@@ -85,15 +85,84 @@ def test_cuda_graph_replay_follows_new_rows():
 
 
 @pytest.mark.parametrize("element_size", [2, 4])
+@pytest.mark.parametrize("x_tiles", [1, 2, 3])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096),
                                  (10240, 8192), (57344, 8192), (8192, 28672), (1152, 576), (151936, 1536)])
-def test_default_launches_fit_in_shared_memory(n, k, element_size):
-    """Triton buffers num_stages - 1 tiles of x (16 rows) and of the weight; the defaults must fit a Hopper
-    SM's 227 KiB in bf16 and in float32 (a float32 launch at bf16's tile depth asked for 288 KiB)."""
-    from sparsedecode.kernels.gemv import gemv_launch
+def test_default_launches_fit_in_shared_memory(n, k, element_size, x_tiles):
+    """Triton buffers num_stages - 1 tiles of each input and of the weight: the defaults fit an H200's shared
+    memory (a float32 launch at bf16's tile depth asked for 288 KiB), and an A100's, with the prologues' extra
+    inputs; the 8B layers in bf16 keep the depths they were timed at."""
+    from sparsedecode.kernels.gemv import HOPPER_SHARED_MEMORY, buffered_bytes, gemv_launch
 
-    launch = gemv_launch(n, k, element_size)
-    assert (16 + launch.block_n) * launch.block_k * element_size * (launch.num_stages - 1) <= 227 * 1024
+    for shared_memory in (HOPPER_SHARED_MEMORY, 166912):
+        launch = gemv_launch(n, k, element_size, x_tiles, shared_memory)
+        assert buffered_bytes(launch, element_size, x_tiles) <= shared_memory
+    timed = {(6144, 4096): 256, (4096, 4096): 512, (28672, 4096): 256, (4096, 14336): 512, (128256, 4096): 256}
+    if element_size == 2 and x_tiles == 1 and (n, k) in timed:
+        assert gemv_launch(n, k).block_k == timed[n, k]
+    if element_size == 4 and x_tiles == 1 and n <= 4096:
+        assert buffered_bytes(GemvLaunch(32, 512), 4) > HOPPER_SHARED_MEMORY  # so float32 tiles are shallower
+        assert gemv_launch(n, k, 4).block_k == 256
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seed", range(3))
+def test_prologue_ops_match_their_references(device, dtype, seed):
+    """`add_rmsnorm_linear_rows` (one or two residuals) and `silu_mul_linear_rows` against their references:
+    rows 1-16, K over several tiles and not a multiple of one, N not a multiple of the tile, with and without
+    bias; the residual stream's sum comes back as stored."""
+    from sparsedecode.kernels import add_rmsnorm_gemv_ref, silu_mul_gemv_ref
+    from sparsedecode.kernels.gemv import add_rmsnorm_linear_rows, silu_mul_linear_rows
+
+    gen = torch.Generator().manual_seed(200 + seed)
+    rows, n = int(torch.randint(1, MAX_ROWS + 1, (1,), generator=gen)), int(torch.randint(1, 100, (1,), generator=gen))
+    k = int(torch.randint(520, 1300, (1,), generator=gen))
+    x, weight, bias = random_case(seed, device, dtype, rows, n, k, bias=seed != 1, strided_x=False)
+    residuals = tuple(random_case(seed + 10 + i, device, dtype, rows, n, k, False, False)[0] for i in range(2))
+    norm_weight = (torch.rand(k, generator=gen) + 0.5).to(device, dtype)
+    for used in (residuals[:1], residuals):
+        total, y = add_rmsnorm_linear_rows(x, *used, *([None] if len(used) == 1 else []), norm_weight, 1e-5,
+                                           weight, bias)
+        want_total, want_y = add_rmsnorm_gemv_ref(x, used, norm_weight, 1e-5, weight, bias)
+        torch.testing.assert_close(total, want_total, **TOL[dtype])
+        torch.testing.assert_close(y, want_y, **TOL[dtype])
+    gate_up = torch.randn(rows, 2 * k, generator=gen).to(device, dtype)
+    torch.testing.assert_close(silu_mul_linear_rows(gate_up, weight, bias), silu_mul_gemv_ref(gate_up, weight, bias),
+                               **TOL[dtype])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_prologue_ops_at_llama_8b_shapes_on_gpu():
+    """The launches of the 8B layers with their prologues compile within the GPU's shared memory."""
+    from sparsedecode.kernels import add_rmsnorm_gemv_ref, silu_mul_gemv_ref
+    from sparsedecode.kernels.gemv import add_rmsnorm_linear_rows, silu_mul_linear_rows
+
+    for n, residuals in ((6144, 2), (28672, 1)):  # qkv_proj after x + o + m, gate_up_proj after x + o
+        x, weight, _ = random_case(n, "cuda", torch.bfloat16, 6, n, 4096, bias=False, strided_x=False)
+        parts = [random_case(i, "cuda", torch.bfloat16, 6, 1, 4096, False, False)[0] for i in range(residuals)]
+        norm_weight = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+        got = add_rmsnorm_linear_rows(x, *parts, *([None] * (2 - residuals)), norm_weight, 1e-5, weight)
+        for g, w in zip(got, add_rmsnorm_gemv_ref(x, tuple(parts), norm_weight, 1e-5, weight)):
+            torch.testing.assert_close(g, w, **TOL[torch.bfloat16])
+    gate_up, weight, _ = random_case(3, "cuda", torch.bfloat16, 6, 4096, 2 * 14336, bias=False, strided_x=False)
+    torch.testing.assert_close(silu_mul_linear_rows(gate_up, weight[:, :14336].contiguous()),
+                               silu_mul_gemv_ref(gate_up, weight[:, :14336]), **TOL[torch.bfloat16])
+
+
+def test_prologue_ops_reject_bad_arguments():
+    from sparsedecode.kernels.gemv import add_rmsnorm_linear_rows, silu_mul_linear_rows
+
+    x, weight, bias = random_case(1, "cpu", torch.float32, 2, 32, 64, bias=True, strided_x=False)
+    norm_weight = torch.ones(64)
+    with pytest.raises(ValueError, match=r"the residuals must have x's shape, strides and dtype \(\(2, 64\)"):
+        add_rmsnorm_linear_rows(x, x[:1], None, norm_weight, 1e-5, weight, bias)
+    with pytest.raises(ValueError, match="the residuals must have x's shape, strides and dtype"):
+        add_rmsnorm_linear_rows(x, x, x.double(), norm_weight, 1e-5, weight, bias)
+    with pytest.raises(ValueError, match=r"norm_weight must be \[64\], not \(32,\)"):
+        add_rmsnorm_linear_rows(x, x, None, norm_weight[:32], 1e-5, weight, bias)
+    with pytest.raises(ValueError, match=r"gate_up must be \[M, 128\] for weight \(32, 64\), not \(2, 64\)"):
+        silu_mul_linear_rows(x, weight)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,9 +176,12 @@ def test_custom_op_is_the_kernel(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_decode_forward_through_gemv_matches_cublas_path(device, monkeypatch):
-    """A fused forward with `decode_gemv` sends each layer's four projections, and the logits' lm_head,
-    through the kernel; the logits are those of F.linear. More rows than MAX_ROWS (a prefill) stay on F.linear."""
+@pytest.mark.parametrize("decode_linear", ["gemv", "gemv-fused"])
+def test_decode_forward_through_gemv_matches_cublas_path(device, decode_linear, monkeypatch):
+    """A fused forward with `decode_linear` "gemv" sends each layer's four projections, and the logits' lm_head,
+    through the kernel; "gemv-fused" sends qkv_proj and gate_up_proj through the norm prologue and down_proj
+    through the SiLU one. The logits are those of F.linear. More rows than MAX_ROWS (a prefill) stay on
+    F.linear."""
     from sparsedecode import LLM
     from sparsedecode.kernels import sparse_decode_attention_ref
     from sparsedecode.models import transformer
@@ -118,8 +190,12 @@ def test_decode_forward_through_gemv_matches_cublas_path(device, monkeypatch):
     model, config = llm.model.to(device), llm.config
     keys = torch.randn(20, config.num_kv_heads, 40, config.head_dim, generator=torch.Generator().manual_seed(0))
     keys = keys.to(device)
-    calls, linear_rows = [], transformer.linear_rows
-    monkeypatch.setattr(transformer, "linear_rows", lambda x, w, b: calls.append(w.shape) or linear_rows(x, w, b))
+    calls = []
+    for name in ("linear_rows", "add_rmsnorm_linear_rows", "silu_mul_linear_rows"):
+        op = getattr(transformer, name)
+        monkeypatch.setattr(transformer, name, lambda *args, op=op, name=name: calls.append(name) or op(*args))
+    per_layer = (["linear_rows"] * 4 if decode_linear == "gemv" else
+                 ["add_rmsnorm_linear_rows", "linear_rows", "add_rmsnorm_linear_rows", "silu_mul_linear_rows"])
     for rows in (3, 20):
         tokens = torch.arange(rows, device=device) * 7 % config.vocab_size
         positions = torch.arange(rows, device=device) + 20
@@ -129,11 +205,11 @@ def test_decode_forward_through_gemv_matches_cublas_path(device, monkeypatch):
             return sparse_decode_attention_ref(q, keys[:rows], keys[:rows], lens, llm.method.scale)[0]
 
         want = model.logits(model.forward(tokens, positions, attention, fused=True))
-        model.decode_gemv = True
+        model.decode_linear = decode_linear
         got = model.logits(model.forward(tokens, positions, attention, fused=True), fused=True)
-        model.decode_gemv = False
+        model.decode_linear = "torch"
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        assert len(calls) == (4 * config.num_layers + 1 if rows <= MAX_ROWS else 0)
+        assert calls == (per_layer * config.num_layers + ["linear_rows"] if rows <= MAX_ROWS else [])
         calls.clear()
 
 
@@ -141,9 +217,10 @@ def test_llm_refuses_gemv_where_decode_steps_are_not_compiled():
     from sparsedecode import LLM
 
     assert LLM("random:tiny-llama", device="cpu").decode_linear == "torch"  # what "auto" is without compiled steps
-    with pytest.raises(ValueError, match="decode_linear='gemv' runs in the compiled decode steps of a CUDA device"):
-        LLM("random:tiny-llama", device="cpu", decode_linear="gemv")
-    with pytest.raises(ValueError, match="decode_linear 'cutlass' is not one of auto, torch, gemv"):
+    for linears in ("gemv", "gemv-fused"):
+        with pytest.raises(ValueError, match=f"decode_linear='{linears}' runs in the compiled decode steps of a CUDA"):
+            LLM("random:tiny-llama", device="cpu", decode_linear=linears)
+    with pytest.raises(ValueError, match="decode_linear 'cutlass' is not one of auto, torch, gemv, gemv-fused"):
         LLM("random:tiny-llama", device="cpu", decode_linear="cutlass")
 
 

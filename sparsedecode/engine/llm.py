@@ -83,7 +83,8 @@ class LLM:
     caching, CUDA-graph decode steps on GPU (their element-wise work fused by torch.compile unless
     `compile_decode=False`; `compile_mode="max-autotune-no-cudagraphs"` also lets Inductor tune their GEMMs;
     their linear layers run through the few-row Triton kernel `kernels.gemv`, or cuBLAS with
-    `decode_linear="torch"`; `llm.decode_linear` says which)
+    `decode_linear="torch"`; `"gemv-fused"` also reads the RMSNorms, residual sums and SiLU-and-mul into
+    those kernels; `llm.decode_linear` says which)
     and a pluggable decode-attention method (`dense`, `lychee`, `tidal`, `quest`,
     `streaming`, `lfps`, `lychee+lfps`).
 
@@ -145,13 +146,12 @@ class LLM:
         self._compile_mode = compile_mode if fused else None
         if decode_linear not in DECODE_LINEARS:
             raise ValueError(f"decode_linear {decode_linear!r} is not one of {', '.join(DECODE_LINEARS)}")
-        if decode_linear == "gemv" and not fused:
-            raise ValueError("decode_linear='gemv' runs in the compiled decode steps of a CUDA device: it needs "
-                             "compile_decode=True and device cuda")
+        if decode_linear.startswith("gemv") and not fused:
+            raise ValueError(f"decode_linear={decode_linear!r} runs in the compiled decode steps of a CUDA device: "
+                             "it needs compile_decode=True and device cuda")
         if decode_linear == "auto":
             decode_linear = "gemv" if fused else "torch"
         self.decode_linear = decode_linear
-        self._decode_gemv = self.decode_linear == "gemv"
         runner_options = dict(max_num_seqs=max_num_seqs, max_model_len=self.max_context, block_size=block_size,
                               max_num_batched_tokens=prefill_chunk, num_blocks=num_blocks,
                               gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, fused=fused)
@@ -163,7 +163,7 @@ class LLM:
             check_tensor_parallel(config, tensor_parallel_size)
             self.workers = Workers(tensor_parallel_size, device, ShardSpec(
                 str(model), dtype, self._compile_mode, method_class(method), method_options, runner_options,
-                self._decode_gemv))
+                self.decode_linear))
             self._stop_workers = weakref.finalize(self, self.workers.close)
         try:
             self._start(model, method, device, dtype, kv_offload, method_options, runner_options,
@@ -185,7 +185,7 @@ class LLM:
         self.dtype = next(self.model.parameters()).dtype
         if self._compile_mode:
             self.model.compile_decode(self._compile_mode)
-        self.model.decode_gemv = self._decode_gemv
+        self.model.decode_linear = self.decode_linear
         self.method = make_method(method, self.config, **method_options)
         self.method_name = method
         self.kv_offload = offload_config(kv_offload, self.device)

@@ -45,7 +45,7 @@ class ShardSpec:
     method: type[DecodeMethod]
     method_options: dict[str, Any]
     runner_options: dict[str, Any]  # ModelRunner's keyword arguments
-    decode_gemv: bool = False  # `Transformer.decode_gemv`
+    decode_linear: str = "torch"  # `Transformer.decode_linear`
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -186,7 +186,7 @@ def worker_main(rank: int, world_size: int, address: str, device: torch.device, 
     connection.send("loaded")
     if spec.compile_mode:
         loaded.model.compile_decode(spec.compile_mode)
-    loaded.model.decode_gemv = spec.decode_gemv
+    loaded.model.decode_linear = spec.decode_linear
     method = spec.method(loaded.config, **spec.method_options)
     runner = ModelRunner(loaded.model, loaded.config, method, **spec.runner_options)
     connection.send("ready")

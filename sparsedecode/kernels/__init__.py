@@ -5,13 +5,13 @@ from .lfps_candidates import lfps_candidates_into
 from .pdl import pdl_enabled
 from .prefill_attention import paged_prefill_attention
 from .quest_pages import quest_page_scores
-from .reference import (gather_blocks, gemv_ref, paged_prefill_attention_ref, quest_page_scores_ref,
-                        sparse_decode_attention_ref, store_kv_ref)
+from .reference import (add_rmsnorm_gemv_ref, gather_blocks, gemv_ref, paged_prefill_attention_ref,
+                        quest_page_scores_ref, silu_mul_gemv_ref, sparse_decode_attention_ref, store_kv_ref)
 from .select_blocks import select_blocks
 from .sparse_decode import sparse_decode_attention
 from .store_kv import store_kv
 
-__all__ = ["gather_blocks", "gemv", "gemv_ref", "lfps_candidates_into", "paged_prefill_attention",
-           "paged_prefill_attention_ref", "pdl_enabled",
+__all__ = ["add_rmsnorm_gemv_ref", "gather_blocks", "gemv", "gemv_ref", "lfps_candidates_into",
+           "paged_prefill_attention", "paged_prefill_attention_ref", "pdl_enabled",
            "quest_page_scores", "quest_page_scores_ref", "select_blocks",
-           "sparse_decode_attention", "sparse_decode_attention_ref", "store_kv", "store_kv_ref"]
+           "silu_mul_gemv_ref", "sparse_decode_attention", "sparse_decode_attention_ref", "store_kv", "store_kv_ref"]

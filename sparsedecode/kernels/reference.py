@@ -230,3 +230,24 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def add_rmsnorm_gemv_ref(x: torch.Tensor, residuals: tuple[torch.Tensor, ...], norm_weight: torch.Tensor, eps: float,
+                         weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y): the residual stream s = x + sum(residuals) (summed in float32, stored in x's dtype) and the linear
+    layer of its RMSNorm, y = gemv_ref(s / rms(s) * norm_weight, weight, bias) in float32 then x's dtype."""
+    total = x.float()
+    for r in residuals:  # in order, as the kernel adds them
+        total = total + r.float()
+    total = total.to(x.dtype)
+    normed = total.float() * torch.rsqrt(total.float().pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = normed @ weight.float().T
+    return total, (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def silu_mul_gemv_ref(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The linear layer of silu(gate) * up for gate_up = [gate | up] [M, 2K], weight [N, K]: in float32, then
+    gate_up's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return gemv_ref(F.silu(gate) * up, weight.float(),
+                    None if bias is None else bias.float()).to(gate_up.dtype)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from ..kernels import pdl_enabled
-from ..kernels.gemv import MAX_ROWS, linear_rows
+from ..kernels.gemv import MAX_ROWS, add_rmsnorm_linear_rows, linear_rows, silu_mul_linear_rows
 from . import DECODE_COMPILE_MODES
 from .config import ModelConfig
 from .parallel import TensorParallel, VocabParallelEmbedding, check_tensor_parallel
@@ -92,12 +92,23 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, gemv: bool) -> torch.Tensor:
-    """`layer(x)`; with `gemv`, x of at most `kernels.gemv.MAX_ROWS` rows (a decode step) goes through the
-    few-row Triton kernel instead of cuBLAS."""
-    if gemv and x.shape[0] <= MAX_ROWS:
+def linear(layer: nn.Linear, x: torch.Tensor, linears: str) -> torch.Tensor:
+    """`layer(x)`; with `linears` "gemv" or "gemv-fused" (models.DECODE_LINEARS), x of at most
+    `kernels.gemv.MAX_ROWS` rows (a decode step) goes through the few-row Triton kernel instead of cuBLAS."""
+    if linears != "torch" and x.shape[0] <= MAX_ROWS:
         return linear_rows(x, layer.weight, layer.bias)
     return layer(x)
+
+
+def norm_linear(norm: RMSNorm, layer: nn.Linear, parts: tuple[torch.Tensor, ...],
+                linears: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, layer(norm(s))) for the residual stream s = the sum of `parts` (two or three); with `linears`
+    "gemv-fused", one kernel for the rows of a decode step (`kernels.gemv.add_rmsnorm_linear_rows`)."""
+    if linears == "gemv-fused" and parts[0].shape[0] <= MAX_ROWS:
+        return add_rmsnorm_linear_rows(parts[0], parts[1], parts[2] if len(parts) > 2 else None, norm.weight,
+                                       norm.eps, layer.weight, layer.bias)
+    total = sum(parts[1:], parts[0])
+    return total, linear(layer, norm(total), linears)
 
 
 class DecoderLayer(nn.Module):
@@ -118,12 +129,15 @@ class DecoderLayer(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def attention_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        gemv: bool = False) -> tuple[torch.Tensor, ...]:
+    def attention_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The residual stream x: [tokens, hidden] -> rotated q [tokens, Hq, D], k and v [tokens, Hkv, D]
-        of the normalised x. `gemv`: see `linear`."""
+        of the normalised x."""
+        return self.rotated_heads(self.qkv_proj(self.input_layernorm(x)), cos, sin)
+
+    def rotated_heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """qkv_proj's output [tokens, (Hq + 2 Hkv) D] -> q, k (normalised where the model does, rotated) and v."""
         c, heads, kv_heads = self.config, self.num_heads, self.num_kv_heads
-        qkv = linear(self.qkv_proj, self.input_layernorm(x), gemv).view(-1, heads + 2 * kv_heads, c.head_dim)
+        qkv = qkv.view(-1, heads + 2 * kv_heads, c.head_dim)
         v = qkv[:, heads + kv_heads:]
         if c.qk_norm:
             q, k = self.q_norm(qkv[:, :heads]), self.k_norm(qkv[:, heads: heads + kv_heads])
@@ -137,23 +151,27 @@ class DecoderLayer(nn.Module):
         return x + o + m
 
     def residual_updates(self, x: torch.Tensor, attn: torch.Tensor,
-                         gemv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         linears: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """What this layer adds to its input x: the attention's projection o, and the MLP's output m of x + o
         (from attn: [tokens, Hq, D], this GPU's heads; each projection is a partial sum over the GPUs). The
-        layer's output is (x + o) + m. `gemv`: see `linear`."""
-        o = self.tp.all_reduce(linear(self.o_proj, attn.reshape(x.shape[0], -1), gemv))
-        return o, self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x + o), gemv))
+        layer's output is (x + o) + m. `linears`: see `linear`."""
+        o = self.tp.all_reduce(linear(self.o_proj, attn.reshape(x.shape[0], -1), linears))
+        _, gate_up = norm_linear(self.post_attention_layernorm, self.gate_up_proj, (x, o), linears)
+        return o, self.tp.all_reduce(self.mlp_output(gate_up, linears))
 
     def residual_and_qkv(self, x: torch.Tensor, o: torch.Tensor, m: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, gemv: bool = False) -> tuple[torch.Tensor, ...]:
+                         sin: torch.Tensor, linears: str = "torch") -> tuple[torch.Tensor, ...]:
         """This layer's input (x + o) + m, from the previous layer's input x and its `residual_updates`, and
         the `attention_input` of it: (input, q, k, v)."""
-        x = x + o + m
-        return (x, *self.attention_input(x, cos, sin, gemv))
+        x, qkv = norm_linear(self.input_layernorm, self.qkv_proj, (x, o, m), linears)
+        return (x, *self.rotated_heads(qkv, cos, sin))
 
-    def mlp(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
-        gate, up = linear(self.gate_up_proj, x, gemv).chunk(2, dim=-1)
-        return linear(self.down_proj, F.silu(gate) * up, gemv)
+    def mlp_output(self, gate_up: torch.Tensor, linears: str = "torch") -> torch.Tensor:
+        """down_proj(silu(gate) * up) of gate_up_proj's output [gate | up]."""
+        if linears == "gemv-fused" and gate_up.shape[0] <= MAX_ROWS:
+            return silu_mul_linear_rows(gate_up, self.down_proj.weight, self.down_proj.bias)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return linear(self.down_proj, F.silu(gate) * up, linears)
 
 
 class Transformer(nn.Module):
@@ -173,7 +191,7 @@ class Transformer(nn.Module):
         # compiled versions.
         self.residual_and_qkv = DecoderLayer.residual_and_qkv
         self.residual_updates = DecoderLayer.residual_updates
-        self.decode_gemv = False  # fused forwards and logits run their linear layers through kernels.gemv
+        self.decode_linear = "torch"  # what runs the linear layers of fused forwards and logits (DECODE_LINEARS)
 
     def compile_decode(self, mode: str = "default") -> None:
         """Fuse the element-wise work around each layer's GEMMs in the decode step (norms, RoPE, SiLU,
@@ -196,21 +214,21 @@ class Transformer(nn.Module):
                 fused: bool = False, rope_table: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after the last layer [n, hidden] for tokens `token_ids` [n] at `positions` [n].
         `fused`: run the compiled element-wise work of `compile_decode` (fixed-shape calls: decode steps), and
-        with `decode_gemv` the linear layers of at most `kernels.gemv.MAX_ROWS` tokens through `kernels.gemv`.
+        the linear layers of at most `kernels.gemv.MAX_ROWS` tokens as `decode_linear` says (`linear`).
         `rope_table`: `rope.table(...)` covering `positions`, gathered rather than computed.
         Capturable in a CUDA graph when `attention` is."""
         cos, sin = self.rope(positions, self.embed_tokens.weight.dtype, rope_table)
         residual_and_qkv = self.residual_and_qkv if fused else DecoderLayer.residual_and_qkv
         residual_updates = self.residual_updates if fused else DecoderLayer.residual_updates
-        gemv = fused and self.decode_gemv
+        linears = self.decode_linear if fused else "torch"
         x = self.embed_tokens(token_ids)
         # Each layer hands the next what it adds, not the sum: compiled, a projection added to the residual
         # and returned becomes addmm, which copies the residual into its output first (two device copies a
         # layer); added inside the next graph, the sum fuses into its norm.
         o, m = torch.zeros_like(x), torch.zeros_like(x)  # two tensors, as every later layer gets: one graph
         for i, layer in enumerate(self.layers):
-            x, q, k, v = residual_and_qkv(layer, x, o, m, cos, sin, gemv)
-            o, m = residual_updates(layer, x, attention(i, q, k, v), gemv)
+            x, q, k, v = residual_and_qkv(layer, x, o, m, cos, sin, linears)
+            o, m = residual_updates(layer, x, attention(i, q, k, v), linears)
         return x + o + m
 
     def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -225,7 +243,7 @@ class Transformer(nn.Module):
     def logits(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """float32 logits [n, vocab] of residual-stream rows x [n, hidden] (all of them, on every GPU); `fused`
         as in `forward`."""
-        logits = linear(self.lm_head, self.norm(x), fused and self.decode_gemv)
+        logits = linear(self.lm_head, self.norm(x), self.decode_linear if fused else "torch")
         if self.tp.sharded:
             logits = self.tp.gather_columns(logits)[:, : self.config.vocab_size]
         return logits.float()

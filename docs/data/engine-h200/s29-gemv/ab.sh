@@ -7,8 +7,9 @@
 #   tests    GPU tests: gemv against its reference (and the custom op), captured steps against eager
 #            (also with decode_linear gemv), dependent launches
 #   kernel   bench kernel --gemv (each layer as 32 calls in one CUDA graph)
-#   plain    bench e2e as the tables run it (cuBLAS)
+#   plain    bench e2e as the tables run it, with --decode-linear torch (cuBLAS)
 #   gemv     the same with --decode-linear gemv
+#   fused    the same with --decode-linear gemv-fused (norms, residual sums and SiLU-and-mul in gemv's prologue)
 #   sampled  --temperature 1: sampled rows that filter nothing, by Gumbel-max without the vocabulary sort
 #   filtered --temperature 1 --top-p 0.9999: the same rows through the filtering path (sort, softmax, cumsum)
 #   cold     --compile-mode max-autotune-no-cudagraphs --profile with Inductor's caches off
@@ -18,10 +19,12 @@ A="--models random:llama-3.1-8b --contexts 128k --batches 1,max --methods dense,
 for step in "$@"; do
   s=$(date +%s)
   case "$step" in
-    tests) timeout 300 python3 -m pytest -q tests/test_gemv.py tests/test_engine.py -k "gemv or graph_replays or dependent_launches or custom_op" 2>&1 | tail -3 ;;
+    tests) timeout 300 python3 -m pytest -q tests/test_gemv.py tests/test_engine.py -k "gemv or graph_replays or dependent_launches or custom_op or prologue" 2>&1 | tail -3 ;;
     kernel) timeout 200 python3 -m sparsedecode bench kernel --gemv 2>&1 | grep -v Warning | tee $OUT/kernel-gemv-$s.md ;;
-    plain|gemv|sampled|filtered|cold|warm) name=$step-$s; extra=""
+    plain|gemv|fused|sampled|filtered|cold|warm) name=$step-$s; extra=""
+      [ $step = plain ] && extra="--decode-linear torch"
       [ $step = gemv ] && extra="--decode-linear gemv"
+      [ $step = fused ] && extra="--decode-linear gemv-fused"
       [ $step = sampled ] && extra="--temperature 1"
       [ $step = filtered ] && extra="--temperature 1 --top-p 0.9999"
       [ $step = cold ] || [ $step = warm ] && extra="--compile-mode max-autotune-no-cudagraphs --profile"
