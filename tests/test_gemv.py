@@ -196,6 +196,7 @@ def test_decode_forward_through_gemv_matches_cublas_path(device, decode_linear, 
         monkeypatch.setattr(transformer, name, lambda *args, op=op, name=name: calls.append(name) or op(*args))
     per_layer = (["linear_rows"] * 4 if decode_linear == "gemv" else
                  ["add_rmsnorm_linear_rows", "linear_rows", "add_rmsnorm_linear_rows", "silu_mul_linear_rows"])
+    lm_head = "linear_rows" if decode_linear == "gemv" else "add_rmsnorm_linear_rows"  # after the last sum, norm
     for rows in (3, 20):
         tokens = torch.arange(rows, device=device) * 7 % config.vocab_size
         positions = torch.arange(rows, device=device) + 20
@@ -205,11 +206,12 @@ def test_decode_forward_through_gemv_matches_cublas_path(device, decode_linear, 
             return sparse_decode_attention_ref(q, keys[:rows], keys[:rows], lens, llm.method.scale)[0]
 
         want = model.logits(model.forward(tokens, positions, attention, fused=True))
+        torch.testing.assert_close(model.decode_logits(tokens, positions, attention, fused=True), want)
         model.decode_linear = decode_linear
-        got = model.logits(model.forward(tokens, positions, attention, fused=True), fused=True)
+        got = model.decode_logits(tokens, positions, attention, fused=True)
         model.decode_linear = "torch"
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        assert calls == (per_layer * config.num_layers + ["linear_rows"] if rows <= MAX_ROWS else [])
+        assert calls == (per_layer * config.num_layers + [lm_head] if rows <= MAX_ROWS else [])
         calls.clear()
 
 

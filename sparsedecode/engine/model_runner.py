@@ -442,8 +442,8 @@ class ModelRunner:
             pool.store(layer, store_blocks, offsets, k, v)
             return method.attend(layer, q, pool, batch)
 
-        logits = self.model.logits(self.model.forward(self.tokens[:size], positions, attention, fused=self.fused,
-                                                      rope_table=self.rope_table), fused=self.fused)
+        logits = self.model.decode_logits(self.tokens[:size], positions, attention, fused=self.fused,
+                                          rope_table=self.rope_table)
         scored = self.penalties.apply(logits) if penalized else logits  # log-probabilities stay the raw ones
         if choice == "greedy":
             tokens = scored.argmax(dim=-1)

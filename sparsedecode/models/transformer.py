@@ -217,6 +217,20 @@ class Transformer(nn.Module):
         the linear layers of at most `kernels.gemv.MAX_ROWS` tokens as `decode_linear` says (`linear`).
         `rope_table`: `rope.table(...)` covering `positions`, gathered rather than computed.
         Capturable in a CUDA graph when `attention` is."""
+        x, o, m = self.residual_parts(token_ids, positions, attention, fused, rope_table)
+        return x + o + m
+
+    @torch.inference_mode()
+    def decode_logits(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
+                      fused: bool = False, rope_table: torch.Tensor | None = None) -> torch.Tensor:
+        """`logits(forward(...))` of a decode step, its arguments as `forward`'s; with `fused` and
+        `decode_linear` "gemv-fused" the last residual sum and the final norm are read into the lm_head."""
+        parts = self.residual_parts(token_ids, positions, attention, fused, rope_table)
+        return self.gathered(norm_linear(self.norm, self.lm_head, parts, self.decode_linear if fused else "torch")[1])
+
+    def residual_parts(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
+                       fused: bool, rope_table: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """`forward`'s residual stream as the three parts it sums: the last layer's input and its two updates."""
         cos, sin = self.rope(positions, self.embed_tokens.weight.dtype, rope_table)
         residual_and_qkv = self.residual_and_qkv if fused else DecoderLayer.residual_and_qkv
         residual_updates = self.residual_updates if fused else DecoderLayer.residual_updates
@@ -229,7 +243,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x, q, k, v = residual_and_qkv(layer, x, o, m, cos, sin, linears)
             o, m = residual_updates(layer, x, attention(i, q, k, v), linears)
-        return x + o + m
+        return x, o, m
 
     def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       attention: AttentionFn) -> torch.Tensor:
@@ -240,10 +254,12 @@ class Transformer(nn.Module):
         q, k, v = DecoderLayer.attention_input(layer, x, cos, sin)
         return DecoderLayer.attention_output(layer, x, attention(i, q, k, v))
 
-    def logits(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        """float32 logits [n, vocab] of residual-stream rows x [n, hidden] (all of them, on every GPU); `fused`
-        as in `forward`."""
-        logits = linear(self.lm_head, self.norm(x), self.decode_linear if fused else "torch")
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits [n, vocab] of residual-stream rows x [n, hidden] (all of them, on every GPU)."""
+        return self.gathered(self.lm_head(self.norm(x)))
+
+    def gathered(self, logits: torch.Tensor) -> torch.Tensor:
+        """This GPU's lm_head columns -> float32 logits of the whole vocabulary."""
         if self.tp.sharded:
             logits = self.tp.gather_columns(logits)[:, : self.config.vocab_size]
         return logits.float()
