@@ -215,6 +215,37 @@ def test_decode_forward_through_gemv_matches_cublas_path(device, decode_linear, 
         calls.clear()
 
 
+def test_gemv_fused_steps_launch_dependently_outside_the_compiled_graphs(monkeypatch):
+    """With gemv-fused nothing after the attention is left for Inductor: a fused forward runs that part
+    uncompiled, where the gemv ops launch dependently (`kernels.pdl`); inside torch.compile they do not."""
+    from sparsedecode import LLM
+    from sparsedecode.models import transformer
+
+    monkeypatch.setattr(transformer, "pdl_enabled", lambda device: True)  # as on a Hopper GPU
+    x = torch.zeros(2, 4)
+    assert transformer.dependent_launch(x)
+    assert not torch.compile(transformer.dependent_launch, backend="eager", fullgraph=True)(x)
+
+    model = LLM("random:tiny-llama", device="cpu", dtype=torch.float32).model
+    model.residual_and_qkv = transformer.DecoderLayer.residual_and_qkv  # as compiled, without compiling
+    model.residual_updates = lambda *args: pytest.fail("gemv-fused ran the compiled residual_updates")
+    model.decode_linear = "gemv-fused"
+    launched = []  # the ops' pdl flags (kernels.pdl itself keeps the CPU interpreter's launches plain)
+    for name in ("linear_rows", "silu_mul_linear_rows"):
+        monkeypatch.setattr(transformer, name, lambda *args, op=getattr(transformer, name): launched.append(args[-1])
+                            or op(*args))
+    tokens = torch.tensor([3, 5])
+
+    def attention(layer, q, k, v):
+        return q
+
+    model.forward(tokens, torch.tensor([0, 1]), attention, fused=True)
+    assert launched == [True] * 2 * model.config.num_layers
+    model.decode_linear = "gemv"
+    with pytest.raises(pytest.fail.Exception, match="ran the compiled residual_updates"):
+        model.forward(tokens, torch.tensor([0, 1]), attention, fused=True)
+
+
 def test_llm_refuses_gemv_where_decode_steps_are_not_compiled():
     from sparsedecode import LLM
 

@@ -146,22 +146,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     interpreter on CPU ones with TRITON_INTERPRET=1 (the tests). `launch`: default `gemv_launch` of the
     weight's shape. Inside torch.compile, call `linear_rows` (the same launch as a custom op)."""
     check_gemv_args(x, weight, bias)
-    return _launch(x, weight, bias, wrap=lambda kernel: kernel, launch=launch, pdl=pdl_launch(x.device))
+    return _launch(x, weight, bias, wrap=lambda kernel: kernel, launch=launch, pdl=True)
 
 
 @torch.library.triton_op("sparsedecode::linear_rows", mutates_args=())
-def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                pdl: bool = False) -> torch.Tensor:
     """`gemv` at its default launch as a PyTorch custom op: torch.compile traces it and Inductor calls the
-    kernel from its own code, with no graph break (and without dependent launch, which that path does not
-    pass on)."""
+    kernel from its own code, with no graph break. `pdl`: launch dependently where `kernels.pdl` does (only
+    outside torch.compile: Inductor's call of the kernel does not pass that on)."""
     check_gemv_args(x, weight, bias)
-    return _launch(x, weight, bias, wrap=torch.library.wrap_triton)
+    return _launch(x, weight, bias, wrap=torch.library.wrap_triton, pdl=pdl)
 
 
 @torch.library.triton_op("sparsedecode::add_rmsnorm_linear_rows", mutates_args=())
 def add_rmsnorm_linear_rows(x: torch.Tensor, residual: torch.Tensor, residual2: torch.Tensor | None,
                             norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            bias: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y): the residual stream s = x + residual (+ residual2), all [M, K], and the linear layer of its
     RMSNorm (weight `norm_weight` [K], `eps`), in one launch: `reference.add_rmsnorm_gemv_ref`. A custom op
     as `linear_rows`."""
@@ -174,24 +175,24 @@ def add_rmsnorm_linear_rows(x: torch.Tensor, residual: torch.Tensor, residual2: 
         raise ValueError(f"norm_weight must be [{x.shape[1]}], not {tuple(norm_weight.shape)}")
     total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y = _launch(x, weight, bias, wrap=torch.library.wrap_triton, prologue=ADD_RMSNORM,
-                residuals=(residual, residual2), norm_weight=norm_weight, total=total, eps=eps)
+                residuals=(residual, residual2), norm_weight=norm_weight, total=total, eps=eps, pdl=pdl)
     return total, y
 
 
 @torch.library.triton_op("sparsedecode::silu_mul_linear_rows", mutates_args=())
-def silu_mul_linear_rows(gate_up: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul_linear_rows(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         pdl: bool = False) -> torch.Tensor:
     """The linear layer of silu(gate) * up for gate_up = [gate | up] [M, 2K] and weight [N, K], in one launch:
     `reference.silu_mul_gemv_ref`. A custom op as `linear_rows`."""
     k = weight.shape[1]
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * k:
         raise ValueError(f"gate_up must be [M, {2 * k}] for weight {tuple(weight.shape)}, not {tuple(gate_up.shape)}")
     check_gemv_args(gate_up[:, :k], weight, bias)
-    return _launch(gate_up, weight, bias, wrap=torch.library.wrap_triton, prologue=SILU_MUL)
+    return _launch(gate_up, weight, bias, wrap=torch.library.wrap_triton, prologue=SILU_MUL, pdl=pdl)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wrap: Callable,
-            launch: GemvLaunch | None = None, pdl: dict | None = None, prologue: int = PLAIN,
+            launch: GemvLaunch | None = None, pdl: bool = False, prologue: int = PLAIN,
             residuals: tuple[torch.Tensor | None, ...] = (None, None), norm_weight: torch.Tensor | None = None,
             total: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     m, (n, k) = x.shape[0], weight.shape
@@ -206,5 +207,5 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wr
         BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, HAS_BIAS=bias is not None, EVEN_K=k % launch.block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 in full, as F.linear by default
         num_warps=launch.num_warps, num_stages=launch.num_stages, PROLOGUE=prologue,
-        RESIDUALS=1 if r2 is None else 2, **(pdl or {"PDL": False}))
+        RESIDUALS=1 if r2 is None else 2, **(pdl_launch(x.device) if pdl else {"PDL": False}))
     return y

@@ -96,8 +96,13 @@ def linear(layer: nn.Linear, x: torch.Tensor, linears: str) -> torch.Tensor:
     """`layer(x)`; with `linears` "gemv" or "gemv-fused" (models.DECODE_LINEARS), x of at most
     `kernels.gemv.MAX_ROWS` rows (a decode step) goes through the few-row Triton kernel instead of cuBLAS."""
     if linears != "torch" and x.shape[0] <= MAX_ROWS:
-        return linear_rows(x, layer.weight, layer.bias)
+        return linear_rows(x, layer.weight, layer.bias, dependent_launch(x))
     return layer(x)
+
+
+def dependent_launch(x: torch.Tensor) -> bool:
+    """Whether a gemv op on x's device launches dependently (`kernels.pdl`): outside torch.compile only."""
+    return not torch.compiler.is_compiling() and pdl_enabled(x.device)
 
 
 def norm_linear(norm: RMSNorm, layer: nn.Linear, parts: tuple[torch.Tensor, ...],
@@ -106,7 +111,7 @@ def norm_linear(norm: RMSNorm, layer: nn.Linear, parts: tuple[torch.Tensor, ...]
     "gemv-fused", one kernel for the rows of a decode step (`kernels.gemv.add_rmsnorm_linear_rows`)."""
     if linears == "gemv-fused" and parts[0].shape[0] <= MAX_ROWS:
         return add_rmsnorm_linear_rows(parts[0], parts[1], parts[2] if len(parts) > 2 else None, norm.weight,
-                                       norm.eps, layer.weight, layer.bias)
+                                       norm.eps, layer.weight, layer.bias, dependent_launch(parts[0]))
     total = sum(parts[1:], parts[0])
     return total, linear(layer, norm(total), linears)
 
@@ -169,7 +174,7 @@ class DecoderLayer(nn.Module):
     def mlp_output(self, gate_up: torch.Tensor, linears: str = "torch") -> torch.Tensor:
         """down_proj(silu(gate) * up) of gate_up_proj's output [gate | up]."""
         if linears == "gemv-fused" and gate_up.shape[0] <= MAX_ROWS:
-            return silu_mul_linear_rows(gate_up, self.down_proj.weight, self.down_proj.bias)
+            return silu_mul_linear_rows(gate_up, self.down_proj.weight, self.down_proj.bias, dependent_launch(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return linear(self.down_proj, F.silu(gate) * up, linears)
 
@@ -233,7 +238,10 @@ class Transformer(nn.Module):
         """`forward`'s residual stream as the three parts it sums: the last layer's input and its two updates."""
         cos, sin = self.rope(positions, self.embed_tokens.weight.dtype, rope_table)
         residual_and_qkv = self.residual_and_qkv if fused else DecoderLayer.residual_and_qkv
-        residual_updates = self.residual_updates if fused else DecoderLayer.residual_updates
+        # gemv-fused leaves nothing for Inductor after the attention: its three kernels run uncompiled, which
+        # lets them launch dependently
+        compiled = fused and self.decode_linear != "gemv-fused"
+        residual_updates = self.residual_updates if compiled else DecoderLayer.residual_updates
         linears = self.decode_linear if fused else "torch"
         x = self.embed_tokens(token_ids)
         # Each layer hands the next what it adds, not the sum: compiled, a projection added to the residual
