@@ -132,6 +132,41 @@ def test_prologue_ops_match_their_references(device, dtype, seed):
                                **TOL[dtype])
 
 
+def rope_tables(gen: torch.Generator, rows: int, head_dim: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [rows, head_dim] as the engine gathers them: views of one [rows, 2, head_dim] table."""
+    angles = torch.rand(rows, head_dim // 2, generator=gen) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    table = torch.stack((angles.cos(), angles.sin()), dim=1).to(device, dtype)
+    return table[:, 0], table[:, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seed", range(3))
+def test_rotating_qkv_matches_its_reference(device, dtype, seed):
+    """`add_rmsnorm_linear_rows` with cos/sin: the first heads of the projection (q and k) rotated, the rest (v)
+    not; head_dim 32, 64 and 128, with and without bias."""
+    from sparsedecode.kernels import add_rmsnorm_gemv_ref
+    from sparsedecode.kernels.gemv import add_rmsnorm_linear_rows
+
+    gen = torch.Generator().manual_seed(300 + seed)
+    head_dim = (32, 64, 128)[seed]
+    heads = int(torch.randint(2, 7, (1,), generator=gen))
+    rotated = int(torch.randint(1, heads, (1,), generator=gen)) * head_dim
+    rows, k = int(torch.randint(1, MAX_ROWS + 1, (1,), generator=gen)), int(torch.randint(64, 700, (1,), generator=gen))
+    x, weight, bias = random_case(seed, device, dtype, rows, heads * head_dim, k, bias=seed != 1, strided_x=False)
+    residual = random_case(seed + 20, device, dtype, rows, 1, k, False, False)[0]
+    norm_weight = (torch.rand(k, generator=gen) + 0.5).to(device, dtype)
+    cos, sin = rope_tables(gen, rows, head_dim, device, dtype)
+    total, y = add_rmsnorm_linear_rows(x, residual, None, norm_weight, 1e-5, weight, bias, False, cos, sin, rotated)
+    want_total, want_y = add_rmsnorm_gemv_ref(x, (residual,), norm_weight, 1e-5, weight, bias, (cos, sin, rotated))
+    torch.testing.assert_close(total, want_total, **TOL[dtype])
+    torch.testing.assert_close(y, want_y, **TOL[dtype])
+    unrotated = add_rmsnorm_gemv_ref(x, (residual,), norm_weight, 1e-5, weight, bias)[1]
+    torch.testing.assert_close(y[:, rotated:], unrotated[:, rotated:], **TOL[dtype])
+    assert not torch.allclose(y[:, :rotated].float(), unrotated[:, :rotated].float(), atol=0.1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_prologue_ops_at_llama_8b_shapes_on_gpu():
     """The launches of the 8B layers with their prologues compile within the GPU's shared memory."""
@@ -142,9 +177,13 @@ def test_prologue_ops_at_llama_8b_shapes_on_gpu():
         x, weight, _ = random_case(n, "cuda", torch.bfloat16, 6, n, 4096, bias=False, strided_x=False)
         parts = [random_case(i, "cuda", torch.bfloat16, 6, 1, 4096, False, False)[0] for i in range(residuals)]
         norm_weight = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
-        got = add_rmsnorm_linear_rows(x, *parts, *([None] * (2 - residuals)), norm_weight, 1e-5, weight)
-        for g, w in zip(got, add_rmsnorm_gemv_ref(x, tuple(parts), norm_weight, 1e-5, weight)):
-            torch.testing.assert_close(g, w, **TOL[torch.bfloat16])
+        rope = (*rope_tables(torch.Generator().manual_seed(0), 6, 128, "cuda", torch.bfloat16), 5120)
+        for rope_args in ((None, None, 0), rope) if n == 6144 else ((None, None, 0),):
+            got = add_rmsnorm_linear_rows(x, *parts, *([None] * (2 - residuals)), norm_weight, 1e-5, weight, None,
+                                          True, *rope_args)
+            for g, w in zip(got, add_rmsnorm_gemv_ref(x, tuple(parts), norm_weight, 1e-5, weight, None,
+                                                      rope_args if rope_args[0] is not None else None)):
+                torch.testing.assert_close(g, w, **TOL[torch.bfloat16])
     gate_up, weight, _ = random_case(3, "cuda", torch.bfloat16, 6, 4096, 2 * 14336, bias=False, strided_x=False)
     torch.testing.assert_close(silu_mul_linear_rows(gate_up, weight[:, :14336].contiguous()),
                                silu_mul_gemv_ref(gate_up, weight[:, :14336]), **TOL[torch.bfloat16])
@@ -161,6 +200,11 @@ def test_prologue_ops_reject_bad_arguments():
         add_rmsnorm_linear_rows(x, x, x.double(), norm_weight, 1e-5, weight, bias)
     with pytest.raises(ValueError, match=r"norm_weight must be \[64\], not \(32,\)"):
         add_rmsnorm_linear_rows(x, x, None, norm_weight[:32], 1e-5, weight, bias)
+    cos, sin = rope_tables(torch.Generator().manual_seed(0), 2, 32, "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"cos and sin must both be \[2, head_dim\] with the same strides"):
+        add_rmsnorm_linear_rows(x, x, None, norm_weight, 1e-5, weight, bias, False, cos[:1], sin[:1], 32)
+    with pytest.raises(ValueError, match="a head_dim that is a multiple of 32 and divides its 32 columns and the 48"):
+        add_rmsnorm_linear_rows(x, x, None, norm_weight, 1e-5, weight, bias, False, cos, sin, 48)
     with pytest.raises(ValueError, match=r"gate_up must be \[M, 128\] for weight \(32, 64\), not \(2, 64\)"):
         silu_mul_linear_rows(x, weight)
 
@@ -177,17 +221,23 @@ def test_custom_op_is_the_kernel(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("decode_linear", ["gemv", "gemv-fused"])
-def test_decode_forward_through_gemv_matches_cublas_path(device, decode_linear, monkeypatch):
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_decode_forward_through_gemv_matches_cublas_path(device, decode_linear, head_dim, monkeypatch):
     """A fused forward with `decode_linear` "gemv" sends each layer's four projections, and the logits' lm_head,
-    through the kernel; "gemv-fused" sends qkv_proj and gate_up_proj through the norm prologue and down_proj
-    through the SiLU one. The logits are those of F.linear. More rows than MAX_ROWS (a prefill) stay on
-    F.linear."""
+    through the kernel; "gemv-fused" sends qkv_proj, gate_up_proj and the lm_head through the norm prologue
+    (qkv_proj also rotating q and k where head_dim is a multiple of 32) and down_proj through the SiLU one.
+    The logits are those of F.linear. More rows than MAX_ROWS (a prefill) stay on F.linear."""
     from sparsedecode import LLM
     from sparsedecode.kernels import sparse_decode_attention_ref
-    from sparsedecode.models import transformer
+    from sparsedecode.models import shapes, transformer
 
-    llm = LLM("random:tiny-llama", device="cpu", dtype=torch.float32, block_size=16, max_context=256)
+    tiny = shapes.SHAPES["tiny-llama"]
+    monkeypatch.setitem(shapes.SHAPES, "tiny-llama-test", {**tiny, "num_attention_heads": 128 // head_dim})
+    llm = LLM("random:tiny-llama-test", device="cpu", dtype=torch.float32, block_size=16, max_context=256)
     model, config = llm.model.to(device), llm.config
+    assert config.head_dim == head_dim
+    rotations, apply_rope = [], transformer.apply_rope
+    monkeypatch.setattr(transformer, "apply_rope", lambda *args: rotations.append(1) or apply_rope(*args))
     keys = torch.randn(20, config.num_kv_heads, 40, config.head_dim, generator=torch.Generator().manual_seed(0))
     keys = keys.to(device)
     calls = []
@@ -208,10 +258,13 @@ def test_decode_forward_through_gemv_matches_cublas_path(device, decode_linear, 
         want = model.logits(model.forward(tokens, positions, attention, fused=True))
         torch.testing.assert_close(model.decode_logits(tokens, positions, attention, fused=True), want)
         model.decode_linear = decode_linear
+        rotations.clear()
         got = model.decode_logits(tokens, positions, attention, fused=True)
         model.decode_linear = "torch"
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert calls == (per_layer * config.num_layers + [lm_head] if rows <= MAX_ROWS else [])
+        rope_in_kernel = decode_linear == "gemv-fused" and head_dim == 32 and rows <= MAX_ROWS
+        assert len(rotations) == (0 if rope_in_kernel else config.num_layers)
         calls.clear()
 
 

@@ -45,12 +45,18 @@ PLAIN, ADD_RMSNORM, SILU_MUL = 0, 1, 2
 
 
 @triton.jit
-def _gemv_kernel(x, r1, r2, norm_w, x_sum, w, bias, y, M, N, K, s_xm, s_wn, s_ym, eps,
+def _gemv_kernel(x, r1, r2, norm_w, x_sum, w, bias, y, cos, sin, M, N, K, s_xm, s_wn, s_ym, s_cm, eps, rope_n,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 PRECISION: tl.constexpr, PDL: tl.constexpr, PROLOGUE: tl.constexpr, RESIDUALS: tl.constexpr):
+                 PRECISION: tl.constexpr, PDL: tl.constexpr, PROLOGUE: tl.constexpr, RESIDUALS: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
     wait_then_launch_dependents(PDL)
     pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HEAD_DIM:  # RoPE: 16 columns of a head's first half and their partners of its second (BLOCK_N is 32)
+        col = tl.arange(0, BLOCK_N)
+        head, group = pid // (HEAD_DIM // 32), pid % (HEAD_DIM // 32)
+        rn = head * HEAD_DIM + group * 16 + col % 16 + (col // 16) * (HEAD_DIM // 2)
+    else:
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, 16)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
@@ -90,6 +96,14 @@ def _gemv_kernel(x, r1, r2, norm_w, x_sum, w, bias, y, M, N, K, s_xm, s_wn, s_ym
         acc *= tl.rsqrt(squares / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HEAD_DIM:  # out = acc * cos + rotate_half(acc) * sin on the first rope_n columns (q and k)
+        d = rn % HEAD_DIM
+        c = tl.load(cos + rm[:, None] * s_cm + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        s = tl.load(sin + rm[:, None] * s_cm + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (16, 2, 16)), (0, 2, 1)))
+        partner = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (16, BLOCK_N))
+        sign = tl.where(col < 16, -1.0, 1.0)
+        acc = tl.where((rn < rope_n)[None, :], acc * c + sign[None, :] * partner * s, acc)
     tl.store(y + rm[:, None] * s_ym + rn[None, :], acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -162,10 +176,13 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 @torch.library.triton_op("sparsedecode::add_rmsnorm_linear_rows", mutates_args=())
 def add_rmsnorm_linear_rows(x: torch.Tensor, residual: torch.Tensor, residual2: torch.Tensor | None,
                             norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                            bias: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            bias: torch.Tensor | None = None, pdl: bool = False, cos: torch.Tensor | None = None,
+                            sin: torch.Tensor | None = None,
+                            rope_columns: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y): the residual stream s = x + residual (+ residual2), all [M, K], and the linear layer of its
-    RMSNorm (weight `norm_weight` [K], `eps`), in one launch: `reference.add_rmsnorm_gemv_ref`. A custom op
-    as `linear_rows`."""
+    RMSNorm (weight `norm_weight` [K], `eps`), in one launch: `reference.add_rmsnorm_gemv_ref`. With `cos`
+    and `sin` [M, head_dim] (head_dim a multiple of 32 dividing N) the first `rope_columns` of y, heads of
+    head_dim, come out rotated (a qkv projection's q and k). A custom op as `linear_rows`."""
     check_gemv_args(x, weight, bias)
     for r in (residual, residual2):
         if r is not None and (r.shape != x.shape or r.stride() != x.stride() or r.dtype != x.dtype):
@@ -173,10 +190,25 @@ def add_rmsnorm_linear_rows(x: torch.Tensor, residual: torch.Tensor, residual2: 
                              f"{x.stride()}, {x.dtype}), not {tuple(r.shape)}, {r.stride()}, {r.dtype}")
     if norm_weight.shape != (x.shape[1],):
         raise ValueError(f"norm_weight must be [{x.shape[1]}], not {tuple(norm_weight.shape)}")
+    if cos is not None:
+        check_rope_args(x, weight, cos, sin, rope_columns)
     total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y = _launch(x, weight, bias, wrap=torch.library.wrap_triton, prologue=ADD_RMSNORM,
-                residuals=(residual, residual2), norm_weight=norm_weight, total=total, eps=eps, pdl=pdl)
+                residuals=(residual, residual2), norm_weight=norm_weight, total=total, eps=eps, pdl=pdl,
+                rope=None if cos is None else (cos, sin, rope_columns))
     return total, y
+
+
+def check_rope_args(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None,
+                    rope_columns: int) -> None:
+    head_dim = cos.shape[-1]
+    if sin is None or cos.shape != (x.shape[0], head_dim) or sin.shape != cos.shape or cos.stride() != sin.stride():
+        raise ValueError(f"cos and sin must both be [{x.shape[0]}, head_dim] with the same strides, not "
+                         f"{tuple(cos.shape)} and {None if sin is None else tuple(sin.shape)}")
+    if cos.stride(1) != 1 or head_dim % 32 or weight.shape[0] % head_dim or rope_columns % head_dim:
+        raise ValueError(f"the rotated projection needs contiguous rows of cos/sin, a head_dim that is a multiple of "
+                         f"32 and divides its {weight.shape[0]} columns and the {rope_columns} rotated ones, not "
+                         f"{head_dim}")
 
 
 @torch.library.triton_op("sparsedecode::silu_mul_linear_rows", mutates_args=())
@@ -194,18 +226,23 @@ def silu_mul_linear_rows(gate_up: torch.Tensor, weight: torch.Tensor, bias: torc
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wrap: Callable,
             launch: GemvLaunch | None = None, pdl: bool = False, prologue: int = PLAIN,
             residuals: tuple[torch.Tensor | None, ...] = (None, None), norm_weight: torch.Tensor | None = None,
-            total: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+            total: torch.Tensor | None = None, eps: float = 0.0,
+            rope: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     m, (n, k) = x.shape[0], weight.shape
     r1, r2 = residuals
     x_tiles = {PLAIN: 1, ADD_RMSNORM: 2 if r2 is None else 3, SILU_MUL: 2}[prologue]
     launch = launch or gemv_launch(n, k, x.element_size(), x_tiles, shared_memory_of(x.device))
+    cos, sin, rope_n = rope or (x, x, 0)
+    if rope:
+        launch = dataclasses.replace(launch, block_n=32)  # the kernel pairs 16 columns with 16 others
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     wrap(_gemv_kernel)[(triton.cdiv(n, launch.block_n),)](
         x, x if r1 is None else r1, x if r2 is None else r2, weight if norm_weight is None else norm_weight,
-        y if total is None else total, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0),
-        weight.stride(0), y.stride(0), eps,
+        y if total is None else total, weight, bias if bias is not None else weight, y, cos, sin, m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0), cos.stride(0), eps, rope_n,
         BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, HAS_BIAS=bias is not None, EVEN_K=k % launch.block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 in full, as F.linear by default
         num_warps=launch.num_warps, num_stages=launch.num_stages, PROLOGUE=prologue,
-        RESIDUALS=1 if r2 is None else 2, **(pdl_launch(x.device) if pdl else {"PDL": False}))
+        RESIDUALS=1 if r2 is None else 2, HEAD_DIM=cos.shape[-1] if rope else 0,
+        **(pdl_launch(x.device) if pdl else {"PDL": False}))
     return y

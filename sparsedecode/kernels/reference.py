@@ -233,16 +233,27 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 
 def add_rmsnorm_gemv_ref(x: torch.Tensor, residuals: tuple[torch.Tensor, ...], norm_weight: torch.Tensor, eps: float,
-                         weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         rope: tuple[torch.Tensor, torch.Tensor, int] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y): the residual stream s = x + sum(residuals) (summed in float32, stored in x's dtype) and the linear
-    layer of its RMSNorm, y = gemv_ref(s / rms(s) * norm_weight, weight, bias) in float32 then x's dtype."""
+    layer of its RMSNorm, y = gemv_ref(s / rms(s) * norm_weight, weight, bias) in float32 then x's dtype; with
+    `rope` = (cos, sin [M, head_dim], columns), y's first `columns` (heads of head_dim) rotated in float32
+    (y * cos + rotate_half(y) * sin) before the rounding."""
     total = x.float()
     for r in residuals:  # in order, as the kernel adds them
         total = total + r.float()
     total = total.to(x.dtype)
     normed = total.float() * torch.rsqrt(total.float().pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
     y = normed @ weight.float().T
-    return total, (y if bias is None else y + bias.float()).to(x.dtype)
+    y = y if bias is None else y + bias.float()
+    if rope is not None:
+        cos, sin, columns = rope
+        heads = y[:, :columns].view(len(y), -1, cos.shape[-1])
+        lo, hi = heads.chunk(2, dim=-1)
+        rotated = heads * cos.float()[:, None] + torch.cat((-hi, lo), dim=-1) * sin.float()[:, None]
+        y = torch.cat((rotated.flatten(1), y[:, columns:]), dim=1)
+    return total, y.to(x.dtype)
 
 
 def silu_mul_gemv_ref(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

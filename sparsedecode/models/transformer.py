@@ -100,6 +100,12 @@ def linear(layer: nn.Linear, x: torch.Tensor, linears: str) -> torch.Tensor:
     return layer(x)
 
 
+def rope_in_qkv(config: ModelConfig, linears: str, rows: int) -> bool:
+    """Whether a layer's qkv projection also rotates q and k (`kernels.gemv.add_rmsnorm_linear_rows`): with
+    `linears` "gemv-fused" for the rows of a decode step, where no q/k norm comes between."""
+    return linears == "gemv-fused" and rows <= MAX_ROWS and not config.qk_norm and config.head_dim % 32 == 0
+
+
 def dependent_launch(x: torch.Tensor) -> bool:
     """Whether a gemv op on x's device launches dependently (`kernels.pdl`): outside torch.compile only."""
     return not torch.compiler.is_compiling() and pdl_enabled(x.device)
@@ -167,7 +173,15 @@ class DecoderLayer(nn.Module):
     def residual_and_qkv(self, x: torch.Tensor, o: torch.Tensor, m: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, linears: str = "torch") -> tuple[torch.Tensor, ...]:
         """This layer's input (x + o) + m, from the previous layer's input x and its `residual_updates`, and
-        the `attention_input` of it: (input, q, k, v)."""
+        the `attention_input` of it: (input, q, k, v). With `linears` "gemv-fused" (`rope_in_qkv`) one kernel
+        sums, normalises, projects and rotates."""
+        c, heads, kv_heads = self.config, self.num_heads, self.num_kv_heads
+        if rope_in_qkv(c, linears, x.shape[0]):
+            x, qkv = add_rmsnorm_linear_rows(x, o, m, self.input_layernorm.weight, self.input_layernorm.eps,
+                                             self.qkv_proj.weight, self.qkv_proj.bias, dependent_launch(x), cos, sin,
+                                             (heads + kv_heads) * c.head_dim)
+            qkv = qkv.view(-1, heads + 2 * kv_heads, c.head_dim)
+            return x, qkv[:, :heads], qkv[:, heads: heads + kv_heads], qkv[:, heads + kv_heads:]
         x, qkv = norm_linear(self.input_layernorm, self.qkv_proj, (x, o, m), linears)
         return (x, *self.rotated_heads(qkv, cos, sin))
 
@@ -237,12 +251,13 @@ class Transformer(nn.Module):
                        fused: bool, rope_table: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """`forward`'s residual stream as the three parts it sums: the last layer's input and its two updates."""
         cos, sin = self.rope(positions, self.embed_tokens.weight.dtype, rope_table)
-        residual_and_qkv = self.residual_and_qkv if fused else DecoderLayer.residual_and_qkv
-        # gemv-fused leaves nothing for Inductor after the attention: its three kernels run uncompiled, which
-        # lets them launch dependently
-        compiled = fused and self.decode_linear != "gemv-fused"
-        residual_updates = self.residual_updates if compiled else DecoderLayer.residual_updates
         linears = self.decode_linear if fused else "torch"
+        # gemv-fused leaves nothing for Inductor in a decode step's layer (the RoPE too, where the qkv kernel
+        # takes it): those parts run uncompiled, which lets their kernels launch dependently
+        uncompiled = linears == "gemv-fused" and token_ids.shape[0] <= MAX_ROWS
+        rope_fused = rope_in_qkv(self.config, linears, token_ids.shape[0])
+        residual_and_qkv = self.residual_and_qkv if fused and not rope_fused else DecoderLayer.residual_and_qkv
+        residual_updates = self.residual_updates if fused and not uncompiled else DecoderLayer.residual_updates
         x = self.embed_tokens(token_ids)
         # Each layer hands the next what it adds, not the sum: compiled, a projection added to the residual
         # and returned becomes addmm, which copies the residual into its output first (two device copies a
