@@ -9,7 +9,7 @@
 #   kernel   bench kernel --gemv (each layer as 32 calls in one CUDA graph)
 #   plain    bench e2e as the tables run it, with --decode-linear torch (cuBLAS)
 #   gemv     the same with --decode-linear gemv
-#   fused    the same with --decode-linear gemv-fused (norms, residual sums and SiLU-and-mul in gemv's prologue)
+#   fused    the same with --decode-linear gemv-fused (norms, residual sums, SiLU-and-mul and RoPE in the gemv kernels)
 #   sampled  --temperature 1: sampled rows that filter nothing, by Gumbel-max without the vocabulary sort
 #   filtered --temperature 1 --top-p 0.9999: the same rows through the filtering path (sort, softmax, cumsum)
 #   cold     --compile-mode max-autotune-no-cudagraphs --profile with Inductor's caches off
