@@ -79,11 +79,12 @@ def _gemv_kernel(x, r1, r2, norm_w, x_sum, w, bias, y, cos, sin, M, N, K, s_xm, 
                                                   other=0.0).to(tl.float32)
             if RESIDUALS == 2:
                 total += tl.load(r2 + rm[:, None] * s_xm + k[None, :], mask=x_ok, other=0.0).to(tl.float32)
-            total = total.to(part.dtype)  # the residual stream, as stored
-            tl.store(x_sum + rm[:, None] * K + k[None, :], total, mask=x_ok & (pid == 0))
-            squares += tl.sum(total.to(tl.float32) * total.to(tl.float32), axis=1)
+            stored = total.to(part.dtype)  # the residual stream, as stored
+            tl.store(x_sum + rm[:, None] * K + k[None, :], stored, mask=x_ok & (pid == 0))
+            total = stored.to(tl.float32)
+            squares += tl.sum(total * total, axis=1)
             scale = tl.load(norm_w + k, mask=k < K, other=0.0).to(tl.float32)
-            xt = (total.to(tl.float32) * scale[None, :]).to(part.dtype)
+            xt = (total * scale[None, :]).to(part.dtype)
         elif PROLOGUE == 2:  # SILU_MUL
             gate = tl.load(x_rows + k[None, :], mask=x_ok, other=0.0)
             up = tl.load(x_rows + K + k[None, :], mask=x_ok, other=0.0).to(tl.float32)
